@@ -1,0 +1,98 @@
+"""The library's front door: what the CLI and the app call, returning plain dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .embed import EmbedConfig, decode_file, embed_batch
+from .images import FileEntry
+from .model import WeightsUnavailableError, load_model
+from .search import resolve_query, search
+from .store import IndexStore, index_folder
+
+__all__ = ["open_index", "index_info", "search_index", "run_demo", "embed_image"]
+
+
+def open_index(name: str, home: Path | None = None) -> IndexStore:
+    """Open index ``name`` read-only."""
+    return IndexStore(index_folder(name, home), read_only=True)
+
+
+def model_for_index(meta: dict, device: str | None = None):
+    """Load the network an index was built with (same model and weights)."""
+    weights = meta.get("weights")
+    if weights and weights.startswith("file:"):
+        raise ValueError(f"this index was built with a local weights file ({weights[5:]}); "
+                         f"embed the query with the same file via the Python API")
+    return load_model(meta["model"], weights, device=device, seed=meta.get("seed", 0))
+
+
+def embed_image(path: Path, model, precision: str = "fp32") -> np.ndarray:
+    """Pooled vector of one image file (raises ``ValueError`` if it cannot be read)."""
+    path = Path(path)
+    decoded = decode_file(path.parent, FileEntry(path.name, 0, 0.0), model)
+    if decoded.error:
+        raise ValueError(f"cannot read {path}: {decoded.error}")
+    config = EmbedConfig(layers=(model.network.pooled_layer,), samples_per_image=1, precision=precision)
+    return embed_batch(model, decoded.tensor[None], [path.name], config).pooled[0]
+
+
+def search_index(name: str, query: str, *, k: int = 10, mode: str = "auto", home: Path | None = None) -> dict:
+    """Nearest images of ``query`` (an id, an indexed path, or an image file) in index ``name``."""
+    with open_index(name, home) as store:
+        image_id, file = resolve_query(store, query)
+        if image_id is not None:
+            _, vectors = store.pooled([image_id])
+            vector = vectors[0]
+        else:
+            vector = embed_image(file, model_for_index(store.meta()))
+        hits, kind = search(store, vector, k, mode=mode, exclude=image_id)
+        categories = store.meta().get("categories") or []
+    label = lambda c: categories[c] if c < len(categories) else str(c)
+    return {
+        "query": query, "query_id": image_id, "search": kind, "k": k,
+        "hits": [{"id": h.id, "path": h.path, "score": round(h.score, 6),
+                  "top_class": label(h.top5_class[0]) if h.top5_class else None} for h in hits],
+    }
+
+
+def index_info(name: str, home: Path | None = None) -> dict:
+    """Counts, settings and errors of index ``name``."""
+    with open_index(name, home) as store:
+        meta = store.meta()
+        return {
+            "name": name, "folder": str(store.folder), "root": meta.get("root"),
+            "images": store.count("images"), "samples": store.count("samples"),
+            "errors": store.count("errors"), "error_list": [list(e) for e in store.errors()],
+            "model": meta.get("model"), "weights": meta.get("weights"),
+            "weights_sha256": meta.get("weights_sha256"), "random_weights": meta.get("random_weights"),
+            "layers": meta.get("layers"), "layer_dims": meta.get("layer_dims"),
+            "samples_per_image": meta.get("samples_per_image"),
+            "attributions": meta.get("attributions"), "relaxed_maxpool": meta.get("relaxed_maxpool"),
+            "seed": meta.get("seed"), "atlasq_version": meta.get("atlasq_version"),
+            "faiss_current": store.faiss_is_current("exact"),
+        }
+
+
+def run_demo(home: Path | None = None, name: str = "sample", progress: bool = True) -> dict:
+    """Index ``sample_data/``: ImageNet InceptionV1 when its weights load, else the demo network."""
+    from .demo_model import sample_data_dir
+    from .indexer import IndexOptions, build_index
+
+    try:
+        load_model("inceptionv1", "imagenet")
+        options, used = IndexOptions(model="inceptionv1", attributions=True), "inceptionv1 (ImageNet weights)"
+        why = "ImageNet weights were found in torch's cache or downloaded"
+        name_used = f"{name}-imagenet"
+    except WeightsUnavailableError as exc:
+        options, used = IndexOptions(model="demo", attributions=True), "demo (small network trained on sample_data/)"
+        why = f"ImageNet weights unavailable: {str(exc).splitlines()[0]}"
+        name_used = name
+    root = sample_data_dir()
+    summary = build_index(root, name_used, home=home, options=options, progress=progress)
+    first = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png", ".webp"))[0]
+    example = search_index(name_used, first.relative_to(root).as_posix(), k=5, home=home)
+    return {"model_used": used, "why": why, "index": summary.as_dict(), "example_search": example}

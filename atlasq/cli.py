@@ -1,0 +1,202 @@
+"""The ``atlasq`` command line. Each command delegates to one library function.
+
+Every command takes ``--json`` and then prints exactly one JSON object on stdout (progress
+and notes go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .progress import stderr
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Inspect image datasets through an activation atlas of InceptionV1.")
+
+HomeOption = typer.Option(None, "--home", envvar="ATLASQ_HOME",
+                          help="Folder holding indexes and atlases [default: ./indexes].")
+JsonOption = typer.Option(False, "--json", help="Print one machine-readable JSON summary on stdout.")
+
+
+def _emit(as_json: bool, payload: dict, human) -> None:
+    if as_json:
+        print(json.dumps(payload, default=str))
+    else:
+        human(payload)
+
+
+def _fail(message: str, as_json: bool, code: int = 1) -> None:
+    if as_json:
+        print(json.dumps({"error": message}))
+    stderr.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _split_layers(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+@app.command()
+def index(
+    directory: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    name: str = typer.Option(..., "--name", help="Name of the index (a folder under --home)."),
+    home: Optional[Path] = HomeOption,
+    model: Optional[str] = typer.Option(None, help="Network: inceptionv1 (default) or demo."),
+    weights: Optional[str] = typer.Option(
+        None, help="imagenet (default for inceptionv1), demo, random (tests/smoke runs only), or a state-dict PATH."),
+    layers: Optional[str] = typer.Option(None, help="Atlas layers to sample, comma-separated [mixed4c]."),
+    samples_per_image: Optional[int] = typer.Option(None, "--samples-per-image", help="Sampled positions per image and layer [4]."),
+    attributions: Optional[bool] = typer.Option(None, "--attributions/--no-attributions", help="Store each sample's attribution to every class."),
+    relaxed_maxpool: Optional[bool] = typer.Option(None, "--relaxed-maxpool/--plain-maxpool", help="Attribute through max-pools with the average-pool gradient (the articles' relaxation)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the sampled positions (and of random weights) [0]."),
+    precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it), fp32 or bf16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
+    batch_size: int = typer.Option(32, help="Images per network batch."),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads [cores - 1]."),
+    approx_threshold: Optional[int] = typer.Option(None, help="Build an approximate (HNSW) search index above this many images [50000]."),
+    as_json: bool = JsonOption,
+):
+    """Index the images under DIRECTORY (only new or changed files on later runs).
+
+    Example: atlasq index ~/photos --name photos --attributions
+    """
+    from .indexer import IndexOptions, build_index
+    from .model import WeightsUnavailableError
+
+    options = IndexOptions(model=model, weights=weights, layers=_split_layers(layers),
+                           samples_per_image=samples_per_image, attributions=attributions,
+                           relaxed_maxpool=relaxed_maxpool, seed=seed)
+    try:
+        summary = build_index(directory, name, home=home, options=options, precision=precision,
+                              device=device, batch_size=batch_size, workers=workers,
+                              progress=not as_json or sys.stderr.isatty(),
+                              approx_threshold=approx_threshold)
+    except (WeightsUnavailableError, ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
+        _fail(str(exc), as_json)
+    payload = summary.as_dict()
+
+    def human(s):
+        stderr.print(f"index [bold]{s['name']}[/bold] at {s['folder']}: {s['indexed']} indexed this run, "
+                     f"{s['unchanged']} unchanged, {s['changed']} changed, {s['removed']} removed, "
+                     f"{s['new_errors']} new errors ({s['skipped_errors']} known errors skipped); "
+                     f"{s['total_images']} images, {s['total_errors']} errors in all; "
+                     f"{s['images_per_s']} img/s", highlight=False)
+        if s["model"].get("random_weights"):
+            stderr.print("[yellow]built with RANDOM weights: for tests and smoke runs only[/yellow]")
+        for path, reason in s["error_examples"][:10]:
+            stderr.print(f"  error: {path}: {reason}", highlight=False)
+        if s["interrupted"]:
+            stderr.print("[yellow]interrupted: run the same command again to resume[/yellow]")
+
+    _emit(as_json, payload, human)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.total_images == 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="An indexed image's id or path, or any image file."),
+    index_name: str = typer.Option(..., "--index", help="Index to search."),
+    k: int = typer.Option(10, "-k", help="Number of neighbours."),
+    mode: str = typer.Option("auto", help="auto (exact up to the threshold, approximate above), exact or approx."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Find the images most similar to QUERY (cosine on pooled mixed5b vectors).
+
+    Example: atlasq search 42 --index photos -k 5
+    """
+    from .api import search_index
+
+    try:
+        result = search_index(index_name, query, k=k, mode=mode, home=home)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc), as_json)
+
+    def human(r):
+        stderr.print(f"query {r['query']} ({r['search']} search)", highlight=False)
+        for hit in r["hits"]:
+            print(f"{hit['score']:.4f}  {hit['id']:>8}  {hit['path']}")
+
+    _emit(as_json, result, human)
+
+
+@app.command()
+def info(
+    name: str = typer.Argument(..., help="Index name."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Counts, layers, model and weights, and errors of an index."""
+    from .api import index_info
+
+    try:
+        result = index_info(name, home=home)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc), as_json)
+
+    def human(r):
+        for key in ("folder", "root", "images", "samples", "errors", "model", "weights", "random_weights",
+                    "layers", "layer_dims", "samples_per_image", "attributions", "relaxed_maxpool", "seed",
+                    "faiss_current"):
+            print(f"{key:>18}: {r.get(key)}")
+        for path, reason in r["error_list"][:20]:
+            print(f"{'error':>18}: {path}: {reason}")
+
+    _emit(as_json, result, human)
+
+
+@app.command()
+def demo(
+    home: Optional[Path] = HomeOption,
+    name: str = typer.Option("sample", "--name", help="Name of the demo index."),
+    as_json: bool = JsonOption,
+):
+    """Index sample_data/ with the ImageNet weights if they load, else with the small demo network."""
+    from .api import run_demo
+
+    result = run_demo(home=home, name=name, progress=not as_json)
+
+    def human(r):
+        stderr.print(f"[bold]model used:[/bold] {r['model_used']} ({r['why']})", highlight=False)
+        s = r["index"]
+        stderr.print(f"indexed {s['total_images']} images into {s['folder']} ({s['total_errors']} errors)",
+                     highlight=False)
+        q = r["example_search"]
+        stderr.print(f"nearest images to {q['query']}:", highlight=False)
+        for hit in q["hits"]:
+            print(f"{hit['score']:.4f}  {hit['path']}")
+        stderr.print(f"next: atlasq info {name}   atlasq search PATH --index {name}", highlight=False)
+
+    _emit(as_json, result, human)
+
+
+@app.command("demo-model")
+def demo_model_command(
+    force: bool = typer.Option(False, help="Retrain even when cached weights exist."),
+    as_json: bool = JsonOption,
+):
+    """Train (or find cached) the small demo network on sample_data/ and report its held-out accuracy."""
+    from . import demo_model
+
+    path = demo_model.ensure_trained(force=force)
+    report = demo_model.report(path)
+    payload = {"weights": str(path), **{k: v for k, v in report.items() if k != "held_out"}}
+    _emit(as_json, payload, lambda r: print(
+        f"{r['weights']}: held-out accuracy {r['held_out_accuracy']:.3f} on {r['held_out_images']} images "
+        f"(trained on {r['train_images']} in {r['seconds']} s)"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

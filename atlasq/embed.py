@@ -1,0 +1,155 @@
+"""Images → vectors: the pure per-batch work of indexing.
+
+``decode_file`` turns one file into a network input (or an error reason), ``embed_batch`` turns
+a stack of inputs into per-image records, and ``process_files`` chains them. None of these
+touch the index on disk, so the same step can run inside any parallel engine; writing is
+:mod:`atlasq.store`'s job and orchestration :mod:`atlasq.indexer`'s.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attribution import attribute
+from .images import FileEntry, ImageDecodeError, content_hash, open_rgb
+from .model import LoadedModel, autocast
+
+__all__ = ["EmbedConfig", "Decoded", "Embedded", "decode_file", "embed_batch", "process_files",
+           "sample_positions"]
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What to keep per image.
+
+    layers : atlas layers whose activations are sampled.
+    samples_per_image : K, random interior positions per image and layer.
+    attributions : also store each sampled activation's attribution to every class.
+    relaxed_maxpool : attribution through max-pools with the average-pool gradient.
+    precision : ``"fp32"`` or ``"bf16"`` (already resolved, see :func:`atlasq.model.resolve_precision`).
+    seed : positions are a function of (seed, layer, image path) only.
+    """
+
+    layers: tuple[str, ...] = ("mixed4c",)
+    samples_per_image: int = 4
+    attributions: bool = False
+    relaxed_maxpool: bool = False
+    precision: str = "fp32"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.samples_per_image < 1:
+            raise ValueError("samples_per_image must be at least 1")
+        if not self.layers:
+            raise ValueError("at least one atlas layer is needed")
+
+
+@dataclass
+class Decoded:
+    """One file read and preprocessed, or the reason it could not be."""
+
+    entry: FileEntry
+    tensor: torch.Tensor | None = None
+    width: int = 0
+    height: int = 0
+    hash: str = ""
+    error: str | None = None
+
+
+@dataclass
+class Embedded:
+    """Network outputs for a batch of B images (numpy, CPU)."""
+
+    pooled: np.ndarray                     # (B, D) float32: global average of the pooled layer
+    top5_class: np.ndarray                 # (B, 5) int
+    top5_prob: np.ndarray                  # (B, 5) float32, softmax probabilities
+    positions: dict[str, np.ndarray] = field(default_factory=dict)     # layer → (B, K, 2) (y, x)
+    activations: dict[str, np.ndarray] = field(default_factory=dict)   # layer → (B, K, C) float32
+    attributions: dict[str, np.ndarray] = field(default_factory=dict)  # layer → (B, K, classes)
+
+
+def decode_file(root: Path, entry: FileEntry, model: LoadedModel) -> Decoded:
+    """Read ``root/entry.path`` and apply the model's own preprocessing."""
+    path = root / entry.path
+    try:
+        image = open_rgb(path, min_side=model.input_size)
+        width, height = image.info.get("original_size", image.size)
+        tensor = model.transform(image)
+        return Decoded(entry, tensor, width, height, content_hash(path))
+    except ImageDecodeError as exc:
+        return Decoded(entry, error=exc.reason)
+    except Exception as exc:  # a transform failing on an odd image must not stop the run
+        return Decoded(entry, error=f"preprocessing failed: {type(exc).__name__}: {exc}")
+
+
+def sample_positions(key: str, layer: str, seed: int, height: int, width: int, k: int) -> np.ndarray:
+    """K distinct (y, x) positions away from the border, a pure function of its arguments.
+
+    Border rows and columns are skipped (their receptive fields are mostly padding); maps
+    smaller than 3×3 have no interior and use every position. With fewer candidates than K,
+    positions repeat.
+    """
+    ys = np.arange(1, height - 1) if height >= 3 else np.arange(height)
+    xs = np.arange(1, width - 1) if width >= 3 else np.arange(width)
+    grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    rng = np.random.default_rng([seed, zlib.crc32(layer.encode()), zlib.crc32(key.encode("utf-8",
+                                                                                      "surrogateescape"))])
+    choice = rng.choice(len(grid), size=k, replace=k > len(grid))
+    return grid[choice]
+
+
+@torch.no_grad()
+def embed_batch(model: LoadedModel, inputs: torch.Tensor, keys: list[str], config: EmbedConfig,
+                relaxed_network=None) -> Embedded:
+    """Run the network once on ``inputs`` (B, 3, S, S) and keep what ``config`` asks for.
+
+    ``keys`` (one per image, its path) seed the sampled positions. ``relaxed_network`` is a
+    max-pool-relaxed copy of the network used for attributions when ``config.relaxed_maxpool``.
+    """
+    net = model.network
+    device = model.device
+    x = inputs.to(device)
+    if config.precision == "bf16":
+        x = x.contiguous(memory_format=torch.channels_last)
+    layers = list(dict.fromkeys([*config.layers, net.pooled_layer]))
+    with autocast(device, config.precision):
+        acts = net.forward_layers(x, layers)
+        pooled = acts[net.pooled_layer].float().mean(dim=(2, 3))
+        logits = net.head(pooled).float()
+    probs = logits.softmax(dim=1)
+    top = probs.topk(min(5, probs.shape[1]), dim=1)
+    out = Embedded(pooled=pooled.cpu().numpy(), top5_class=top.indices.cpu().numpy(),
+                   top5_prob=top.values.cpu().numpy())
+    batch = torch.arange(len(keys), device=device)[:, None]
+    for layer in config.layers:
+        h = acts[layer]
+        _, _, height, width = h.shape
+        pos = np.stack([sample_positions(key, layer, config.seed, height, width, config.samples_per_image)
+                        for key in keys])
+        ys = torch.as_tensor(pos[..., 0], device=device)
+        xs = torch.as_tensor(pos[..., 1], device=device)
+        out.positions[layer] = pos
+        out.activations[layer] = h.permute(0, 2, 3, 1)[batch, ys, xs].float().cpu().numpy()
+        if config.attributions:
+            # Always fp32: autocast does not propagate forward-mode tangents, and the small
+            # per-class values need the precision.
+            network = relaxed_network if config.relaxed_maxpool else net
+            attr = attribute(network, layer, h.float().contiguous(), pos)
+            out.attributions[layer] = attr.cpu().numpy()
+    return out
+
+
+def process_files(model: LoadedModel, root: Path, entries: list[FileEntry], config: EmbedConfig,
+                  relaxed_network=None) -> tuple[list[Decoded], Embedded | None]:
+    """Decode and embed ``entries``: file paths in, records out (no I/O beyond reading the files)."""
+    decoded = [decode_file(root, entry, model) for entry in entries]
+    ok = [d for d in decoded if d.error is None]
+    if not ok:
+        return decoded, None
+    inputs = torch.stack([d.tensor for d in ok])
+    return decoded, embed_batch(model, inputs, [d.entry.path for d in ok], config, relaxed_network)

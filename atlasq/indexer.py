@@ -1,0 +1,269 @@
+"""``atlasq index``: bring an index up to date with a folder of images.
+
+Only new or changed files (by size and modification time) are processed; files that have
+disappeared are dropped. Work is committed in chunks (see :mod:`atlasq.store`), so an
+interrupted run, whether by Ctrl-C or ``kill -9``, resumes where the last chunk ended.
+Decoding runs in a thread pool a few batches ahead of the network (Pillow and the
+preprocessing release the GIL), so the network is not left waiting for images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .embed import Decoded, EmbedConfig, decode_file, embed_batch
+from .images import scan_images
+from .model import LoadedModel, load_model, relax_maxpool, resolve_device, resolve_precision
+from .progress import progress_bar
+from .search import sync_faiss
+from .store import Chunk, IndexStore, index_folder
+
+__all__ = ["IndexOptions", "IndexSummary", "build_index"]
+
+
+@dataclass
+class IndexOptions:
+    """Settings of an index. ``None`` means: what the index already has, else the default."""
+
+    model: str | None = None
+    weights: str | None = None
+    layers: tuple[str, ...] | None = None
+    samples_per_image: int | None = None
+    attributions: bool | None = None
+    relaxed_maxpool: bool | None = None
+    seed: int | None = None
+
+
+DEFAULTS = IndexOptions(model="inceptionv1", weights=None, layers=("mixed4c",), samples_per_image=4,
+                        attributions=False, relaxed_maxpool=False, seed=0)
+FIXED = ("model", "weights", "layers", "samples_per_image", "attributions", "relaxed_maxpool", "seed")
+
+
+@dataclass
+class IndexSummary:
+    name: str
+    folder: str
+    root: str
+    found: int = 0
+    indexed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    changed: int = 0
+    new_errors: int = 0
+    skipped_errors: int = 0
+    total_images: int = 0
+    total_errors: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    interrupted: bool = False
+    model: dict = field(default_factory=dict)
+    faiss: dict = field(default_factory=dict)
+    error_examples: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _settle_options(stored: dict, given: IndexOptions) -> IndexOptions:
+    """Merge the options given now with those the index was built with; refuse contradictions."""
+    settled = IndexOptions()
+    for key in FIXED:
+        now, before = getattr(given, key), stored.get(key)
+        if isinstance(before, list):
+            before = tuple(before)
+        if now is not None and before is not None and now != before:
+            raise ValueError(
+                f"this index was built with {key}={before!r}; it cannot be extended with {key}={now!r}. "
+                f"Use another --name for a different setting.")
+        value = now if now is not None else before
+        setattr(settled, key, value if value is not None else getattr(DEFAULTS, key))
+    return settled
+
+
+def _plan(store: IndexStore, entries) -> tuple[list, list[str], int, int, int]:
+    """(files to process, paths to forget, unchanged, changed, skipped errors)."""
+    indexed, failed = store.file_states(), store.error_states()
+    current = {e.path: e for e in entries}
+    gone = [p for p in list(indexed) + list(failed) if p not in current]
+    todo, changed, unchanged, skipped = [], [], 0, 0
+    for entry in entries:
+        before = indexed.get(entry.path)
+        state = (before[1], before[2]) if before else failed.get(entry.path)
+        if state is None:
+            todo.append(entry)
+        elif state != (entry.size, entry.mtime):
+            todo.append(entry)
+            changed.append(entry.path)
+        elif before:
+            unchanged += 1
+        else:
+            skipped += 1
+    return todo, gone + changed, unchanged, len(changed), skipped
+
+
+def _decoded_batches(root: Path, entries: list, model: LoadedModel, batch_size: int, workers: int):
+    """Batches of :class:`Decoded`, in order, decoded by a thread pool kept two batches ahead."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="atlasq-decode")
+    pending: deque = deque()
+    source = iter(entries)
+    try:
+        for entry in islice(source, 3 * batch_size):
+            pending.append(pool.submit(decode_file, root, entry, model))
+        while pending:
+            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+            for entry in islice(source, len(batch)):
+                pending.append(pool.submit(decode_file, root, entry, model))
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _ChunkBuilder:
+    """Accumulates embedded batches into one :class:`Chunk`."""
+
+    def __init__(self, layers: tuple[str, ...], next_id: int):
+        self.layers, self.next_id = layers, next_id
+        self.reset()
+
+    def reset(self) -> None:
+        self.images = {k: [] for k in ("id", "path", "bytes", "mtime", "width", "height", "hash",
+                                       "top5_class", "top5_prob")}
+        self.samples = {k: [] for k in ("image_id", "layer", "k", "y", "x")}
+        self.pooled, self.acts, self.attrs, self.errors = [], {}, {}, []
+
+    def __len__(self) -> int:
+        return len(self.images["id"]) + len(self.errors)
+
+    def add(self, decoded: list[Decoded], embedded) -> None:
+        ok = [d for d in decoded if d.error is None]
+        self.errors += [(d.entry.path, d.entry.size, d.entry.mtime, d.error) for d in decoded if d.error]
+        if not ok:
+            return
+        ids = list(range(self.next_id, self.next_id + len(ok)))
+        self.next_id += len(ok)
+        for i, (image_id, d) in enumerate(zip(ids, ok)):
+            for key, value in (("id", image_id), ("path", d.entry.path), ("bytes", d.entry.size),
+                               ("mtime", d.entry.mtime), ("width", d.width), ("height", d.height),
+                               ("hash", d.hash), ("top5_class", embedded.top5_class[i].tolist()),
+                               ("top5_prob", embedded.top5_prob[i].tolist())):
+                self.images[key].append(value)
+        self.pooled.append(embedded.pooled)
+        for layer in self.layers:
+            pos = embedded.positions[layer]
+            k = pos.shape[1]
+            self.samples["image_id"] += np.repeat(ids, k).tolist()
+            self.samples["layer"] += [layer] * (len(ids) * k)
+            self.samples["k"] += np.tile(np.arange(k), len(ids)).tolist()
+            self.samples["y"] += pos[..., 0].reshape(-1).tolist()
+            self.samples["x"] += pos[..., 1].reshape(-1).tolist()
+            acts = embedded.activations[layer]
+            self.acts.setdefault(layer, []).append(acts.reshape(-1, acts.shape[-1]))
+            if layer in embedded.attributions:
+                attrs = embedded.attributions[layer]
+                self.attrs.setdefault(layer, []).append(attrs.reshape(-1, attrs.shape[-1]))
+
+    def build(self) -> Chunk:
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        return Chunk(images=self.images, pooled=cat(self.pooled), samples=self.samples,
+                     activations={k: cat(v) for k, v in self.acts.items()},
+                     attributions={k: cat(v) for k, v in self.attrs.items()}, errors=self.errors)
+
+
+def build_index(root: Path, name: str, *, home: Path | None = None, options: IndexOptions | None = None,
+                precision: str = "auto", device: str | None = None, batch_size: int = 32,
+                workers: int | None = None, commit_every: int = 256, progress: bool = True,
+                approx_threshold: int | None = None) -> IndexSummary:
+    """Index (or update the index of) the images under ``root`` as index ``name``."""
+    started = time.perf_counter()
+    root = Path(root).resolve()
+    entries = scan_images(root)
+    folder = index_folder(name, home)
+    store = IndexStore.create(folder)
+    summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(entries))
+    try:
+        meta = store.meta()
+        if meta.get("root") and meta["root"] != str(root):
+            raise ValueError(f"index {name!r} was built from {meta['root']}, not {root}; "
+                             f"use another --name for another folder")
+        opts = _settle_options(meta, options or IndexOptions())
+        model = load_model(opts.model, opts.weights, device=device, seed=opts.seed)
+        model.network.check_layers(opts.layers)
+        dev = resolve_device(device)
+        config = EmbedConfig(layers=tuple(opts.layers), samples_per_image=opts.samples_per_image,
+                             attributions=opts.attributions, relaxed_maxpool=opts.relaxed_maxpool,
+                             precision=resolve_precision(precision, dev), seed=opts.seed)
+        if config.precision == "bf16" and dev.type == "cpu":
+            model.network.to(memory_format=__import__("torch").channels_last)
+        relaxed = relax_maxpool(model.network) if config.attributions and config.relaxed_maxpool else None
+        stored_weights = meta.get("weights")
+        store.set_meta({
+            "root": str(root), "atlasq_version": __version__, **{k: getattr(opts, k) for k in FIXED},
+            "weights": stored_weights or opts.weights or model.weights, **model.describe(),
+            "categories": model.categories, "pooled_layer": model.network.pooled_layer,
+        })
+        summary.model = model.describe()
+        store.set_meta({"layer_dims": _layer_dims(model, config.layers)})
+        store.remove_orphans()
+        todo, forget, summary.unchanged, summary.changed, summary.skipped_errors = _plan(store, entries)
+        store.remove_paths(forget)
+        summary.removed = len(forget) - summary.changed
+
+        builder = _ChunkBuilder(config.layers, store.next_image_id())
+        last_commit = time.perf_counter()
+        workers = workers or max(1, (os.cpu_count() or 2) - 1)
+        try:
+            with progress_bar(len(todo), f"indexing {name}", enabled=progress) as bar:
+                for decoded in _decoded_batches(root, todo, model, batch_size, workers):
+                    ok = [d for d in decoded if d.error is None]
+                    embedded = None
+                    if ok:
+                        import torch
+                        embedded = embed_batch(model, torch.stack([d.tensor for d in ok]),
+                                               [d.entry.path for d in ok], config, relaxed)
+                    builder.add(decoded, embedded)
+                    bar.advance(len(decoded))
+                    if len(builder) >= commit_every or time.perf_counter() - last_commit > 30:
+                        _commit(store, builder, summary)
+                        last_commit = time.perf_counter()
+                _commit(store, builder, summary)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        summary.total_images = store.count("images")
+        summary.total_errors = store.count("errors")
+        summary.error_examples = [list(e) for e in store.errors()[:20]]
+        if not summary.interrupted:
+            summary.faiss = sync_faiss(store, approx_threshold=approx_threshold)
+    finally:
+        store.close()
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.images_per_s = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
+    return summary
+
+
+def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary) -> None:
+    if not len(builder):
+        return
+    chunk = builder.build()
+    store.commit(chunk)
+    summary.indexed += len(chunk.images["id"])
+    summary.new_errors += len(chunk.errors)
+    builder.reset()
+
+
+def _layer_dims(model: LoadedModel, layers) -> dict[str, int]:
+    """Channel count of each layer (one tiny forward pass)."""
+    import torch
+
+    probe = torch.zeros(1, 3, model.input_size, model.input_size, device=model.device)
+    with torch.no_grad():
+        acts = model.network.forward_layers(probe, [*layers, model.network.pooled_layer])
+    return {name: int(a.shape[1]) for name, a in acts.items()}

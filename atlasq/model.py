@@ -1,0 +1,409 @@
+"""Networks, layer names, weights and preprocessing.
+
+Every network atlasq uses is a :class:`StagedClassifier`: an ordered list of named stages
+(the article's layer names ``mixed3a … mixed5b`` among them) followed by a pooling head.
+That one idea gives the three passes the pipeline needs:
+
+* ``forward_layers(x, layers)`` runs only as far as the deepest requested layer;
+* ``forward_from(layer, h)`` runs the rest of the network from a layer's activations
+  (used by attribution);
+* ``forward(x)`` returns logits like any classifier.
+
+Two networks are registered: ``inceptionv1`` (torchvision's GoogLeNet, whose ImageNet
+weights come through torchvision's own download-and-cache) and ``demo`` (a quarter-width
+InceptionV1 of the same layer structure trained on ``sample_data/`` by :mod:`atlasq.demo_model`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import GoogLeNet, GoogLeNet_Weights
+from torchvision.models.googlenet import BasicConv2d, Inception
+from torchvision.transforms._presets import ImageClassification
+
+__all__ = [
+    "LAYERS",
+    "LoadedModel",
+    "StagedClassifier",
+    "WeightsUnavailableError",
+    "load_model",
+    "model_names",
+    "relax_maxpool",
+    "resolve_device",
+]
+
+#: Layer names as in the Activation Atlas and Building Blocks articles.
+LAYERS: tuple[str, ...] = (
+    "mixed3a", "mixed3b",
+    "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e",
+    "mixed5a", "mixed5b",
+)
+POOLED_LAYER = "mixed5b"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The requested weights cannot be loaded (offline and not cached, or a bad file)."""
+
+
+class StagedClassifier(nn.Module):
+    """A classifier seen as named stages followed by global average pooling and a linear head.
+
+    Subclasses implement :meth:`stages` (ordered ``(name, module)`` pairs, computed on each
+    call so that swapped modules are picked up) and :meth:`head` (pooled vector → logits).
+    """
+
+    pooled_layer: str = POOLED_LAYER
+
+    def stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        raise NotImplementedError
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.stages() if name in LAYERS)
+
+    def check_layers(self, layers: Iterable[str]) -> list[str]:
+        """Return ``layers`` as a list, raising ``ValueError`` that lists valid names for an unknown one."""
+        layers = list(layers)
+        unknown = [name for name in layers if name not in self.layer_names]
+        if unknown:
+            raise ValueError(
+                f"unknown layer {', '.join(unknown)}; valid layers: {', '.join(self.layer_names)}"
+            )
+        return layers
+
+    def forward_layers(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Run the network only as far as the deepest of ``layers``; return their activations."""
+        wanted = set(self.check_layers(layers))
+        out: dict[str, torch.Tensor] = {}
+        for name, stage in self.stages():
+            x = stage(x)
+            if name in wanted:
+                out[name] = x
+                if len(out) == len(wanted):
+                    break
+        return out
+
+    def forward_from(self, layer: str, h: torch.Tensor) -> torch.Tensor:
+        """Logits computed from ``layer``'s activations ``h`` by the rest of the network."""
+        self.check_layers([layer])
+        started = False
+        for name, stage in self.stages():
+            if started:
+                h = stage(h)
+            started = started or name == layer
+        return self.head(h.mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _, stage in self.stages():
+            x = stage(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class InceptionV1(StagedClassifier):
+    """torchvision's GoogLeNet with its blocks exposed under the articles' names."""
+
+    def __init__(self, net: GoogLeNet):
+        super().__init__()
+        self.net = net
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n._transform_input(x)
+        return n.maxpool2(n.conv3(n.conv2(n.maxpool1(n.conv1(x)))))
+
+    def stages(self):
+        n = self.net
+        return [
+            ("stem", self._stem),
+            ("mixed3a", n.inception3a), ("mixed3b", n.inception3b), ("pool3", n.maxpool3),
+            ("mixed4a", n.inception4a), ("mixed4b", n.inception4b), ("mixed4c", n.inception4c),
+            ("mixed4d", n.inception4d), ("mixed4e", n.inception4e), ("pool4", n.maxpool4),
+            ("mixed5a", n.inception5a), ("mixed5b", n.inception5b),
+        ]
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(self.net.dropout(pooled))
+
+
+class TinyInceptionV1(StagedClassifier):
+    """InceptionV1 at a quarter of the width, same stages and layer names, for small inputs.
+
+    Built from torchvision's own ``Inception`` and ``BasicConv2d`` blocks; used as the demo
+    and test network (trained on ``sample_data/`` in about a minute on two CPU cores).
+    """
+
+    # (in, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj): GoogLeNet's table divided by 4.
+    BLOCKS = {
+        "mixed3a": (48, 16, 24, 32, 4, 8, 8),
+        "mixed3b": (64, 32, 32, 48, 8, 24, 16),
+        "mixed4a": (120, 48, 24, 52, 4, 12, 16),
+        "mixed4b": (128, 40, 28, 56, 6, 16, 16),
+        "mixed4c": (128, 32, 32, 64, 6, 16, 16),
+        "mixed4d": (128, 28, 36, 72, 8, 16, 16),
+        "mixed4e": (132, 64, 40, 80, 8, 32, 32),
+        "mixed5a": (208, 64, 40, 80, 8, 32, 32),
+        "mixed5b": (208, 96, 48, 96, 12, 32, 32),
+    }
+
+    def __init__(self, num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.stem = nn.Sequential(
+            BasicConv2d(3, 16, kernel_size=7, stride=2, padding=3),
+            nn.MaxPool2d(3, stride=2, ceil_mode=True),
+            BasicConv2d(16, 16, kernel_size=1),
+            BasicConv2d(16, 48, kernel_size=3, padding=1),
+            nn.MaxPool2d(3, stride=2, ceil_mode=True),
+        )
+        for name, widths in self.BLOCKS.items():
+            setattr(self, name, Inception(*widths))
+        self.pool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.pool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(256, num_classes)
+
+    def stages(self):
+        order = ["stem", "mixed3a", "mixed3b", "pool3", "mixed4a", "mixed4b", "mixed4c",
+                 "mixed4d", "mixed4e", "pool4", "mixed5a", "mixed5b"]
+        return [(name, getattr(self, name)) for name in order]
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(pooled))
+
+
+class RelaxedMaxPool2d(nn.Module):
+    """Max-pooling forward, average-pooling gradient (the articles' attribution relaxation).
+
+    ``maxpool(x.detach()) + avgpool(x) - avgpool(x.detach())`` has the value of the max-pool
+    and the derivative of the average pool, in forward and reverse mode alike.
+    """
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pool
+        avg = lambda t: F.avg_pool2d(t, p.kernel_size, p.stride, p.padding, p.ceil_mode,
+                                     count_include_pad=False)
+        return p(x.detach()) + avg(x) - avg(x.detach())
+
+
+def relax_maxpool(model: StagedClassifier) -> StagedClassifier:
+    """A copy of ``model`` whose max-pool layers pass gradients as average pools do."""
+    relaxed = copy.deepcopy(model)
+    for parent in list(relaxed.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, RelaxedMaxPool2d(child))
+    return relaxed
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A network ready to use, with everything needed to describe and reproduce it."""
+
+    name: str                    # registry name: "inceptionv1" or "demo"
+    weights: str                 # "imagenet", "random", "demo", or "file:<name>"
+    weights_sha256: str | None   # of the weights file, when there is one
+    network: StagedClassifier
+    transform: Callable          # PIL image → normalised float tensor (3, S, S)
+    categories: list[str]
+    input_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights == "random"
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "random_weights": self.random_weights,
+            "input_size": self.input_size,
+            "num_classes": len(self.categories),
+        }
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``"auto"``/``None`` → CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, unsafe globals …
+        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path} does not hold a state dict")
+    return state
+
+
+def _imagenet_state_dict() -> dict:
+    """GoogLeNet ImageNet weights through torchvision's download-and-cache, or a clear error."""
+    weights = GoogLeNet_Weights.IMAGENET1K_V1
+    filename = weights.url.rsplit("/", 1)[-1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            f"the ImageNet weights for InceptionV1 are not cached and could not be downloaded "
+            f"({type(exc).__name__}: {exc}).\n"
+            f"Put the file {filename} (from {weights.url}) at {cached} "
+            f"(the folder is torch.hub's cache; TORCH_HOME moves it), "
+            f"or pass --weights PATH to a local GoogLeNet state dict."
+        ) from exc
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _googlenet(state: dict | None, seed: int) -> InceptionV1:
+    torch.manual_seed(seed)
+    net = GoogLeNet(num_classes=1000, aux_logits=False, transform_input=True,
+                    init_weights=state is None)
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise WeightsUnavailableError(f"weights do not fit GoogLeNet: {exc}") from exc
+    return InceptionV1(net)
+
+
+def _load_inceptionv1(weights: str, seed: int) -> LoadedModel:
+    spec = GoogLeNet_Weights.IMAGENET1K_V1
+    sha = None
+    if weights == "imagenet":
+        network = _googlenet(_imagenet_state_dict(), seed)
+    elif weights == "random":
+        network = _googlenet(None, seed)
+    else:
+        path = Path(weights)
+        network = _googlenet(_load_state_dict_file(path), seed)
+        sha, weights = _sha256(path), f"file:{path.name}"
+    return LoadedModel(
+        name="inceptionv1", weights=weights, weights_sha256=sha, network=network,
+        transform=spec.transforms(), categories=list(spec.meta["categories"]), input_size=224,
+    )
+
+
+def _load_demo(weights: str, seed: int) -> LoadedModel:
+    from . import demo_model  # training code; imported lazily (it pulls in sample data)
+
+    categories = list(demo_model.CATEGORIES)
+    torch.manual_seed(seed)
+    network = TinyInceptionV1(len(categories))
+    sha = None
+    if weights != "random":
+        path = demo_model.ensure_trained() if weights in ("demo", "default") else Path(weights)
+        network.load_state_dict(_load_state_dict_file(path))
+        sha = _sha256(path)
+        weights = "demo" if weights in ("demo", "default") else f"file:{path.name}"
+    return LoadedModel(
+        name="demo", weights=weights, weights_sha256=sha, network=network,
+        transform=demo_transform(), categories=categories, input_size=demo_model.INPUT_SIZE,
+    )
+
+
+def demo_transform() -> ImageClassification:
+    from .demo_model import INPUT_SIZE, RESIZE_SIZE
+
+    return ImageClassification(crop_size=INPUT_SIZE, resize_size=RESIZE_SIZE)
+
+
+_REGISTRY: dict[str, tuple[Callable[[str, int], LoadedModel], str]] = {
+    "inceptionv1": (_load_inceptionv1, "imagenet"),
+    "demo": (_load_demo, "demo"),
+}
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def register_model(name: str, loader: Callable[[str, int], LoadedModel], default_weights: str) -> None:
+    """Make another staged classifier available by name (``loader(weights, seed)``)."""
+    _REGISTRY[name] = (loader, default_weights)
+
+
+def load_model(name: str = "inceptionv1", weights: str | None = None, *, device: str | None = None,
+               seed: int = 0) -> LoadedModel:
+    """Load a registered network in eval mode.
+
+    Parameters
+    ----------
+    name : registry name (``"inceptionv1"`` or ``"demo"``).
+    weights : ``None`` for the model's default (``"imagenet"`` / ``"demo"``), ``"random"``
+        (seeded; for tests and smoke runs only), or a path to a local state dict.
+    device : ``"auto"``, ``"cpu"``, ``"cuda"``, …
+    seed : seed for random weights.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(model_names())}")
+    loader, default = _REGISTRY[name]
+    loaded = loader(weights or default, seed)
+    loaded.device = resolve_device(device)
+    loaded.network.eval().to(loaded.device)
+    return loaded
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` → ``"bf16"`` where it is native (CUDA with bf16, CPUs with AVX512-BF16/AMX), else ``"fp32"``."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if os.environ.get("ATLASQ_PRECISION") in ("fp32", "bf16"):
+        return os.environ["ATLASQ_PRECISION"]
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

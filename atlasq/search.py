@@ -1,0 +1,141 @@
+"""Similarity search on pooled vectors (cosine), exact or approximate, with FAISS.
+
+Vectors are L2-normalised, so inner product is cosine similarity. Up to ``APPROX_THRESHOLD``
+images the exact index (``IndexFlatIP``) answers; above it an HNSW graph is built as well and
+used by default (recall@10 against exact is checked by the tests). Both files are derived data:
+whenever their recorded id set differs from DuckDB's, they are rebuilt from the shard arrays,
+so FAISS and DuckDB never disagree about which images are indexed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .store import IndexStore
+
+__all__ = ["APPROX_THRESHOLD", "Hit", "build_faiss_index", "normalise", "search_vectors", "sync_faiss",
+           "search"]
+
+APPROX_THRESHOLD = 50_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32, C-contiguous."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def _to_gpu(index):
+    """Move a FAISS index to the GPU when faiss-gpu and a GPU are present (else return it)."""
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def build_faiss_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "exact"):
+    """A FAISS index over normalised ``vectors`` (N, D) with ``ids`` as its labels.
+
+    ``kind`` is ``"exact"`` (flat inner product) or ``"approx"`` (HNSW, inner product).
+    """
+    import faiss
+
+    vectors = normalise(vectors)
+    dim = vectors.shape[1]
+    if kind == "exact":
+        inner = faiss.IndexFlatIP(dim)
+    elif kind == "approx":
+        inner = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        inner.hnsw.efSearch = HNSW_EF_SEARCH
+    else:
+        raise ValueError(f"kind must be 'exact' or 'approx', not {kind!r}")
+    index = faiss.IndexIDMap2(inner)
+    if len(ids):
+        index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+    return index
+
+
+def search_vectors(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (Q, k); missing neighbours have id -1."""
+    k = max(1, min(k, index.ntotal))
+    return index.search(normalise(queries), k)
+
+
+def sync_faiss(store: IndexStore, *, approx_threshold: int | None = None) -> dict:
+    """Rebuild whichever FAISS files disagree with DuckDB; return what is there now."""
+    threshold = APPROX_THRESHOLD if approx_threshold is None else approx_threshold
+    count = store.count("images")
+    kinds = ["exact"] + (["approx"] if count > threshold else [])
+    out = {"count": count, "rebuilt": [], "files": {}}
+    vectors = None
+    for kind in kinds:
+        if not store.faiss_is_current(kind):
+            if vectors is None:
+                ids, vectors = store.pooled()
+            store.save_faiss(build_faiss_index(ids, vectors, kind), kind, ids, {"threshold": threshold})
+            out["rebuilt"].append(kind)
+        out["files"][kind] = str(store.faiss_path(kind))
+    return out
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    score: float
+    top5_class: list
+
+
+def _load_for_search(store: IndexStore, mode: str):
+    """The FAISS index to use for ``mode`` (auto, exact, approx), rebuilt in memory if stale."""
+    count = store.count("images")
+    threshold = (store.meta().get("approx_threshold") or APPROX_THRESHOLD)
+    kind = ("approx" if count > threshold else "exact") if mode == "auto" else mode
+    if kind not in ("exact", "approx"):
+        raise ValueError(f"mode must be auto, exact or approx, not {mode!r}")
+    if store.faiss_is_current(kind):
+        return store.load_faiss(kind), kind
+    ids, vectors = store.pooled()  # stale or missing on disk (e.g. a run was killed): rebuild
+    return build_faiss_index(ids, vectors, kind), kind
+
+
+def search(store: IndexStore, query_vector: np.ndarray, k: int = 10, *, mode: str = "auto",
+           exclude: int | None = None) -> tuple[list[Hit], str]:
+    """The ``k`` images most similar (cosine) to ``query_vector``; ``exclude`` drops one id."""
+    index, kind = _load_for_search(store, mode)
+    index = _to_gpu(index)
+    scores, ids = search_vectors(index, query_vector[None, :], k + (exclude is not None))
+    pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != exclude][:k]
+    rows = {r["id"]: r for r in store.images([i for i, _ in pairs])}
+    return [Hit(i, rows[i]["path"], s, list(rows[i]["top5_class"])) for i, s in pairs if i in rows], kind
+
+
+def resolve_query(store: IndexStore, query: str) -> tuple[int | None, Path | None]:
+    """An indexed image's id (from an id or a path relative to the root), or a file to embed."""
+    if query.isdigit() and store.images([int(query)]):
+        return int(query), None
+    image_id = store.find_path(query)
+    if image_id is not None:
+        return image_id, None
+    root = store.meta().get("root")
+    if root:
+        relative = Path(query).resolve()
+        try:
+            image_id = store.find_path(relative.relative_to(root).as_posix())
+        except ValueError:
+            image_id = None
+        if image_id is not None:
+            return image_id, None
+    path = Path(query)
+    if path.is_file():
+        return None, path
+    raise FileNotFoundError(f"{query!r} is neither an image id, an indexed path, nor an image file")

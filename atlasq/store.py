@@ -1,0 +1,339 @@
+"""One folder per index: a DuckDB file (the source of truth) and memory-mappable arrays.
+
+Layout of ``<home>/<name>/``::
+
+    index.duckdb        meta, images, samples, errors, shards tables
+    shards/000007/      arrays of one committed chunk of images
+        pooled.npy          (n, D) float32   pooled mixed5b vectors, row = images.row
+        mixed4c.act.npy     (n*K, C) float16 sampled activations, row = samples.row
+        mixed4c.attr.npy    (n*K, classes) float16 attributions (indexes built with them)
+    pooled.faiss        FAISS index of the pooled vectors, ids = images.id
+    pooled.faiss.json   which ids that file holds (so it is rebuilt when it disagrees)
+
+A chunk is made durable in two steps: its shard folder is written under a temporary name and
+renamed, then its rows are inserted in one DuckDB transaction. A crash between the two leaves
+a shard no row points to; :meth:`IndexStore.remove_orphans` deletes it on the next run. So a
+row never points to a missing array, and an interrupted run loses at most one chunk of work.
+
+No other module writes SQL against an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["IndexStore", "IndexNotFoundError", "Chunk", "index_folder", "default_home"]
+
+DB_FILE = "index.duckdb"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS images (
+    id BIGINT PRIMARY KEY,
+    path VARCHAR NOT NULL,
+    bytes BIGINT, mtime DOUBLE, width INTEGER, height INTEGER, hash VARCHAR,
+    top5_class INTEGER[], top5_prob FLOAT[],
+    shard INTEGER NOT NULL, row INTEGER NOT NULL,
+    indexed_at TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS samples (
+    image_id BIGINT NOT NULL, layer VARCHAR NOT NULL, k SMALLINT NOT NULL,
+    y SMALLINT NOT NULL, x SMALLINT NOT NULL, shard INTEGER NOT NULL, row INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS errors (
+    path VARCHAR NOT NULL, bytes BIGINT, mtime DOUBLE, reason VARCHAR,
+    recorded_at TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY, images INTEGER,
+    created TIMESTAMP DEFAULT current_timestamp);
+CREATE INDEX IF NOT EXISTS images_path ON images (path);
+CREATE INDEX IF NOT EXISTS samples_image ON samples (image_id);
+"""
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """No index of that name under the home folder."""
+
+
+def default_home() -> Path:
+    """``$ATLASQ_HOME`` or ``./indexes``."""
+    import os
+
+    return Path(os.environ.get("ATLASQ_HOME") or "indexes")
+
+
+def index_folder(name: str, home: Path | None = None) -> Path:
+    """The folder of index ``name``; names are plain words so they stay inside ``home``."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"index name {name!r} must be a plain name (no slashes, not hidden)")
+    return Path(home or default_home()) / name
+
+
+@dataclass
+class Chunk:
+    """The rows and arrays of a batch of images, ready to be committed.
+
+    ``images`` columns: id, path, bytes, mtime, width, height, hash, top5_class, top5_prob.
+    ``samples`` columns: image_id, layer, k, y, x. Arrays are in the same row order.
+    """
+
+    images: dict[str, list]
+    pooled: np.ndarray                      # (n, D) float32
+    samples: dict[str, list]
+    activations: dict[str, np.ndarray]      # layer → (n*K, C)
+    attributions: dict[str, np.ndarray]     # layer → (n*K, classes); empty without attributions
+    errors: list[tuple[str, int, float, str]]  # (path, bytes, mtime, reason)
+
+
+class IndexStore:
+    """An index folder: DuckDB connection, shard arrays and the FAISS file."""
+
+    def __init__(self, folder: Path, *, read_only: bool = True):
+        self.folder = Path(folder)
+        db = self.folder / DB_FILE
+        if not db.is_file():
+            raise IndexNotFoundError(
+                f"no index at {self.folder} (missing {DB_FILE}); build one with `atlasq index DIR --name "
+                f"{self.folder.name}`")
+        self.read_only = read_only
+        try:
+            self.con = duckdb.connect(str(db), read_only=read_only)
+        except duckdb.IOException as exc:
+            raise RuntimeError(f"cannot open {db}: {exc} (is another `atlasq index` writing to it?)") from exc
+
+    @classmethod
+    def create(cls, folder: Path) -> "IndexStore":
+        """Open the index in ``folder`` for writing, creating it when new."""
+        folder = Path(folder)
+        (folder / "shards").mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(folder / DB_FILE))
+        con.execute(SCHEMA)
+        con.close()
+        return cls(folder, read_only=False)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ meta
+    def meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta").fetchall()}
+
+    def set_meta(self, values: dict) -> None:
+        for key, value in values.items():
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value)])
+
+    # ------------------------------------------------------------------ writing
+    def file_states(self) -> dict[str, tuple[int, int, float]]:
+        """path → (id, bytes, mtime) of every indexed image."""
+        rows = self.con.execute("SELECT path, id, bytes, mtime FROM images").fetchall()
+        return {p: (i, b, m) for p, i, b, m in rows}
+
+    def error_states(self) -> dict[str, tuple[int, float]]:
+        """path → (bytes, mtime) of every file recorded as unreadable."""
+        return {p: (b, m) for p, b, m in self.con.execute("SELECT path, bytes, mtime FROM errors").fetchall()}
+
+    def remove_paths(self, paths: list[str]) -> None:
+        """Forget images and error records for ``paths`` (deleted or changed files), in one transaction."""
+        if not paths:
+            return
+        table = pa.table({"path": pa.array(paths, pa.string())})
+        self.con.register("gone", table)
+        try:
+            self.con.execute("BEGIN")
+            self.con.execute("DELETE FROM samples WHERE image_id IN "
+                             "(SELECT id FROM images WHERE path IN (SELECT path FROM gone))")
+            self.con.execute("DELETE FROM images WHERE path IN (SELECT path FROM gone)")
+            self.con.execute("DELETE FROM errors WHERE path IN (SELECT path FROM gone)")
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        finally:
+            self.con.unregister("gone")
+
+    def remove_orphans(self) -> int:
+        """Delete shard folders that no committed row refers to (left by a crash); return how many."""
+        known = {r[0] for r in self.con.execute("SELECT id FROM shards").fetchall()}
+        removed = 0
+        for path in (self.folder / "shards").iterdir():
+            stem = path.name.split(".")[0]
+            if not stem.isdigit() or int(stem) not in known or path.name.endswith(".tmp"):
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def next_image_id(self) -> int:
+        value = self.meta().get("next_image_id", 1)
+        top = self.con.execute("SELECT max(id) FROM images").fetchone()[0]
+        return max(value, (top or 0) + 1)
+
+    def commit(self, chunk: Chunk) -> None:
+        """Write ``chunk``'s arrays, then its rows and errors in one transaction."""
+        n = len(chunk.images["id"])
+        shard = None
+        if n:
+            shard = (self.con.execute("SELECT max(id) FROM shards").fetchone()[0] or 0) + 1
+            self._write_shard(shard, chunk)
+        try:
+            self.con.execute("BEGIN")
+            if n:
+                images = dict(chunk.images, shard=[shard] * n, row=list(range(n)))
+                samples = dict(chunk.samples, shard=[shard] * len(chunk.samples["image_id"]),
+                               row=_sample_rows(chunk.samples))
+                self._insert("images", images)
+                self._insert("samples", samples)
+                self.con.execute("INSERT INTO shards (id, images) VALUES (?, ?)", [shard, n])
+                self.con.execute("INSERT OR REPLACE INTO meta VALUES ('next_image_id', ?)",
+                                 [json.dumps(max(chunk.images["id"]) + 1)])
+            if chunk.errors:
+                paths, sizes, mtimes, reasons = map(list, zip(*chunk.errors))
+                self.con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?))", [paths])
+                self._insert("errors", {"path": paths, "bytes": sizes, "mtime": mtimes, "reason": reasons})
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def _insert(self, table: str, columns: dict[str, list]) -> None:
+        frame = pa.table(columns)
+        self.con.register("incoming", frame)
+        try:
+            names = ", ".join(columns)
+            self.con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
+        finally:
+            self.con.unregister("incoming")
+
+    def _write_shard(self, shard: int, chunk: Chunk) -> None:
+        final = self.folder / "shards" / f"{shard:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "pooled.npy", np.ascontiguousarray(chunk.pooled, dtype=np.float32))
+        for layer, acts in chunk.activations.items():
+            np.save(tmp / f"{layer}.act.npy", np.ascontiguousarray(acts, dtype=np.float16))
+        for layer, attrs in chunk.attributions.items():
+            np.save(tmp / f"{layer}.attr.npy", np.ascontiguousarray(attrs, dtype=np.float16))
+        tmp.rename(final)
+
+    # ------------------------------------------------------------------ reading
+    def count(self, table: str = "images") -> int:
+        if table not in ("images", "samples", "errors"):
+            raise ValueError(table)
+        return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def image_ids(self) -> np.ndarray:
+        return self.con.execute("SELECT id FROM images ORDER BY id").fetchnumpy()["id"].astype(np.int64)
+
+    def images(self, ids: list[int] | None = None) -> list[dict]:
+        """Image rows (all, or the given ids in that order)."""
+        query = ("SELECT id, path, bytes, mtime, width, height, hash, top5_class, top5_prob "
+                 "FROM images")
+        if ids is None:
+            cur = self.con.execute(query + " ORDER BY id")
+        else:
+            cur = self.con.execute(query + " WHERE id IN (SELECT unnest(?))", [list(map(int, ids))])
+        names = [d[0] for d in cur.description]
+        rows = {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+        return list(rows.values()) if ids is None else [rows[i] for i in map(int, ids) if i in rows]
+
+    def find_path(self, path: str) -> int | None:
+        row = self.con.execute("SELECT id FROM images WHERE path = ?", [path]).fetchone()
+        return row[0] if row else None
+
+    def errors(self) -> list[tuple[str, str]]:
+        return self.con.execute("SELECT path, reason FROM errors ORDER BY path").fetchall()
+
+    def pooled(self, ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every indexed image (or of ``ids``), in id order."""
+        query = "SELECT id, shard, row FROM images"
+        if ids is None:
+            rows = self.con.execute(query + " ORDER BY id").fetchnumpy()
+        else:
+            rows = self.con.execute(query + " WHERE id IN (SELECT unnest(?)) ORDER BY id",
+                                    [list(map(int, ids))]).fetchnumpy()
+        vectors = self._gather(rows["shard"], rows["row"], "pooled.npy", np.float32)
+        return rows["id"].astype(np.int64), vectors
+
+    def samples(self, layer: str, *, attributions: bool = False) -> dict[str, np.ndarray]:
+        """All sampled activations of ``layer``: image_id, k, y, x, activations (and attributions)."""
+        rows = self.con.execute(
+            "SELECT image_id, k, y, x, shard, row FROM samples WHERE layer = ? ORDER BY image_id, k",
+            [layer]).fetchnumpy()
+        out = {key: rows[key] for key in ("image_id", "k", "y", "x")}
+        out["activations"] = self._gather(rows["shard"], rows["row"], f"{layer}.act.npy", np.float16)
+        if attributions:
+            out["attributions"] = self._gather(rows["shard"], rows["row"], f"{layer}.attr.npy", np.float16)
+        return out
+
+    def _gather(self, shards: np.ndarray, rows: np.ndarray, filename: str, dtype) -> np.ndarray:
+        """Rows of per-shard arrays, memory-mapped, concatenated in the order given."""
+        shards = np.asarray(shards)
+        rows = np.asarray(rows)
+        if len(shards) == 0:
+            return np.zeros((0, 0), dtype)
+        out = None
+        for shard in np.unique(shards):
+            path = self.folder / "shards" / f"{int(shard):06d}" / filename
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; this index was built without it")
+            array = np.load(path, mmap_mode="r")
+            if out is None:
+                out = np.empty((len(rows), array.shape[1]), dtype)
+            where = np.flatnonzero(shards == shard)
+            out[where] = array[rows[where]]
+        return out
+
+    # ------------------------------------------------------------------ FAISS
+    def ids_digest(self, ids: np.ndarray | None = None) -> str:
+        ids = self.image_ids() if ids is None else np.sort(np.asarray(ids, np.int64))
+        return hashlib.sha1(ids.tobytes()).hexdigest()
+
+    def faiss_path(self, kind: str) -> Path:
+        return self.folder / ("pooled.faiss" if kind == "exact" else f"pooled.{kind}.faiss")
+
+    def faiss_is_current(self, kind: str) -> bool:
+        info = self.faiss_path(kind).with_suffix(".faiss.json")
+        if not self.faiss_path(kind).is_file() or not info.is_file():
+            return False
+        return json.loads(info.read_text()).get("ids_sha1") == self.ids_digest()
+
+    def save_faiss(self, index, kind: str, ids: np.ndarray, extra: dict | None = None) -> Path:
+        """Write a FAISS index atomically, with a record of which ids it holds."""
+        import faiss
+
+        path = self.faiss_path(kind)
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(index, str(tmp))
+        tmp.replace(path)
+        info = {"ids_sha1": self.ids_digest(ids), "count": int(len(ids)), "kind": kind, **(extra or {})}
+        path.with_suffix(".faiss.json").write_text(json.dumps(info))
+        return path
+
+    def load_faiss(self, kind: str):
+        import faiss
+
+        return faiss.read_index(str(self.faiss_path(kind)))
+
+
+def _sample_rows(samples: dict[str, list]) -> list[int]:
+    """Row of each sample in its layer's array: samples of a layer are stored in commit order."""
+    counters: dict[str, int] = {}
+    rows = []
+    for layer in samples["layer"]:
+        rows.append(counters.get(layer, 0))
+        counters[layer] = rows[-1] + 1
+    return rows
