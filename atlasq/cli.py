@@ -58,6 +58,9 @@ def index(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
     batch_size: int = typer.Option(32, help="Images per network batch."),
     workers: Optional[int] = typer.Option(None, help="Decoding threads [cores - 1]."),
+    commit_every: int = typer.Option(
+        256, "--commit-every", min=1,
+        help="Commit to the index after this many files (an interrupted run resumes from the last commit)."),
     approx_threshold: Optional[int] = typer.Option(None, help="Build an approximate (HNSW) search index above this many images [50000]."),
     as_json: bool = JsonOption,
 ):
@@ -74,6 +77,7 @@ def index(
     try:
         summary = build_index(directory, name, home=home, options=options, precision=precision,
                               device=device, batch_size=batch_size, workers=workers,
+                              commit_every=commit_every,
                               progress=not as_json or sys.stderr.isatty(),
                               approx_threshold=approx_threshold)
     except (WeightsUnavailableError, ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:

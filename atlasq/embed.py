@@ -17,7 +17,7 @@ import torch
 
 from .attribution import attribute
 from .images import FileEntry, ImageDecodeError, content_hash, open_rgb
-from .model import LoadedModel, autocast
+from .model import LoadedModel, autocast, relax_maxpool
 
 __all__ = ["EmbedConfig", "Decoded", "Embedded", "decode_file", "embed_batch", "process_files",
            "sample_positions"]
@@ -126,6 +126,8 @@ def embed_batch(model: LoadedModel, inputs: torch.Tensor, keys: list[str], confi
     out = Embedded(pooled=pooled.cpu().numpy(), top5_class=top.indices.cpu().numpy(),
                    top5_prob=top.values.cpu().numpy())
     batch = torch.arange(len(keys), device=device)[:, None]
+    if config.attributions and config.relaxed_maxpool and relaxed_network is None:
+        relaxed_network = relax_maxpool(net)
     for layer in config.layers:
         h = acts[layer]
         _, _, height, width = h.shape

@@ -18,6 +18,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 from .embed import Decoded, EmbedConfig, decode_file, embed_batch
@@ -78,6 +79,8 @@ def _settle_options(stored: dict, given: IndexOptions) -> IndexOptions:
     settled = IndexOptions()
     for key in FIXED:
         now, before = getattr(given, key), stored.get(key)
+        if key == "weights" and now is not None and Path(now).is_file():
+            now = str(Path(now).resolve())  # a weights file is recorded by its absolute path
         if isinstance(before, list):
             before = tuple(before)
         if now is not None and before is not None and now != before:
@@ -202,16 +205,25 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
                              attributions=opts.attributions, relaxed_maxpool=opts.relaxed_maxpool,
                              precision=resolve_precision(precision, dev), seed=opts.seed)
         if config.precision == "bf16" and dev.type == "cpu":
-            model.network.to(memory_format=__import__("torch").channels_last)
+            model.network.to(memory_format=torch.channels_last)
         relaxed = relax_maxpool(model.network) if config.attributions and config.relaxed_maxpool else None
         stored_weights = meta.get("weights")
+        if meta.get("weights_sha256") and model.weights_sha256 != meta["weights_sha256"]:
+            raise ValueError(f"the weights file {opts.weights} has changed since this index was built "
+                             f"(sha256 {model.weights_sha256} != {meta['weights_sha256']}); "
+                             f"use another --name for other weights")
+        # The options' "weights" (what load_model needs to load them again) must win over the
+        # model's description ("file:NAME"), or a later run could not reload the same file.
         store.set_meta({
-            "root": str(root), "atlasq_version": __version__, **{k: getattr(opts, k) for k in FIXED},
-            "weights": stored_weights or opts.weights or model.weights, **model.describe(),
+            "root": str(root), "atlasq_version": __version__, **model.describe(),
+            **{k: getattr(opts, k) for k in FIXED},
+            "weights": stored_weights or opts.weights or model.weights,
             "categories": model.categories, "pooled_layer": model.network.pooled_layer,
         })
         summary.model = model.describe()
         store.set_meta({"layer_dims": _layer_dims(model, config.layers)})
+        if approx_threshold is not None:  # remembered, so later runs and searches use it too
+            store.set_meta({"approx_threshold": int(approx_threshold)})
         store.remove_orphans()
         todo, forget, summary.unchanged, summary.changed, summary.skipped_errors = _plan(store, entries)
         store.remove_paths(forget)

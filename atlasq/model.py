@@ -186,7 +186,7 @@ class TinyInceptionV1(StagedClassifier):
 class RelaxedMaxPool2d(nn.Module):
     """Max-pooling forward, average-pooling gradient (the articles' attribution relaxation).
 
-    ``maxpool(x.detach()) + avgpool(x) - avgpool(x.detach())`` has the value of the max-pool
+    ``maxpool(x.detach()) + (avgpool(x) - avgpool(x.detach()))`` has the value of the max-pool
     and the derivative of the average pool, in forward and reverse mode alike.
     """
 
@@ -198,7 +198,8 @@ class RelaxedMaxPool2d(nn.Module):
         p = self.pool
         avg = lambda t: F.avg_pool2d(t, p.kernel_size, p.stride, p.padding, p.ceil_mode,
                                      count_include_pad=False)
-        return p(x.detach()) + avg(x) - avg(x.detach())
+        # avg(x) - avg(x.detach()) is exactly zero, so the value is the max-pool's bit for bit.
+        return p(x.detach()) + (avg(x) - avg(x.detach()))
 
 
 def relax_maxpool(model: StagedClassifier) -> StagedClassifier:
@@ -271,11 +272,17 @@ def _load_state_dict_file(path: Path) -> dict:
     return state
 
 
+def _imagenet_cache_path() -> Path:
+    """Where torchvision's download-and-cache keeps the GoogLeNet ImageNet weights."""
+    url = GoogLeNet_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
 def _imagenet_state_dict() -> dict:
     """GoogLeNet ImageNet weights through torchvision's download-and-cache, or a clear error."""
     weights = GoogLeNet_Weights.IMAGENET1K_V1
-    filename = weights.url.rsplit("/", 1)[-1]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    cached = _imagenet_cache_path()
+    filename = cached.name
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
     try:
@@ -292,7 +299,7 @@ def _imagenet_state_dict() -> dict:
         socket.setdefaulttimeout(previous_timeout)
 
 
-def _googlenet(state: dict | None, seed: int) -> InceptionV1:
+def _googlenet(state: dict | None, seed: int, source: str = "") -> InceptionV1:
     torch.manual_seed(seed)
     net = GoogLeNet(num_classes=1000, aux_logits=False, transform_input=True,
                     init_weights=state is None)
@@ -301,7 +308,7 @@ def _googlenet(state: dict | None, seed: int) -> InceptionV1:
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
-            raise WeightsUnavailableError(f"weights do not fit GoogLeNet: {exc}") from exc
+            raise WeightsUnavailableError(f"weights {source} do not fit GoogLeNet: {exc}") from exc
     return InceptionV1(net)
 
 
@@ -309,12 +316,12 @@ def _load_inceptionv1(weights: str, seed: int) -> LoadedModel:
     spec = GoogLeNet_Weights.IMAGENET1K_V1
     sha = None
     if weights == "imagenet":
-        network = _googlenet(_imagenet_state_dict(), seed)
+        network = _googlenet(_imagenet_state_dict(), seed, source=str(_imagenet_cache_path()))
     elif weights == "random":
         network = _googlenet(None, seed)
     else:
         path = Path(weights)
-        network = _googlenet(_load_state_dict_file(path), seed)
+        network = _googlenet(_load_state_dict_file(path), seed, source=str(path))
         sha, weights = _sha256(path), f"file:{path.name}"
     return LoadedModel(
         name="inceptionv1", weights=weights, weights_sha256=sha, network=network,
@@ -331,7 +338,10 @@ def _load_demo(weights: str, seed: int) -> LoadedModel:
     sha = None
     if weights != "random":
         path = demo_model.ensure_trained() if weights in ("demo", "default") else Path(weights)
-        network.load_state_dict(_load_state_dict_file(path))
+        try:
+            network.load_state_dict(_load_state_dict_file(path))
+        except RuntimeError as exc:
+            raise WeightsUnavailableError(f"weights {path} do not fit the demo network: {exc}") from exc
         sha = _sha256(path)
         weights = "demo" if weights in ("demo", "default") else f"file:{path.name}"
     return LoadedModel(

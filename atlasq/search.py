@@ -72,7 +72,7 @@ def search_vectors(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 def sync_faiss(store: IndexStore, *, approx_threshold: int | None = None) -> dict:
     """Rebuild whichever FAISS files disagree with DuckDB; return what is there now."""
-    threshold = APPROX_THRESHOLD if approx_threshold is None else approx_threshold
+    threshold = _threshold(store) if approx_threshold is None else approx_threshold
     count = store.count("images")
     kinds = ["exact"] + (["approx"] if count > threshold else [])
     out = {"count": count, "rebuilt": [], "files": {}}
@@ -87,6 +87,12 @@ def sync_faiss(store: IndexStore, *, approx_threshold: int | None = None) -> dic
     return out
 
 
+def _threshold(store: IndexStore) -> int:
+    """The index's own approx threshold (``build_index(approx_threshold=...)``), else the default."""
+    value = store.meta().get("approx_threshold")
+    return APPROX_THRESHOLD if value is None else int(value)
+
+
 @dataclass
 class Hit:
     id: int
@@ -98,7 +104,7 @@ class Hit:
 def _load_for_search(store: IndexStore, mode: str):
     """The FAISS index to use for ``mode`` (auto, exact, approx), rebuilt in memory if stale."""
     count = store.count("images")
-    threshold = (store.meta().get("approx_threshold") or APPROX_THRESHOLD)
+    threshold = _threshold(store)
     kind = ("approx" if count > threshold else "exact") if mode == "auto" else mode
     if kind not in ("exact", "approx"):
         raise ValueError(f"mode must be auto, exact or approx, not {mode!r}")

@@ -309,7 +309,11 @@ class IndexStore:
         info = self.faiss_path(kind).with_suffix(".faiss.json")
         if not self.faiss_path(kind).is_file() or not info.is_file():
             return False
-        return json.loads(info.read_text()).get("ids_sha1") == self.ids_digest()
+        try:
+            recorded = json.loads(info.read_text()).get("ids_sha1")
+        except (ValueError, AttributeError):  # torn or foreign record: not current, rebuild
+            return False
+        return recorded == self.ids_digest()
 
     def save_faiss(self, index, kind: str, ids: np.ndarray, extra: dict | None = None) -> Path:
         """Write a FAISS index atomically, with a record of which ids it holds."""
@@ -320,7 +324,10 @@ class IndexStore:
         faiss.write_index(index, str(tmp))
         tmp.replace(path)
         info = {"ids_sha1": self.ids_digest(ids), "count": int(len(ids)), "kind": kind, **(extra or {})}
-        path.with_suffix(".faiss.json").write_text(json.dumps(info))
+        record = path.with_suffix(".faiss.json")
+        record_tmp = record.with_name(record.name + ".tmp")
+        record_tmp.write_text(json.dumps(info))
+        record_tmp.replace(record)
         return path
 
     def load_faiss(self, kind: str):

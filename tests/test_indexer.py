@@ -1,0 +1,445 @@
+"""Tests for ``atlasq index`` / :func:`atlasq.indexer.build_index` and ``atlasq info``.
+
+Indexes here are small folders of copied sample_data images embedded with the demo network
+(random weights unless a test needs meaning), so each build takes a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from atlasq.api import index_info, search_index
+from atlasq.cli import app
+from atlasq.images import content_hash
+from atlasq.indexer import IndexOptions, build_index
+from atlasq.search import sync_faiss
+from atlasq.store import IndexStore
+from badimages import HIDDEN_FILE, KINDS, NON_IMAGE_FILE, write_bad_images
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "sample_data"
+CLASSES = sorted(p.name for p in SAMPLE_DATA.iterdir() if p.is_dir())
+RANDOM_DEMO = ("--model", "demo", "--weights", "random", "--precision", "fp32")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sample_files(n: int, offset: int = 0) -> list[Path]:
+    """``n`` sample images, round-robin over the classes, starting at each class's ``offset``-th."""
+    per_class = {c: sorted(p for p in (SAMPLE_DATA / c).iterdir() if p.is_file()) for c in CLASSES}
+    out, i = [], offset
+    while len(out) < n:
+        for c in CLASSES:
+            if len(out) < n:
+                out.append(per_class[c][i])
+        i += 1
+    return out
+
+
+def copy_samples(dest: Path, n: int, offset: int = 0) -> list[str]:
+    """Copy ``n`` sample images into ``dest/<class>/``; return their relative paths."""
+    rel = []
+    for src in sample_files(n, offset):
+        target = dest / src.parent.name / src.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+        rel.append(f"{src.parent.name}/{src.name}")
+    return rel
+
+
+def build(root: Path, name: str, home: Path, **kwargs):
+    kwargs.setdefault("options", IndexOptions(model="demo", weights="random"))
+    kwargs.setdefault("batch_size", 16)
+    return build_index(root, name, home=home, precision="fp32", progress=False, workers=1, **kwargs)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_json(result) -> dict:
+    """The single JSON object a ``--json`` command printed on stdout."""
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout
+    return json.loads(lines[0])
+
+
+def sql(folder: Path, query: str, params=()) -> list[tuple]:
+    con = duckdb.connect(str(folder / "index.duckdb"), read_only=True)
+    try:
+        return con.execute(query, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+def faiss_ids(path: Path) -> tuple[int, set[int]]:
+    import faiss
+
+    index = faiss.read_index(str(path))
+    return index.ntotal, set(faiss.vector_to_array(index.id_map).tolist())
+
+
+def assert_consistent(folder: Path) -> None:
+    """No duplicate paths, samples only of indexed images, FAISS file current and equal to DuckDB."""
+    assert sql(folder, "SELECT path, count(*) FROM images GROUP BY path HAVING count(*) > 1") == []
+    assert sql(folder, "SELECT count(*) FROM samples WHERE image_id NOT IN (SELECT id FROM images)") == [(0,)]
+    ids = {r[0] for r in sql(folder, "SELECT id FROM images")}
+    ntotal, fids = faiss_ids(folder / "pooled.faiss")
+    assert ntotal == len(ids) and fids == ids
+    with IndexStore(folder) as store:
+        assert store.faiss_is_current("exact")
+
+
+def snapshot(folder: Path) -> dict:
+    """Everything an index run could change: rows, meta, shard folders, FAISS records."""
+    return {
+        "images": sql(folder, "SELECT id, path, bytes, mtime, hash, shard, row FROM images ORDER BY id"),
+        "samples": sql(folder, "SELECT count(*) FROM samples"),
+        "errors": sql(folder, "SELECT path, reason FROM errors ORDER BY path"),
+        "meta": sql(folder, "SELECT key, value FROM meta ORDER BY key"),
+        "shards": sorted(p.name for p in (folder / "shards").iterdir()),
+        "faiss": (folder / "pooled.faiss.json").read_text(),
+    }
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """(root, home, paths): index ``small`` of 24 sample images, demo network, random weights."""
+    root = tmp_path_factory.mktemp("small_root")
+    home = tmp_path_factory.mktemp("small_home")
+    paths = copy_samples(root, 24)
+    summary = build(root, "small", home)
+    assert summary.total_images == 24
+    return root, home, paths
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_images_are_recorded_with_reasons_and_good_ones_indexed(tmp_path):
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    kinds = write_bad_images(root)
+    good_samples = copy_samples(root / "samples", 4)
+    good = {p for p, ok in kinds.items() if ok} | {f"samples/{p}" for p in good_samples}
+    bad = {p for p, ok in kinds.items() if not ok and (root / p).is_file()}
+    assert len(bad) == 5  # empty, text, two truncated, bomb ("folder.jpg" is a directory)
+
+    result = cli("index", root, "--name", "bad", "--home", home, *RANDOM_DEMO, "--json")
+    assert result.exit_code == 0, result.output
+    summary = one_json(result)
+    assert summary["found"] == len(good) + len(bad)
+    assert summary["indexed"] == summary["total_images"] == len(good)
+    assert summary["new_errors"] == summary["total_errors"] == len(bad)
+    assert summary["removed"] == summary["changed"] == summary["unchanged"] == 0
+
+    folder = home / "bad"
+    assert {p for (p,) in sql(folder, "SELECT path FROM images")} == good
+    reasons = dict(sql(folder, "SELECT path, reason FROM errors"))
+    assert set(reasons) == bad
+    assert reasons["bad/empty.jpg"] == "empty file"
+    assert reasons["bad/text.png"] == "not an image"
+    assert reasons["bad/truncated.jpg"] == "truncated file"
+    assert reasons["bad/truncated.png"] == "truncated file"
+    assert reasons["bad/bomb.png"].startswith("decompression bomb")
+    for skipped in (HIDDEN_FILE, NON_IMAGE_FILE, KINDS["directory"][0]):
+        assert skipped not in reasons and not sql(folder, "SELECT 1 FROM images WHERE path = ?", [skipped])
+    sizes = {p: (w, h) for p, w, h in sql(folder, "SELECT path, width, height FROM images")}
+    assert sizes[KINDS["rgb"][0]] == (64, 48)
+    assert sizes[KINDS["exif_rotated"][0]] == (40, 60)  # stored 60x40, EXIF orientation 6
+
+    # a second run skips the known bad files rather than retrying them
+    again = one_json(cli("index", root, "--name", "bad", "--home", home, "--json"))
+    assert (again["indexed"], again["new_errors"], again["skipped_errors"], again["unchanged"]) == \
+        (0, 0, len(bad), len(good))
+    info = one_json(cli("info", "bad", "--home", home, "--json"))
+    assert info["errors"] == len(bad) and dict(map(tuple, info["error_list"])) == reasons
+
+
+def test_only_bad_files_exits_1(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "sub" / "text.png").write_text("not a png")
+    result = cli("index", root, "--name", "nothing", "--home", tmp_path / "home", *RANDOM_DEMO, "--json")
+    assert result.exit_code == 1
+    summary = one_json(result)
+    assert summary["total_images"] == 0 and summary["total_errors"] == 2
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    home = tmp_path / "home"
+    result = cli("index", tmp_path / "no_such_folder", "--name", "x", "--home", home, *RANDOM_DEMO)
+    assert result.exit_code not in (0, None)
+    assert isinstance(result.exception, SystemExit)  # typer.Exit, not an uncaught exception
+    assert "does not exist" in result.stderr and "no_such_folder" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (home / "x").exists()
+    as_json = cli("index", tmp_path / "no_such_folder", "--name", "x", "--home", home, *RANDOM_DEMO, "--json")
+    assert as_json.exit_code != 0 and "does not exist" in one_json(as_json)["error"]
+
+
+# ----------------------------------------------------------------------------- dimensions
+
+def test_stored_size_is_original_exif_rotated_size_of_large_jpeg(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (800, 1200, 3), dtype=np.uint8))  # 1200 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture.save(root / "rotated.jpg", "JPEG", quality=90, exif=exif)
+    picture.save(root / "upright.jpg", "JPEG", quality=90)
+    picture.resize((300, 200)).save(root / "small.png")
+    build(root, "dims", tmp_path / "home")
+    sizes = {p: (w, h) for p, w, h in sql(tmp_path / "home" / "dims", "SELECT path, width, height FROM images")}
+    assert sizes == {"rotated.jpg": (800, 1200), "upright.jpg": (1200, 800), "small.png": (300, 200)}
+
+
+# ----------------------------------------------------------------------------- incremental
+
+def test_incremental_update(tmp_path):
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    folder = home / "inc"
+    paths = copy_samples(root, 30)
+    first = build(root, "inc", home, commit_every=8)
+    assert (first.indexed, first.total_images) == (30, 30)
+    before = {p: (i, h) for i, p, h in sql(folder, "SELECT id, path, hash FROM images")}
+    max_id = max(i for i, _ in before.values())
+
+    again = build(root, "inc", home)
+    assert (again.indexed, again.unchanged, again.changed, again.removed) == (0, 30, 0, 0)
+    assert {p: (i, h) for i, p, h in sql(folder, "SELECT id, path, hash FROM images")} == before
+
+    added = copy_samples(root, 3, offset=20)
+    assert not set(added) & set(paths)
+    modified, deleted = paths[0], paths[1:3]
+    target = root / modified
+    old_stat = target.stat()
+    target.write_bytes(sample_files(1, offset=30)[0].read_bytes())
+    os.utime(target, (old_stat.st_atime, old_stat.st_mtime + 10))
+    for p in deleted:
+        (root / p).unlink()
+
+    third = build(root, "inc", home)
+    assert third.indexed == 4 and third.changed == 1 and third.removed == 2
+    assert third.unchanged == 30 - 3 and third.total_images == 31 and third.total_errors == 0
+    after = {p: (i, h) for i, p, h in sql(folder, "SELECT id, path, hash FROM images")}
+    assert set(after) == (set(paths) - set(deleted)) | set(added)
+    assert after[modified][1] != before[modified][1]
+    assert after[modified][1] == content_hash(target)
+    for p in set(paths) - set(deleted) - {modified}:
+        assert after[p] == before[p]  # untouched images keep their id and hash
+    new_ids = [after[p][0] for p in [modified, *added]]
+    assert min(new_ids) > max_id and len(set(new_ids)) == 4  # ids never reused
+    assert sql(folder, "SELECT count(*) FROM samples") == [(31 * 4,)]
+    assert_consistent(folder)
+    gone = {before[p][0] for p in deleted} | {before[modified][0]}
+    hits = search_index("inc", added[0], k=50, home=home, mode="exact")["hits"]
+    assert len(hits) == 30 and not {h["id"] for h in hits} & gone
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+
+def _shard_numbers(folder: Path) -> list[int]:
+    try:
+        return [int(p.name) for p in (folder / "shards").iterdir() if p.name.isdigit()]
+    except FileNotFoundError:
+        return []
+
+
+def _samples_by_path(folder: Path) -> dict:
+    with IndexStore(folder) as store:
+        paths = {r["id"]: r["path"] for r in store.images()}
+        s = store.samples("mixed4c")
+        ids, vectors = store.pooled()
+    samples = {(paths[int(i)], int(k)): (int(y), int(x), a.astype(np.float32))
+               for i, k, y, x, a in zip(s["image_id"], s["k"], s["y"], s["x"], s["activations"])}
+    pooled = {paths[int(i)]: v for i, v in zip(ids, vectors)}
+    return samples, pooled
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
+    root = tmp_path / "imgs"
+    total = len(copy_samples(root, 120))
+    killed_home, clean_home = tmp_path / "killed", tmp_path / "clean"
+    folder = killed_home / "k"
+    cmd = [sys.executable, "-m", "atlasq.cli", "index", str(root), "--name", "k", "--home", str(killed_home),
+           *RANDOM_DEMO, "--batch-size", "8", "--commit-every", "8", "--workers", "1", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "ATLASQ_HOME": str(killed_home)})
+    deadline = time.monotonic() + 240
+    try:
+        # shard 2 can only be written once shard 1's rows are committed: kill mid-run after that
+        while proc.poll() is None and max(_shard_numbers(folder), default=0) < 2:
+            assert time.monotonic() < deadline, "indexing subprocess made no progress"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        err = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, f"the run was not interrupted: rc={proc.returncode}\n{err}"
+    interrupted_count = sql(folder, "SELECT count(*) FROM images")[0][0]
+    assert 8 <= interrupted_count < total
+
+    resumed = build_index(root, "k", home=killed_home, precision="fp32", progress=False, batch_size=8,
+                          commit_every=8)  # settings come from the index itself
+    assert resumed.unchanged == interrupted_count
+    assert resumed.indexed == total - interrupted_count and resumed.total_images == total
+    clean = build(root, "k", clean_home, batch_size=8, commit_every=8)
+    assert clean.total_images == total
+
+    clean_folder = clean_home / "k"
+    rows = lambda f: set(sql(f, "SELECT path, hash FROM images"))
+    assert rows(folder) == rows(clean_folder) and len(rows(folder)) == total
+    got_samples, got_pooled = _samples_by_path(folder)
+    want_samples, want_pooled = _samples_by_path(clean_folder)
+    assert set(got_samples) == set(want_samples) and len(got_samples) == total * 4
+    for key, (y, x, act) in want_samples.items():
+        gy, gx, gact = got_samples[key]
+        assert (gy, gx) == (y, x), key
+        np.testing.assert_allclose(gact, act, rtol=1e-3, atol=1e-3, err_msg=str(key))
+    for path, vector in want_pooled.items():
+        np.testing.assert_allclose(got_pooled[path], vector, rtol=1e-3, atol=1e-4)
+    assert_consistent(folder)
+    leftovers = [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    committed = {f"{i:06d}" for (i,) in sql(folder, "SELECT id FROM shards")}
+    assert {p.name for p in (folder / "shards").iterdir()} == committed
+    referenced = {f"{i:06d}" for (i,) in sql(folder, "SELECT DISTINCT shard FROM images")}
+    assert referenced <= committed
+
+
+# ----------------------------------------------------------------------------- stale FAISS
+
+def test_stale_faiss_is_never_trusted(tmp_path):
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    folder = home / "st"
+    paths = copy_samples(root, 20)
+    build(root, "st", home)
+    stale = {name: (folder / name).read_bytes() for name in ("pooled.faiss", "pooled.faiss.json")}
+    old_ids = dict(sql(folder, "SELECT path, id FROM images"))
+    for p in paths[:5]:
+        (root / p).unlink()
+    assert build(root, "st", home).removed == 5
+    assert_consistent(folder)
+
+    # as if a run had been killed after forgetting the files but before writing FAISS
+    for name, data in stale.items():
+        (folder / name).write_bytes(data)
+    assert faiss_ids(folder / "pooled.faiss")[0] == 20
+    alive = {r[0] for r in sql(folder, "SELECT id FROM images")}
+    assert len(alive) == 15
+    with IndexStore(folder) as store:
+        assert not store.faiss_is_current("exact")
+    assert index_info("st", home=home)["faiss_current"] is False
+    result = search_index("st", paths[5], k=50, home=home)
+    assert {h["id"] for h in result["hits"]} == alive - {old_ids[paths[5]]}
+
+    with IndexStore(folder, read_only=False) as store:
+        assert sync_faiss(store)["rebuilt"] == ["exact"]
+    assert_consistent(folder)
+
+    # a record torn by a crash, or a missing file, means "rebuild", not a crash
+    record = folder / "pooled.faiss.json"
+    record.write_text(record.read_text()[:7])
+    with IndexStore(folder) as store:
+        assert not store.faiss_is_current("exact")
+    assert {h["id"] for h in search_index("st", paths[5], k=50, home=home)["hits"]} == \
+        alive - {old_ids[paths[5]]}
+    (folder / "pooled.faiss").unlink()
+    assert len(search_index("st", paths[5], k=50, home=home)["hits"]) == 14
+    assert build(root, "st", home).faiss["rebuilt"] == ["exact"]
+    assert_consistent(folder)
+
+
+# ----------------------------------------------------------------------------- contradictions
+
+@pytest.mark.parametrize("args, word", [
+    (("--layers", "mixed4d"), "layers"),
+    (("--model", "inceptionv1"), "model"),
+    (("--samples-per-image", "2"), "samples_per_image"),
+    (("--weights", "demo"), "weights"),
+])
+def test_contradicting_options_are_refused_and_change_nothing(small, args, word):
+    root, home, _ = small
+    before = snapshot(home / "small")
+    result = cli("index", root, "--name", "small", "--home", home, *args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    message = " ".join(result.stderr.split())
+    assert "error" in message and word in message and "another --name" in message
+    assert snapshot(home / "small") == before
+
+
+def test_same_name_from_another_folder_is_refused(small, tmp_path):
+    root, home, _ = small
+    before = snapshot(home / "small")
+    other = tmp_path / "other"
+    copy_samples(other, 3)
+    result = cli("index", other, "--name", "small", "--home", home, *RANDOM_DEMO, "--json")
+    assert result.exit_code == 1
+    message = one_json(result)["error"]
+    assert str(root.resolve()) in message and str(other.resolve()) in message
+    assert snapshot(home / "small") == before
+
+
+def test_repeating_the_stored_options_is_no_contradiction(small):
+    root, home, _ = small
+    result = cli("index", root, "--name", "small", "--home", home, "--model", "demo", "--weights", "random",
+                 "--layers", "mixed4c", "--samples-per-image", "4", "--seed", "0", "--json")
+    assert result.exit_code == 0, result.output
+    assert (one_json(result)["indexed"], one_json(result)["unchanged"]) == (0, 24)
+
+
+def test_index_built_with_a_weights_file_can_be_updated(tmp_path, demo_weights):
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    paths = copy_samples(root, 6)
+    opts = IndexOptions(model="demo", weights=str(demo_weights))
+    assert build(root, "wf", home, options=opts).total_images == 6
+    (root / paths[0]).unlink()
+    again = build(root, "wf", home, options=opts)  # same file again
+    assert (again.removed, again.unchanged, again.total_images) == (1, 5, 5)
+    copy_samples(root, 1, offset=10)
+    third = build(root, "wf", home, options=IndexOptions())  # no settings: the stored ones
+    assert (third.indexed, third.total_images) == (1, 6)
+    info = index_info("wf", home=home)
+    assert info["random_weights"] is False and info["weights_sha256"]
+    # queries by external file are embedded with the same weights file
+    outside = tmp_path / "query.png"
+    Image.open(root / paths[1]).save(outside)
+    hits = search_index("wf", str(outside), k=1, home=home)["hits"]
+    assert hits[0]["path"] == paths[1] and hits[0]["score"] > 0.999
+
+
+# ----------------------------------------------------------------------------- info
+
+def test_info_json(small):
+    root, home, _ = small
+    result = cli("info", "small", "--home", home, "--json")
+    assert result.exit_code == 0, result.output
+    info = one_json(result)
+    assert info["images"] == 24 and info["samples"] == 24 * 4 and info["errors"] == 0
+    assert info["error_list"] == []
+    assert info["model"] == "demo" and info["weights"] == "random" and info["random_weights"] is True
+    assert info["layers"] == ["mixed4c"] and info["layer_dims"]["mixed4c"] == 128
+    assert info["root"] == str(root.resolve()) and info["samples_per_image"] == 4
+    assert info["faiss_current"] is True
+    human = cli("info", "small", "--home", home)
+    assert human.exit_code == 0 and "random_weights: True" in human.stdout
+
+
+def test_info_of_missing_index(tmp_path):
+    result = cli("info", "nope", "--home", tmp_path, "--json")
+    assert result.exit_code == 1 and "no index" in one_json(result)["error"]
