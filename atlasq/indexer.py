@@ -238,7 +238,6 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
                     ok = [d for d in decoded if d.error is None]
                     embedded = None
                     if ok:
-                        import torch
                         embedded = embed_batch(model, torch.stack([d.tensor for d in ok]),
                                                [d.entry.path for d in ok], config, relaxed)
                     builder.add(decoded, embedded)
@@ -273,8 +272,6 @@ def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary) ->
 
 def _layer_dims(model: LoadedModel, layers) -> dict[str, int]:
     """Channel count of each layer (one tiny forward pass)."""
-    import torch
-
     probe = torch.zeros(1, 3, model.input_size, model.input_size, device=model.device)
     with torch.no_grad():
         acts = model.network.forward_layers(probe, [*layers, model.network.pooled_layer])
