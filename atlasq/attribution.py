@@ -9,12 +9,18 @@ once, so one ``torch.func.jvp`` through the rest of the network gives the whole 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from .model import StagedClassifier
 
 __all__ = ["attribute"]
+
+# PyTorch's forward-mode AD levels are process-wide, not per thread: two jvp passes running at
+# once in different threads corrupt each other ("invalid forward AD level"). Serialise them.
+_FORWARD_AD = threading.Lock()
 
 
 def attribute(network: StagedClassifier, layer: str, h: torch.Tensor, positions: np.ndarray,
@@ -44,7 +50,7 @@ def attribute(network: StagedClassifier, layer: str, h: torch.Tensor, positions:
         primal = h[owner[rows]].detach()
         mask = torch.zeros(primal.shape[0], 1, height, width, device=h.device, dtype=primal.dtype)
         mask[torch.arange(primal.shape[0]), 0, flat[rows, 0], flat[rows, 1]] = 1
-        with torch.enable_grad():
+        with _FORWARD_AD, torch.enable_grad():
             _, tangent_out = torch.func.jvp(rest, (primal,), (primal * mask,))
         out.append(tangent_out.detach())
     return torch.cat(out).reshape(batch, k, -1)

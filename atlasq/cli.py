@@ -58,6 +58,8 @@ def index(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
     batch_size: int = typer.Option(32, help="Images per network batch."),
     workers: Optional[int] = typer.Option(None, help="Decoding threads [cores - 1]."),
+    streams: Optional[int] = typer.Option(
+        None, min=1, help="Batches in the network at once, threads split between them [2 on a multi-core CPU, else 1]."),
     commit_every: int = typer.Option(
         256, "--commit-every", min=1,
         help="Commit to the index after this many files (an interrupted run resumes from the last commit)."),
@@ -76,7 +78,7 @@ def index(
                            relaxed_maxpool=relaxed_maxpool, seed=seed)
     try:
         summary = build_index(directory, name, home=home, options=options, precision=precision,
-                              device=device, batch_size=batch_size, workers=workers,
+                              device=device, batch_size=batch_size, workers=workers, streams=streams,
                               commit_every=commit_every,
                               progress=not as_json or sys.stderr.isatty(),
                               approx_threshold=approx_threshold)

@@ -77,7 +77,7 @@ def decode_file(root: Path, entry: FileEntry, model: LoadedModel) -> Decoded:
     """Read ``root/entry.path`` and apply the model's own preprocessing."""
     path = root / entry.path
     try:
-        image = open_rgb(path, min_side=model.input_size)
+        image = open_rgb(path, min_side=model.decode_min_side)
         width, height = image.info.get("original_size", image.size)
         tensor = model.transform(image)
         return Decoded(entry, tensor, width, height, content_hash(path))

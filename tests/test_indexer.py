@@ -443,3 +443,41 @@ def test_info_json(small):
 def test_info_of_missing_index(tmp_path):
     result = cli("info", "nope", "--home", tmp_path, "--json")
     assert result.exit_code == 1 and "no index" in one_json(result)["error"]
+
+
+# ----------------------------------------------------------------------------- network streams
+
+@pytest.mark.parametrize("precision, attributions", [("fp32", False), ("bf16", False), ("fp32", True)])
+def test_parallel_network_streams_give_the_same_index_in_the_same_order(tmp_path, precision, attributions):
+    """Two batches in the network at once (the CPU default) change nothing but speed, also when
+    their attribution passes (forward-mode AD, process-wide state) would overlap."""
+    root = tmp_path / "imgs"
+    copy_samples(root, 20)
+    got = {}
+    for streams in (1, 2):
+        home = tmp_path / f"home{streams}"
+        build_index(root, "s", home=home, precision=precision, progress=False, workers=1, batch_size=3,
+                    streams=streams, options=IndexOptions(model="demo", weights="random",
+                                                          attributions=attributions))
+        got[streams] = (sql(home / "s", "SELECT id, path FROM images ORDER BY id"), _samples_by_path(home / "s"))
+        if attributions:
+            with IndexStore(home / "s") as store:
+                got[streams] += (store.samples("mixed4c", attributions=True)["attributions"],)
+    if attributions:
+        np.testing.assert_allclose(got[2][2].astype(np.float32), got[1][2].astype(np.float32), rtol=1e-2, atol=1e-3)
+        got = {n: got[n][:2] for n in got}
+    (rows1, (samples1, pooled1)), (rows2, (samples2, pooled2)) = got[1], got[2]
+    assert rows1 == rows2 and len(rows1) == 20
+    assert samples1.keys() == samples2.keys()
+    for key, (y, x, act) in samples1.items():
+        assert samples2[key][:2] == (y, x)
+        np.testing.assert_allclose(samples2[key][2], act, rtol=1e-2, atol=1e-2)
+    for path, vector in pooled1.items():
+        np.testing.assert_allclose(pooled2[path], vector, rtol=1e-2, atol=1e-3)
+
+
+def test_streams_must_be_positive(tmp_path):
+    root = tmp_path / "imgs"
+    copy_samples(root, 2)
+    with pytest.raises(ValueError, match="streams"):
+        build(root, "s", tmp_path / "home", streams=0)

@@ -1,0 +1,86 @@
+"""The optimisation loop: parameterisation + transforms + objective → images."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..model import StagedClassifier, autocast
+from .objectives import direction_objective
+from .param import fft_image
+from .transform import robustness_transform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Rendered:
+    images: np.ndarray          # (B, size, size, 3) uint8
+    history: np.ndarray         # (steps, B) objective per step (under the random transforms)
+    final_objective: np.ndarray  # (B,) objective of the final image, untransformed
+
+
+@contextmanager
+def _frozen(network: torch.nn.Module):
+    """Parameters need no gradient while rendering: only the image is optimised."""
+    flags = [p.requires_grad for p in network.parameters()]
+    for p in network.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(network.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def render_directions(network: StagedClassifier, layer: str, directions: torch.Tensor, *,
+                      size: int = 80, steps: int = 512, lr: float = 0.05, cossim_pow: float = 3.0,
+                      whitening: torch.Tensor | None = None, variant: str = "cosine",
+                      shared_transforms: bool = False, precision: str = "fp32", seed: int = 0,
+                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                      on_step: Callable[[int], None] | None = None) -> Rendered:
+    """Optimise one image per direction so ``layer``'s centre activation follows it.
+
+    All directions of the batch are optimised together (their objectives are summed; the
+    images do not interact). The network runs only as far as ``layer``. Seeded: the same
+    arguments give the same images.
+    """
+    device = next(network.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    params, image_fn = fft_image(len(directions), size, generator=generator, device=device)
+    transform = robustness_transform(shift_px=12.0 * size / 80, shared=shared_transforms, generator=generator)
+    objective = direction_objective(directions.to(device), cossim_pow=cossim_pow, whitening=whitening,
+                                    variant=variant)
+    mean_t = torch.tensor(mean, device=device)[None, :, None, None]
+    std_t = torch.tensor(std, device=device)[None, :, None, None]
+    channels_last = precision == "bf16"
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        x = (images - mean_t) / std_t
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            acts = network.forward_layers(x, [layer])[layer]
+        return objective(acts)
+
+    optimiser = torch.optim.Adam(params, lr=lr)
+    history = np.zeros((steps, len(directions)), np.float32)
+    with _frozen(network):
+        for step in range(steps):
+            optimiser.zero_grad(set_to_none=True)
+            values = run(transform(image_fn()))
+            (-values.sum()).backward()
+            optimiser.step()
+            history[step] = values.detach().float().cpu().numpy()
+            if on_step:
+                on_step(step)
+        with torch.no_grad():
+            final = image_fn()
+            final_objective = run(final).float().cpu().numpy()
+    images = (final.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return Rendered(images=images, history=history, final_objective=final_objective)

@@ -1,0 +1,176 @@
+"""2-D layout of activations (UMAP, cosine) and the grid that turns it into atlas cells.
+
+Both are estimators in the scikit-learn manner: ``__init__`` stores arguments, ``fit`` learns
+state whose names end in ``_``, ``transform`` handles new points.
+
+:class:`Layout` runs UMAP on a seeded subsample (``fit_size`` points) and places every other
+point at the similarity-weighted mean position of its nearest fitted neighbours in the original
+(cosine) space. The UMAP optimisation is the cost that grows with the data; placing by FAISS
+k-NN is cheap, and the same placing puts a later dataset's activations on a finished atlas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Layout", "Grid", "normalise_layout"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def normalise_layout(points: np.ndarray, *, low: float = 1.0, high: float = 99.0, margin: float = 0.1):
+    """Percentile clip per axis, widened by ``margin`` of the range, then scale into [0, 1].
+
+    Returns ``(normalised, lo, hi)`` so the same map can be applied to later points.
+    """
+    p_lo, p_hi = np.percentile(points, [low, high], axis=0)
+    span = np.maximum(p_hi - p_lo, 1e-12)
+    lo, hi = p_lo - margin * span, p_hi + margin * span
+    return np.clip((points - lo) / (hi - lo), 0.0, 1.0), lo, hi
+
+
+class Layout:
+    """UMAP layout of activation vectors into [0, 1]².
+
+    Parameters
+    ----------
+    n_neighbors : int, default 50
+        UMAP neighbourhood size (the article's value for mixed4a–5b).
+    min_dist : float, default 0.05
+        UMAP minimum distance (the article's value).
+    metric : str, default "cosine"
+    fit_size : int, default 20000
+        Points UMAP optimises; the rest are placed by k-NN. ``0`` fits every point.
+    n_epochs : int or None
+        UMAP epochs (None: UMAP's own default, 200 for large inputs).
+    place_k : int, default 10
+        Neighbours used to place a point that UMAP did not see.
+    random_state : int, default 0
+        Seeds the subsample and UMAP (a seeded UMAP is deterministic).
+    """
+
+    def __init__(self, n_neighbors: int = 50, min_dist: float = 0.05, metric: str = "cosine",
+                 fit_size: int = 20000, n_epochs: int | None = None, place_k: int = 10,
+                 random_state: int = 0):
+        self.n_neighbors = n_neighbors
+        self.min_dist = min_dist
+        self.metric = metric
+        self.fit_size = fit_size
+        self.n_epochs = n_epochs
+        self.place_k = place_k
+        self.random_state = random_state
+
+    def _validate(self, n: int) -> None:
+        if self.n_neighbors < 2:
+            raise ValueError("n_neighbors must be at least 2")
+        if not 0.0 <= self.min_dist <= 1.0:
+            raise ValueError("min_dist must be between 0 and 1")
+        if self.place_k < 1:
+            raise ValueError("place_k must be at least 1")
+        if n < 4:
+            raise ValueError(f"a layout needs at least 4 points, got {n}")
+
+    def fit(self, X: np.ndarray) -> "Layout":
+        import umap
+
+        X = np.asarray(X, dtype=np.float32)
+        self._validate(len(X))
+        rng = np.random.default_rng(self.random_state)
+        if self.fit_size and len(X) > self.fit_size:
+            fitted = np.sort(rng.choice(len(X), self.fit_size, replace=False))
+        else:
+            fitted = np.arange(len(X))
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(self.n_neighbors, len(fitted) - 1),
+                            min_dist=self.min_dist, metric=self.metric, n_epochs=self.n_epochs,
+                            random_state=self.random_state, init="spectral" if len(fitted) > 10 else "random")
+        raw_fitted = reducer.fit_transform(X[fitted]).astype(np.float32)
+        self.fit_indices_ = fitted
+        self.anchors_ = _unit(X[fitted]) if self.metric == "cosine" else X[fitted]
+        self.anchor_positions_ = raw_fitted
+        raw = np.empty((len(X), 2), np.float32)
+        raw[fitted] = raw_fitted
+        rest = np.setdiff1d(np.arange(len(X)), fitted)
+        if len(rest):
+            raw[rest] = self._place_raw(X[rest])
+        self.embedding_, self.lo_, self.hi_ = normalise_layout(raw)
+        return self
+
+    def _place_raw(self, X: np.ndarray) -> np.ndarray:
+        import faiss
+
+        k = min(self.place_k, len(self.anchors_))
+        if self.metric == "cosine":
+            index = faiss.IndexFlatIP(self.anchors_.shape[1])
+            index.add(self.anchors_)
+            sims, nn = index.search(_unit(X), k)
+            weights = np.maximum(sims, 0) ** 4 + 1e-6  # sharpen: the closest neighbours dominate
+        else:
+            index = faiss.IndexFlatL2(self.anchors_.shape[1])
+            index.add(np.ascontiguousarray(self.anchors_, np.float32))
+            dist, nn = index.search(np.ascontiguousarray(X, np.float32), k)
+            weights = 1.0 / (np.sqrt(np.maximum(dist, 0)) + 1e-6)
+        weights /= weights.sum(axis=1, keepdims=True)
+        return np.einsum("nk,nkd->nd", weights, self.anchor_positions_[nn]).astype(np.float32)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Positions in [0, 1]² for new points, by the same k-NN placing."""
+        raw = self._place_raw(np.asarray(X, np.float32))
+        return np.clip((raw - self.lo_) / (self.hi_ - self.lo_), 0.0, 1.0)
+
+    def fit_transform(self, X: np.ndarray) -> np.ndarray:
+        return self.fit(X).embedding_
+
+
+class Grid:
+    """Bin [0, 1]² positions into a G×G grid; each point lands in exactly one cell.
+
+    Cell (i, j) is row i (from y, top to bottom) and column j (from x). Cells are half-open
+    ``[j/G, (j+1)/G)`` except the last, which includes 1.0, so points on inner borders go to the
+    higher cell and the [0, 1] edges are covered.
+
+    Parameters
+    ----------
+    size : int
+        G, cells per side.
+    min_count : int, default 1
+        Cells with fewer points are dropped from ``cells_``.
+    """
+
+    def __init__(self, size: int, min_count: int = 1):
+        self.size = size
+        self.min_count = min_count
+
+    def _validate(self) -> None:
+        if int(self.size) != self.size or self.size < 1:
+            raise ValueError(f"size must be a positive integer, not {self.size!r}")
+        if self.min_count < 1:
+            raise ValueError("min_count must be at least 1")
+
+    def transform(self, positions: np.ndarray) -> np.ndarray:
+        """(N, 2) cell (i, j) of each (x, y) position in [0, 1]²."""
+        self._validate()
+        p = np.asarray(positions, dtype=np.float64)
+        if p.ndim != 2 or p.shape[1] != 2:
+            raise ValueError("positions must have shape (N, 2)")
+        if len(p) and (np.nanmin(p) < 0 or np.nanmax(p) > 1 or np.isnan(p).any()):
+            raise ValueError("positions must lie in [0, 1]")
+        cells = np.minimum(np.floor(p * self.size).astype(np.int64), self.size - 1)
+        return cells[:, ::-1]  # (x, y) → (row i from y, column j from x)
+
+    def fit(self, positions: np.ndarray) -> "Grid":
+        """Learn ``cell_of_`` (N, 2), ``cells_`` (M, 2) kept cells and ``counts_`` (M,)."""
+        self.cell_of_ = self.transform(positions)
+        flat = self.cell_of_[:, 0] * self.size + self.cell_of_[:, 1]
+        ids, counts = np.unique(flat, return_counts=True)
+        keep = counts >= self.min_count
+        self.cells_ = np.stack([ids[keep] // self.size, ids[keep] % self.size], axis=1)
+        self.counts_ = counts[keep]
+        return self
+
+    def bounds(self, i: int, j: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of cell (i, j)."""
+        g = self.size
+        return j / g, i / g, (j + 1) / g, (i + 1) / g
