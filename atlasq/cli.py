@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from .model import WeightsUnavailableError as WeightsError
 from .progress import stderr
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -165,7 +166,7 @@ def demo(
     name: str = typer.Option("sample", "--name", help="Name of the demo index."),
     as_json: bool = JsonOption,
 ):
-    """Index sample_data/ with the ImageNet weights if they load, else with the small demo network."""
+    """Index sample_data/ and build its atlas: ImageNet weights if they load, else the small demo network."""
     from .api import run_demo
 
     result = run_demo(home=home, name=name, progress=not as_json)
@@ -179,7 +180,11 @@ def demo(
         stderr.print(f"nearest images to {q['query']}:", highlight=False)
         for hit in q["hits"]:
             print(f"{hit['score']:.4f}  {hit['path']}")
-        stderr.print(f"next: atlasq info {name}   atlasq search PATH --index {name}", highlight=False)
+        a = r["atlas"]
+        stderr.print(f"atlas {a['name']} ({'reused' if a['reused'] else 'built'}) at layer {a['layer']}: "
+                     f"{a['folder']}", highlight=False)
+        stderr.print(f"next: atlasq atlas info {a['name']}   atlasq search PATH --index {s['name']}",
+                     highlight=False)
 
     _emit(as_json, result, human)
 
@@ -198,6 +203,101 @@ def demo_model_command(
     _emit(as_json, payload, lambda r: print(
         f"{r['weights']}: held-out accuracy {r['held_out_accuracy']:.3f} on {r['held_out_images']} images "
         f"(trained on {r['train_images']} in {r['seconds']} s)"))
+
+
+atlas_app = typer.Typer(no_args_is_help=True, help="Build and inspect reference activation atlases.")
+app.add_typer(atlas_app, name="atlas")
+
+
+def _split_ints(value: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, not {value!r}")
+
+
+@atlas_app.command("build")
+def atlas_build(
+    index_name: str = typer.Option(..., "--index", help="Index to build from (made with --attributions)."),
+    name: str = typer.Option(..., "--name", help="Name of the atlas (a folder under HOME/atlases)."),
+    layer: str = typer.Option("mixed4c", help="The index's sampled layer to lay out."),
+    grids: str = typer.Option("20,40,80", help="Grid sizes, comma-separated, all from one layout."),
+    min_count: int = typer.Option(3, "--min-count", help="Drop cells with fewer activations."),
+    max_activations: Optional[int] = typer.Option(
+        100_000, "--max-activations", help="Seeded subsample of the index's activations (0: all)."),
+    n_neighbors: int = typer.Option(50, "--n-neighbors", help="UMAP neighbourhood size."),
+    min_dist: float = typer.Option(0.05, "--min-dist", help="UMAP minimum distance."),
+    fit_size: int = typer.Option(20_000, "--fit-size",
+                                 help="Activations UMAP optimises; the rest are placed by k-NN (0: all)."),
+    steps: int = typer.Option(512, help="Optimisation steps per icon."),
+    icon_size: Optional[int] = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input]."),
+    icon_batch: int = typer.Option(32, "--icon-batch", help="Cells optimised together."),
+    icons: bool = typer.Option(True, "--icons/--no-icons", help="Render feature-visualization icons."),
+    whiten: bool = typer.Option(False, "--whiten", help="Compare directions in whitened activation space."),
+    objective: str = typer.Option("cosine", help="cosine (true cosine) or article (Lucid's formula)."),
+    precision: str = typer.Option("auto", help="Icons in auto, fp32 or bf16."),
+    seed: int = typer.Option(0, help="Seeds the subsample, the layout and the icons."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Lay out an index's activations, grid them, label cells by attribution and render icons.
+
+    Interrupted builds resume: run the same command again.
+    Example: atlasq atlas build --index photos --name photos-4c --grids 20,40
+    """
+    from .atlas import AtlasError, AtlasOptions, build_atlas
+
+    try:
+        options = AtlasOptions(layer=layer, grids=_split_ints(grids, "--grids"), min_count=min_count,
+                               max_activations=max_activations or None, n_neighbors=n_neighbors,
+                               min_dist=min_dist, fit_size=fit_size, steps=steps, icon_size=icon_size,
+                               icon_batch=icon_batch, icons=icons, whiten=whiten, objective=objective,
+                               precision=precision, seed=seed)
+        summary = build_atlas(index_name, name, home=home, options=options, device=device,
+                              overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
+    except KeyboardInterrupt:
+        _fail("interrupted: run the same command again to resume", as_json, 130)
+    except (AtlasError, WeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc), as_json)
+
+    def human(r):
+        stderr.print(f"atlas {r['name']} of index {r['index']} at {r['folder']}: {r['activations']:,} "
+                     f"activations of {r['layer']}", highlight=False)
+        if r["random_weights"]:
+            stderr.print("[yellow]built with RANDOM weights: for tests and smoke runs only[/yellow]")
+        for level, facts in r["levels"].items():
+            print(f"{level:>4}×{level:<4} {facts['cells']:>6} cells kept, {facts['dropped_cells']} dropped")
+        print(f"icons: {r['icons_rendered']} rendered, {r['icons_reused']} reused; seconds: {r['seconds']}")
+
+    _emit(as_json, summary.to_dict(), human)
+
+
+@atlas_app.command("info")
+def atlas_info(
+    name: str = typer.Argument(..., help="Atlas name (or folder)."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Summarise an atlas: model, layer, parameters, cells per level and their top labels."""
+    from .atlas import AtlasError, atlas_summary
+
+    try:
+        result = atlas_summary(name, home=home)
+    except (AtlasError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), as_json)
+
+    def human(r):
+        for key in ("folder", "index", "model", "weights", "random_weights", "layer", "activations",
+                    "icon_size", "icon_precision"):
+            print(f"{key:>15}: {r[key]}")
+        print(f"{'options':>15}: {r['options']}")
+        for level in r["levels"]:
+            labels = ", ".join(f"{label} ({n})" for label, n in level["top_labels"][:6])
+            print(f"{level['size']:>4}×{level['size']:<4} {level['cells']:>6} cells; most common labels: {labels}")
+
+    _emit(as_json, result, human)
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ k-NN is cheap, and the same placing puts a later dataset's activations on a fini
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 __all__ = ["Layout", "Grid", "normalise_layout"]
@@ -86,7 +88,9 @@ class Layout:
         reducer = umap.UMAP(n_components=2, n_neighbors=min(self.n_neighbors, len(fitted) - 1),
                             min_dist=self.min_dist, metric=self.metric, n_epochs=self.n_epochs,
                             random_state=self.random_state, init="spectral" if len(fitted) > 10 else "random")
-        raw_fitted = reducer.fit_transform(X[fitted]).astype(np.float32)
+        with warnings.catch_warnings():  # a seeded UMAP runs single-threaded and says so each time
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            raw_fitted = reducer.fit_transform(X[fitted]).astype(np.float32)
         self.fit_indices_ = fitted
         self.anchors_ = _unit(X[fitted]) if self.metric == "cosine" else X[fitted]
         self.anchor_positions_ = raw_fitted

@@ -394,7 +394,7 @@ class Preprocess:
     def __repr__(self) -> str:
         return f"Preprocess({self.preset!r})"
 
-    def _box(self, width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    def source_box(self, width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
         """Output size and the source box that the preset's resize-then-crop reads."""
         short, long = sorted((width, height))
         new_short = self.resize_size[0]
@@ -410,7 +410,7 @@ class Preprocess:
         if (not isinstance(image, Image.Image) or image.mode != "RGB" or self.filter is None
                 or len(self.resize_size) != 1 or self.resize_size[0] < max(crop_h, crop_w)):
             return self.preset(image)
-        size, box = self._box(*image.size)
+        size, box = self.source_box(*image.size)
         pixels = np.asarray(image.resize(size, self.filter, box=box))
         x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous().float()
         return x.sub_(self.mean255).div_(self.std255)

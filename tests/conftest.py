@@ -25,9 +25,11 @@ def demo_weights() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_home(tmp_path_factory, demo_weights) -> Path:
-    """A home folder holding index ``sample``: all of sample_data/, demo network, attributions."""
+    """A home folder holding index ``sample``: all of sample_data/, demo network, attributions at
+    mixed4c (the article's layer) and mixed5a (where the demo network's attributions carry its
+    classes; see tests/test_atlas.py)."""
     home = tmp_path_factory.mktemp("home")
     summary = build_index(SAMPLE_DATA, "sample", home=home, progress=False, precision="fp32",
-                          options=IndexOptions(model="demo", attributions=True))
+                          options=IndexOptions(model="demo", attributions=True, layers=("mixed4c", "mixed5a")))
     assert summary.total_images >= 480 and summary.total_errors == 0
     return home

@@ -22,7 +22,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Rendered:
     images: np.ndarray          # (B, size, size, 3) uint8
     history: np.ndarray         # (steps, B) objective per step (under the random transforms)
+    initial_objective: np.ndarray  # (B,) objective of the starting image, untransformed
     final_objective: np.ndarray  # (B,) objective of the final image, untransformed
+    final_activation: np.ndarray  # (B, C) the layer's centre activation for the final image
 
 
 @contextmanager
@@ -42,6 +44,7 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
                       size: int = 80, steps: int = 512, lr: float = 0.05, cossim_pow: float = 3.0,
                       whitening: torch.Tensor | None = None, variant: str = "cosine",
                       shared_transforms: bool = False, precision: str = "fp32", seed: int = 0,
+                      init_sd: float = 0.01,
                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                       on_step: Callable[[int], None] | None = None) -> Rendered:
     """Optimise one image per direction so ``layer``'s centre activation follows it.
@@ -52,7 +55,7 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
     """
     device = next(network.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    params, image_fn = fft_image(len(directions), size, generator=generator, device=device)
+    params, image_fn = fft_image(len(directions), size, sd=init_sd, generator=generator, device=device)
     transform = robustness_transform(shift_px=12.0 * size / 80, shared=shared_transforms, generator=generator)
     objective = direction_objective(directions.to(device), cossim_pow=cossim_pow, whitening=whitening,
                                     variant=variant)
@@ -60,17 +63,22 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
     std_t = torch.tensor(std, device=device)[None, :, None, None]
     channels_last = precision == "bf16"
 
-    def run(images: torch.Tensor) -> torch.Tensor:
+    def centre_and_objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (images - mean_t) / std_t
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             acts = network.forward_layers(x, [layer])[layer]
-        return objective(acts)
+        _, _, height, width = acts.shape
+        return acts[:, :, height // 2, width // 2].float(), objective(acts)
+
+    run = lambda images: centre_and_objective(images)[1]
 
     optimiser = torch.optim.Adam(params, lr=lr)
     history = np.zeros((steps, len(directions)), np.float32)
     with _frozen(network):
+        with torch.no_grad():
+            initial_objective = run(image_fn()).float().cpu().numpy()
         for step in range(steps):
             optimiser.zero_grad(set_to_none=True)
             values = run(transform(image_fn()))
@@ -81,6 +89,7 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
                 on_step(step)
         with torch.no_grad():
             final = image_fn()
-            final_objective = run(final).float().cpu().numpy()
+            centre, final_objective = centre_and_objective(final)
     images = (final.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    return Rendered(images=images, history=history, final_objective=final_objective)
+    return Rendered(images=images, history=history, initial_objective=initial_objective,
+                    final_objective=final_objective.float().cpu().numpy(), final_activation=centre.cpu().numpy())

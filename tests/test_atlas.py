@@ -1,0 +1,271 @@
+"""Tests for the reference atlas: grid binning, cell summaries, whitening, and whole builds on
+sample_data/ with the trained demo network (meaning: cells are pure and labelled correctly).
+
+The atlas here is built at ``mixed5a``. On the demo network, single-position attributions only
+carry the class after the max-pool that precedes mixed5a: the fraction of sampled activations
+whose largest attribution is their image's class is 0.34 at mixed4c, 0.40 at mixed4d, 0.45 at
+mixed4e, 0.91 at mixed5a and 0.98 at mixed5b (measured on the full sample index). InceptionV1
+with ImageNet weights is labelled at mixed4c in the article.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from atlasq import atlas as atlas_module
+from atlasq.atlas import (AtlasError, AtlasOptions, build_atlas, cell_summaries, load_atlas,
+                          whitening_matrices)
+from atlasq.cli import app
+from atlasq.indexer import IndexOptions, build_index
+from atlasq.layout import Grid
+from atlasq.store import IndexStore
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "sample_data"
+OPTIONS = dict(layer="mixed5a", grids=(10, 20), steps=48, icon_batch=32, precision="fp32", seed=3)
+
+
+# ----------------------------------------------------------------------------- grid binning
+
+def test_points_on_inner_borders_go_to_the_higher_cell():
+    grid = Grid(4)
+    cells = grid.transform(np.array([[0.25, 0.5], [0.5, 0.75], [0.0, 0.0]]))
+    assert cells.tolist() == [[2, 1], [3, 2], [0, 0]]  # (row from y, column from x)
+
+
+def test_the_far_edges_belong_to_the_last_cells():
+    cells = Grid(5).transform(np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert cells.tolist() == [[4, 4], [0, 4], [4, 0]]
+
+
+def test_every_point_is_in_exactly_one_cell_and_counts_add_up():
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.random((500, 2)), np.array([[0, 0], [1, 1], [0.5, 0.5], [0.1, 0.9]])])
+    for size in (1, 3, 7, 20):
+        grid = Grid(size).fit(points)
+        assert grid.counts_.sum() == len(points)
+        assert ((grid.cell_of_ >= 0) & (grid.cell_of_ < size)).all()
+        x0, y0, x1, y1 = np.array([grid.bounds(i, j) for i, j in grid.cell_of_]).T
+        inside_x = (points[:, 0] >= x0) & ((points[:, 0] < x1) | (x1 == 1.0))
+        inside_y = (points[:, 1] >= y0) & ((points[:, 1] < y1) | (y1 == 1.0))
+        assert (inside_x & inside_y).all()
+
+
+def test_all_points_in_one_cell():
+    grid = Grid(10).fit(np.full((7, 2), 0.33))
+    assert grid.cells_.tolist() == [[3, 3]] and grid.counts_.tolist() == [7]
+
+
+def test_min_count_drops_sparse_cells():
+    points = np.array([[0.1, 0.1]] * 3 + [[0.9, 0.9]] * 2)
+    grid = Grid(2, min_count=3).fit(points)
+    assert grid.cells_.tolist() == [[0, 0]] and grid.counts_.tolist() == [3]
+
+
+@pytest.mark.parametrize("bad", [np.array([[1.2, 0.5]]), np.array([[-0.1, 0.5]]), np.array([[np.nan, 0.5]]),
+                                 np.zeros((3, 3))])
+def test_positions_outside_the_unit_square_are_refused(bad):
+    with pytest.raises(ValueError):
+        Grid(4).transform(bad)
+
+
+# ----------------------------------------------------------------------------- cell summaries
+
+def test_cell_attribution_is_the_mean_of_its_members_attributions():
+    rng = np.random.default_rng(1)
+    positions = rng.random((200, 2))
+    acts = rng.random((200, 16)).astype(np.float32)
+    attrs = rng.normal(size=(200, 9)).astype(np.float16)
+    summary = cell_summaries(positions, acts, attrs, 3, min_count=2, exemplars=4)
+    for c, (i, j) in enumerate(summary.cells):
+        members = (summary.cell_of[:, 0] == i) & (summary.cell_of[:, 1] == j)
+        np.testing.assert_allclose(summary.mean_attribution[c], attrs[members].astype(np.float32).mean(0), rtol=1e-5)
+        np.testing.assert_allclose(summary.mean_activation[c], acts[members].mean(0), rtol=1e-5)
+        assert summary.top_classes[c][0] == np.argmax(attrs[members].astype(np.float32).mean(0))
+        # exemplars: members, best cosine to the cell mean first
+        ex = summary.exemplars[c]
+        assert members[ex].all() and len(ex) == min(4, members.sum())
+        assert np.all(np.diff(summary.exemplar_cosines[c]) <= 1e-7)
+
+
+def test_whitening_matrices_whiten_and_invert():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(5000, 8)) @ rng.normal(size=(8, 8))
+    zca, inverse = whitening_matrices(a, shrinkage=0.0)
+    second = a.T @ a / len(a)
+    np.testing.assert_allclose(zca @ second @ zca, np.eye(8), atol=1e-3)
+    np.testing.assert_allclose(inverse @ second, np.eye(8), atol=1e-3)
+    # shrinkage keeps an ill-conditioned (rank-deficient) matrix invertible
+    flat = np.concatenate([a[:, :4], a[:, :4]], axis=1)
+    zca, inverse = whitening_matrices(flat, shrinkage=0.01)
+    assert np.isfinite(zca).all() and np.isfinite(inverse).all()
+
+
+def test_bad_options_are_refused():
+    for bad in (dict(grids=()), dict(grids=(10, 10)), dict(grids=(0,)), dict(min_count=0),
+                dict(objective="other"), dict(icon_size=4), dict(steps=0)):
+        with pytest.raises(AtlasError):
+            AtlasOptions(**bad).validate()
+
+
+# ----------------------------------------------------------------------------- whole builds
+
+@pytest.fixture(scope="module")
+def built(sample_home):
+    summary = build_atlas("sample", "ref", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
+    return summary, load_atlas("ref", sample_home)
+
+
+def _classes_of_reference(atlas, sample_home):
+    with IndexStore(sample_home / "sample") as store:
+        paths = {r["id"]: r["path"] for r in store.images()}
+    categories = atlas.manifest["categories"]
+    return np.array([categories.index(paths[i].split("/")[0]) for i in atlas.reference["image_id"].to_pylist()])
+
+
+def test_cells_are_pure_and_labelled_by_their_class(built, sample_home):
+    summary, atlas = built
+    classes = _classes_of_reference(atlas, sample_home)
+    coarsest = min(atlas.levels)
+    ref = atlas.reference.to_pydict()
+    cells = atlas.cells_at(coarsest)
+    purity, agree = [], []
+    for i, j, top in zip(cells["i"], cells["j"], cells["top_classes"]):
+        members = classes[(np.array(ref[f"cell_{coarsest}_i"]) == i) & (np.array(ref[f"cell_{coarsest}_j"]) == j)]
+        if len(members) >= 3:
+            majority = np.bincount(members).argmax()
+            purity.append((members == majority).mean())
+            agree.append(top[0] == majority)
+    chance = 1 / len(atlas.manifest["categories"])
+    print(f"purity={np.mean(purity):.3f} label_agreement={np.mean(agree):.3f} cells={len(purity)}")
+    assert len(purity) >= 10
+    assert np.mean(purity) >= 0.8 > 3 * chance
+    assert np.mean(agree) >= 0.7
+
+
+def test_stored_cell_attribution_is_the_mean_over_its_members_in_the_index(built, sample_home):
+    _, atlas = built
+    with IndexStore(sample_home / "sample") as store:
+        samples = store.samples("mixed5a", attributions=True)
+    key = {(i, k): n for n, (i, k) in enumerate(zip(samples["image_id"], samples["k"]))}
+    ref = atlas.reference.to_pydict()
+    rows = np.array([key[(i, k)] for i, k in zip(ref["image_id"], ref["k"])])
+    level = max(atlas.levels)
+    cells = atlas.cells_at(level)
+    for i, j, top, scores in list(zip(cells["i"], cells["j"], cells["top_classes"], cells["top_scores"]))[:10]:
+        members = rows[(np.array(ref[f"cell_{level}_i"]) == i) & (np.array(ref[f"cell_{level}_j"]) == j)]
+        mean = samples["attributions"][members].astype(np.float32).mean(0)
+        np.testing.assert_allclose(scores, mean[top], rtol=1e-4, atol=1e-6)
+        assert top[0] == mean.argmax()
+
+
+def test_atlas_folder_is_self_describing(built, sample_home):
+    summary, atlas = built
+    m = atlas.manifest
+    assert m["complete"] and m["model"] == "demo" and m["layer"] == "mixed5a" and m["random_weights"] is False
+    assert m["options"]["seed"] == 3 and m["options"]["grids"] == [10, 20] and m["atlasq_version"]
+    n = m["activations"]
+    assert n == len(atlas.reference) == len(atlas.activations()) == len(atlas.positions())
+    assert ((atlas.positions() >= 0) & (atlas.positions() <= 1)).all()
+    for g in atlas.levels:
+        cells = atlas.cells_at(g)
+        assert len(cells["i"]) == m["levels"][str(g)]["cells"] > 0
+        assert sum(cells["count"]) == m["levels"][str(g)]["activations_in_kept_cells"]
+        for icon in cells["icon"]:
+            assert (atlas.folder / icon).is_file()
+        for exemplars in cells["exemplars"][:5]:
+            first = json.loads(exemplars)[0]
+            assert {"image_id", "path", "y", "x", "cosine", "box"} <= set(first)
+        from PIL import Image
+        mosaic = Image.open(atlas.folder / f"mosaic_{g}.png")
+        assert mosaic.size[0] == mosaic.size[1] and mosaic.size[0] % g == 0
+        assert (atlas.folder / f"exemplars_{g}.png").is_file()
+
+
+def _icon_facts(built):
+    summary, atlas = built
+    cells = atlas.cells.to_pydict()
+    rose = np.array(cells["objective_end"]) > np.array(cells["objective_start"])
+    coarsest = str(min(atlas.levels))
+    chance = 1 / atlas.manifest["levels"][coarsest]["cells"]
+    print(f"objective rose for {rose.mean():.3f}; icon fidelity {summary.icon_fidelity} (chance {chance:.3f})")
+    return rose, summary.icon_fidelity[coarsest], chance
+
+
+def test_icons_raise_their_objective_and_resemble_their_cell(built):
+    """A regression guard below the issue's bar (see the strict xfail below): most objectives
+    rise, and icons resemble their own cell far more often than chance."""
+    rose, fidelity, chance = _icon_facts(built)
+    assert rose.mean() >= 0.9
+    assert fidelity >= 4 * chance
+
+
+@pytest.mark.xfail(strict=True, reason="issue 3 bar not met yet: at 48 steps the objective rises for 95% of "
+                                       "icons and 25% are closest to their own cell (needs 100% and 90%)")
+def test_icons_meet_the_issue_bar(built):
+    rose, fidelity, _ = _icon_facts(built)
+    assert rose.all() and fidelity >= 0.9
+
+
+def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(built, sample_home, monkeypatch):
+    """Interrupt after the first icon batch, resume, and compare with the uninterrupted build."""
+    _, reference = built
+    real = atlas_module.render_directions
+
+    def interrupt_second(*args, **kwargs):
+        batch_number = kwargs["seed"] // 16 - OPTIONS["seed"] * 1_000_003
+        if batch_number == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(atlas_module, "render_directions", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas("sample", "again", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
+    with pytest.raises(AtlasError, match="unfinished"):
+        load_atlas("again", sample_home)
+    monkeypatch.setattr(atlas_module, "render_directions", real)
+    resumed = build_atlas("sample", "again", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
+    assert resumed.resumed and resumed.icons_reused == OPTIONS["icon_batch"]
+    again = load_atlas("again", sample_home)
+    np.testing.assert_array_equal(again.positions(), reference.positions())
+    drop = ["exemplars"]  # paths are the same; compare the rest column by column
+    assert again.cells.drop(drop).equals(reference.cells.drop(drop))
+    assert again.cells["exemplars"].to_pylist() == reference.cells["exemplars"].to_pylist()
+    for icon in reference.cells["icon"].to_pylist():
+        assert (again.folder / icon).read_bytes() == (reference.folder / icon).read_bytes(), icon
+
+
+def test_existing_atlas_needs_overwrite_and_other_parameters_need_a_new_build(built, sample_home):
+    with pytest.raises(AtlasError, match="--overwrite"):
+        build_atlas("sample", "ref", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
+
+
+def test_index_without_attributions_explains_how_to_get_them(tmp_path, demo_weights):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for p in sorted(SAMPLE_DATA.rglob("*.png"))[:6]:
+        (root / p.name).write_bytes(p.read_bytes())
+    build_index(root, "plain", home=tmp_path, progress=False, precision="fp32",
+                options=IndexOptions(model="demo", weights="random"))
+    with pytest.raises(AtlasError, match="--attributions"):
+        build_atlas("plain", "a", home=tmp_path, options=AtlasOptions(icons=False), progress=False)
+    result = CliRunner().invoke(app, ["atlas", "build", "--index", "plain", "--name", "a", "--home", str(tmp_path),
+                                      "--json"])
+    assert result.exit_code == 1 and "--attributions" in json.loads(result.stdout.splitlines()[0])["error"]
+    assert not (tmp_path / "atlases" / "a" / "manifest.json").exists()
+
+
+def test_atlas_info_cli(built, sample_home):
+    result = CliRunner().invoke(app, ["atlas", "info", "ref", "--home", str(sample_home), "--json"])
+    assert result.exit_code == 0, result.stdout
+    info = json.loads(result.stdout.splitlines()[0])
+    assert info["layer"] == "mixed5a" and [lv["size"] for lv in info["levels"]] == [10, 20]
+    assert all(lv["cells"] > 0 and lv["top_labels"] for lv in info["levels"])
+    missing = CliRunner().invoke(app, ["atlas", "info", "nothing", "--home", str(sample_home)])
+    assert missing.exit_code == 1
