@@ -77,22 +77,37 @@ def index_info(name: str, home: Path | None = None) -> dict:
         }
 
 
+# The demo atlas: the article's layer for ImageNet InceptionV1; mixed5a for the demo network, whose
+# single-position attributions carry the class only after its last max-pool (see README).
+DEMO_ATLAS = {"inceptionv1": dict(layer="mixed4c", grids=(10, 20), steps=512),
+              "demo": dict(layer="mixed5a", grids=(10, 20), steps=256)}
+
+
 def run_demo(home: Path | None = None, name: str = "sample", progress: bool = True) -> dict:
-    """Index ``sample_data/``: ImageNet InceptionV1 when its weights load, else the demo network."""
+    """Index ``sample_data/`` and build its atlas: ImageNet InceptionV1 when its weights load, else
+    the demo network. A finished demo atlas is reused."""
+    from .atlas import AtlasOptions, atlas_folder, atlas_summary, build_atlas
     from .demo_model import sample_data_dir
     from .indexer import IndexOptions, build_index
 
     try:
         load_model("inceptionv1", "imagenet")
-        options, used = IndexOptions(model="inceptionv1", attributions=True), "inceptionv1 (ImageNet weights)"
+        model, used = "inceptionv1", "inceptionv1 (ImageNet weights)"
         why = "ImageNet weights were found in torch's cache or downloaded"
         name_used = f"{name}-imagenet"
     except WeightsUnavailableError as exc:
-        options, used = IndexOptions(model="demo", attributions=True), "demo (small network trained on sample_data/)"
+        model, used = "demo", "demo (small network trained on sample_data/)"
         why = f"ImageNet weights unavailable: {str(exc).splitlines()[0]}"
         name_used = name
+    atlas_options = AtlasOptions(**DEMO_ATLAS[model])
+    options = IndexOptions(model=model, attributions=True, layers=(atlas_options.layer,))
     root = sample_data_dir()
     summary = build_index(root, name_used, home=home, options=options, progress=progress)
     first = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png", ".webp"))[0]
     example = search_index(name_used, first.relative_to(root).as_posix(), k=5, home=home)
-    return {"model_used": used, "why": why, "index": summary.as_dict(), "example_search": example}
+    if (atlas_folder(name_used, home) / "manifest.json").is_file():
+        atlas = {**atlas_summary(name_used, home), "reused": True}
+    else:
+        atlas = {**build_atlas(name_used, name_used, home=home, options=atlas_options, progress=progress).to_dict(),
+                 "reused": False}
+    return {"model_used": used, "why": why, "index": summary.as_dict(), "example_search": example, "atlas": atlas}

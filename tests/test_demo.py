@@ -1,0 +1,44 @@
+"""`atlasq demo`, the README's main job: index sample_data/, search, build the sample atlas."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from atlasq import api
+from atlasq.cli import app
+from atlasq.model import WeightsUnavailableError
+
+
+def test_demo_indexes_searches_and_builds_an_atlas_then_reuses_it(tmp_path, demo_weights, monkeypatch):
+    real_load_model = api.load_model
+
+    def offline(name, weights=None, **kwargs):  # as on a machine with no cached ImageNet weights
+        if name == "inceptionv1":
+            raise WeightsUnavailableError("ImageNet weights not in the cache (test)")
+        return real_load_model(name, weights, **kwargs)
+
+    monkeypatch.setattr(api, "load_model", offline)
+    result = CliRunner().invoke(app, ["demo", "--home", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout.splitlines()[-1])
+    assert first["model_used"].startswith("demo") and "ImageNet weights unavailable" in first["why"]
+    assert first["index"]["total_images"] == 576 and first["index"]["total_errors"] == 0
+    hits = first["example_search"]["hits"]
+    query_class = first["example_search"]["query"].split("/")[0]
+    assert sum(h["path"].split("/")[0] == query_class for h in hits) >= 4
+
+    atlas = first["atlas"]
+    assert atlas["reused"] is False and atlas["layer"] == "mixed5a" and not atlas["random_weights"]
+    for level in ("10", "20"):
+        assert atlas["levels"][level]["cells"] >= 12  # at least one cell per class island
+        mosaic = Image.open(atlas["files"][f"mosaic_{level}"])
+        assert mosaic.size[0] == mosaic.size[1] == int(level) * 96
+
+    again = CliRunner().invoke(app, ["demo", "--home", str(tmp_path), "--json"])
+    assert again.exit_code == 0, again.output
+    second = json.loads(again.stdout.splitlines()[-1])
+    assert second["index"]["indexed"] == 0 and second["index"]["unchanged"] == 576
+    assert second["atlas"]["reused"] is True and second["atlas"]["folder"] == atlas["folder"]
