@@ -1,0 +1,206 @@
+"""Benchmark: the atlas's two costly stages, each against a plain baseline measured in the same run.
+
+1. Layout. 100,000 × 512 synthetic activations (clustered, non-negative and sparse like post-ReLU
+   activations). The baseline is ``umap.UMAP(n_neighbors=50, min_dist=0.05, metric="cosine")`` on
+   all of them. atlasq's :class:`~atlasq.layout.Layout` runs the same UMAP on a seeded subset of
+   ``--fit-size`` points and places the rest by FAISS k-NN. Quality is trustworthiness (k = 15,
+   cosine) on a fixed subsample, for both layouts.
+2. Icons. A batch of InceptionV1 icons at ``mixed4c`` (80 px) is rendered by
+   :func:`atlasq.featurevis.render_directions`, which runs the network only up to the layer, in
+   bf16 where the CPU supports it. The baseline is a plain loop with the same parameterisation,
+   transforms, objective, steps, size and batch, which runs the full network in fp32. The time of
+   a 20×20 grid at 512 steps is extrapolated from the timed batch. bf16's result is checked on
+   the trained demo network: icons rendered in bf16 and in fp32 are both scored in fp32.
+
+InceptionV1 runs with seeded random weights: the ImageNet weights cannot be downloaded here, and
+the speed does not depend on the weights.
+
+    python bench/atlas.py [--points 100000] [--fit-size 20000] [--icon-steps 16] [--skip-layout]
+
+Last lines: layout_speedup=, trustworthiness_ratio=, icon_speedup=, icons_20x20_minutes=.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from atlasq.featurevis import direction_objective, fft_image, render_directions, robustness_transform
+from atlasq.featurevis.render import IMAGENET_MEAN, IMAGENET_STD
+from atlasq.layout import Layout
+from atlasq.model import load_model, resolve_precision
+from synthetic import synthetic_activations
+
+
+def trustworthiness_on(X: np.ndarray, Y: np.ndarray, sample: np.ndarray) -> float:
+    from sklearn.manifold import trustworthiness
+
+    return float(trustworthiness(X[sample], Y[sample], n_neighbors=15, metric="cosine"))
+
+
+def bench_layout(points: int, dims: int, fit_size: int) -> dict:
+    import umap
+
+    X = synthetic_activations(points, dims)
+    sample = np.sort(np.random.default_rng(7).choice(points, min(points, 5000), replace=False))
+    print(f"layout: {points:,} × {dims} activations; trustworthiness on {len(sample):,} of them", flush=True)
+
+    clock = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        baseline = umap.UMAP(n_neighbors=50, min_dist=0.05, metric="cosine").fit_transform(X)
+    baseline_s = time.perf_counter() - clock
+    print(f"  baseline umap.UMAP on all points: {baseline_s:.1f} s", flush=True)
+
+    clock = time.perf_counter()
+    ours = Layout(n_neighbors=50, min_dist=0.05, metric="cosine", fit_size=fit_size).fit_transform(X)
+    ours_s = time.perf_counter() - clock
+    print(f"  atlasq Layout (UMAP on {fit_size:,}, k-NN placing for the rest): {ours_s:.1f} s", flush=True)
+
+    t_base, t_ours = trustworthiness_on(X, baseline, sample), trustworthiness_on(X, ours, sample)
+    print(f"  trustworthiness k=15: baseline {t_base:.4f}, atlasq {t_ours:.4f}", flush=True)
+    return {"layout_speedup": baseline_s / ours_s, "trustworthiness_ratio": t_ours / t_base}
+
+
+def plain_full_network_loop(network, layer_module: torch.nn.Module, directions: torch.Tensor, *, size: int,
+                            steps: int, seed: int = 0) -> float:
+    """The straightforward loop: every step runs the whole network in fp32 and reads the layer
+    from a forward hook. Same parameterisation, transforms and objective as atlasq's. Returns
+    seconds per step."""
+    generator = torch.Generator().manual_seed(seed)
+    params, image_fn = fft_image(len(directions), size, generator=generator)
+    transform = robustness_transform(shift_px=12.0 * size / 80, generator=generator)
+    objective = direction_objective(directions)
+    mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD)[None, :, None, None]
+    captured = {}
+    hook = layer_module.register_forward_hook(lambda module, args, out: captured.update(acts=out))
+    optimiser = torch.optim.Adam(params, lr=0.05)
+    try:
+        for step in range(steps + 2):
+            if step == 2:  # the first steps warm up allocators and kernels
+                clock = time.perf_counter()
+            optimiser.zero_grad(set_to_none=True)
+            network((transform(image_fn()) - mean) / std)
+            (-objective(captured["acts"]).sum()).backward()
+            optimiser.step()
+    finally:
+        hook.remove()
+    return (time.perf_counter() - clock) / steps
+
+
+def atlasq_loop(network, layer: str, directions: torch.Tensor, *, size: int, steps: int,
+                precision: str) -> float:
+    """Seconds per step of atlasq's renderer (after two warm-up steps)."""
+    marks = {}
+
+    def on_step(step: int) -> None:
+        if step == 1:
+            marks["start"] = time.perf_counter()
+        marks["end"] = time.perf_counter()
+
+    render_directions(network, layer, directions, size=size, steps=steps + 2, precision=precision,
+                      on_step=on_step)
+    return (marks["end"] - marks["start"]) / steps
+
+
+def score_fp32(network, layer: str, directions: torch.Tensor, images: np.ndarray) -> np.ndarray:
+    """The objective of finished icons, scored in fp32 without transforms."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(IMAGENET_MEAN)[None, :, None, None]) / torch.tensor(IMAGENET_STD)[None, :, None, None]
+    with torch.no_grad():
+        return direction_objective(directions)(network.forward_layers(x, [layer])[layer]).numpy()
+
+
+def bf16_check(steps: int, batch: int) -> float:
+    """Do bf16 icons reach what fp32 icons reach? Random weights cannot tell (their objectives stay
+    near zero), so this uses the trained demo network at mixed5a, with real activations of
+    sample_data/ images as directions, and scores both sets of final icons in fp32."""
+    from atlasq.atlas import default_icon_size
+    from atlasq.demo_model import sample_data_dir
+
+    model = load_model("demo", device="cpu")
+    network, layer = model.network, "mixed5a"
+    for p in network.parameters():
+        p.requires_grad_(False)
+    files = sorted(sample_data_dir().rglob("*.png"))[::7][:batch]
+    from PIL import Image
+    x = torch.stack([model.transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        acts = network.forward_layers(x, [layer])[layer]
+    directions = acts[:, :, acts.shape[2] // 2, acts.shape[3] // 2].clone()
+    size = default_icon_size(model.input_size, tuple(acts.shape[2:]))
+    scores, cosines = {}, {}
+    for p in ("fp32", "bf16"):
+        rendered = render_directions(network, layer, directions, size=size, steps=steps, precision=p, seed=1)
+        scores[p] = score_fp32(network, layer, directions, rendered.images)
+        cosines[p] = torch.nn.functional.cosine_similarity(torch.from_numpy(rendered.final_activation),
+                                                           directions).mean().item()
+    ratio = float(scores["bf16"].mean() / scores["fp32"].mean())
+    print(f"  bf16 check (demo network, {layer}, {len(files)} real directions, {size} px, {steps} steps): "
+          f"mean fp32-scored objective bf16/fp32 = {ratio:.3f}; centre cosine to the direction "
+          f"fp32 {cosines['fp32']:.3f}, bf16 {cosines['bf16']:.3f}", flush=True)
+    return ratio
+
+
+def bench_icons(steps: int, batch: int, size: int, check_steps: int) -> dict:
+    model = load_model("inceptionv1", "random", device="cpu")
+    network, layer = model.network, "mixed4c"
+    for p in network.parameters():
+        p.requires_grad_(False)
+    precision = resolve_precision("auto", model.device)
+    acts = network.forward_layers(torch.rand(64, 3, 224, 224), [layer])[layer]
+    pool = acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1])
+    directions = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:batch]].clone()
+    print(f"icons: InceptionV1 (random weights) {layer}, batch {batch}, {size} px, {steps} timed steps; "
+          f"atlasq precision {precision}", flush=True)
+
+    baseline = plain_full_network_loop(network, network.net.inception4c, directions, size=size, steps=steps)
+    print(f"  baseline (full network, fp32): {baseline:.3f} s/step", flush=True)
+    if precision == "bf16":
+        network.to(memory_format=torch.channels_last)
+    ours = atlasq_loop(network, layer, directions, size=size, steps=steps, precision=precision)
+    print(f"  atlasq (up to {layer}, {precision}): {ours:.3f} s/step", flush=True)
+    result = {"icon_speedup": baseline / ours}
+
+    if precision == "bf16" and check_steps:
+        result["bf16_objective_ratio"] = bf16_check(check_steps, batch)
+    cells = 20 * 20
+    minutes = math.ceil(cells / batch) * 512 * ours / 60
+    print(f"  icons_20x20_minutes is extrapolated from the timed batch: ceil({cells}/{batch}) batches × 512 steps "
+          f"× {ours:.3f} s/step, every cell kept, no retries", flush=True)
+    result["icons_20x20_minutes"] = minutes
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=100_000)
+    parser.add_argument("--dims", type=int, default=512)
+    parser.add_argument("--fit-size", type=int, default=20_000)
+    parser.add_argument("--icon-steps", type=int, default=16, help="timed steps per icon loop")
+    parser.add_argument("--icon-batch", type=int, default=32)
+    parser.add_argument("--icon-size", type=int, default=80)
+    parser.add_argument("--check-steps", type=int, default=128, help="steps of the bf16-vs-fp32 check (0: skip)")
+    parser.add_argument("--skip-layout", action="store_true")
+    parser.add_argument("--skip-icons", action="store_true")
+    args = parser.parse_args()
+
+    results = {}
+    if not args.skip_layout:
+        results.update(bench_layout(args.points, args.dims, args.fit_size))
+    if not args.skip_icons:
+        results.update(bench_icons(args.icon_steps, args.icon_batch, args.icon_size, args.check_steps))
+    for key in ("bf16_objective_ratio", "layout_speedup", "trustworthiness_ratio", "icon_speedup",
+                "icons_20x20_minutes"):
+        if key in results:
+            print(f"{key}={results[key]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
