@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .embed import EmbedConfig, decode_file, embed_batch
 from .images import FileEntry

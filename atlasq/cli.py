@@ -300,6 +300,118 @@ def atlas_info(
     _emit(as_json, result, human)
 
 
+_PLACEMENT_ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # AtlasError and PlacementError are ValueErrors
+
+
+def _cell(value: str) -> tuple[int, int]:
+    try:
+        i, j = (int(v) for v in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--cell must be I,J (row, column), not {value!r}")
+    return i, j
+
+
+@app.command("histogram")
+def histogram_command(
+    atlas: str = typer.Option(..., "--atlas", help="Reference atlas."),
+    index_name: str = typer.Option(..., "--index", help="Dataset to place on it (same model, weights, layer)."),
+    level: Optional[int] = typer.Option(None, "--level", help="Grid size G [the atlas's coarsest]."),
+    top: int = typer.Option(15, "--top", help="Cells to list, fullest first."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Place a dataset's activations on an atlas and count them per cell (a semantic histogram).
+
+    Only activations not placed before are placed; a heat map PNG is written under the index.
+    """
+    from .histogram import histogram_with_picture
+
+    try:
+        result = histogram_with_picture(atlas, index_name, level=level, home=home,
+                                        progress=not as_json or sys.stderr.isatty())
+    except _PLACEMENT_ERRORS as exc:
+        _fail(str(exc), as_json)
+
+    def human(r):
+        t, placed = r["totals"], r["placed"]
+        stderr.print(f"placed {placed['placed']:,} new activations ({placed['already_placed']:,} already placed) "
+                     f"of index {r['index']} on atlas {r['atlas']}", highlight=False)
+        print(f"{t['activations']:,} activations of {t['images']:,} images at level {r['level']}: "
+              f"{t['off_atlas']:,} off-atlas ({t['off_atlas_share']:.1%}), {t['outside_kept_cells']:,} outside kept cells")
+        for c in sorted(r["cells"], key=lambda c: -c["activations"])[:top]:
+            if c["activations"]:
+                print(f"  cell {c['i']:>3},{c['j']:<3} {c['activations']:>8,} activations {c['images']:>7,} images  "
+                      f"{', '.join(c['top_labels'])}")
+        stderr.print(f"heat map: {r['picture']}", highlight=False)
+
+    _emit(as_json, result, human)
+
+
+@app.command("cell")
+def cell_command(
+    atlas: str = typer.Option(..., "--atlas", help="Reference atlas."),
+    index_name: str = typer.Option(..., "--index", help="Dataset placed on it with `atlasq histogram`."),
+    cell: str = typer.Option(..., "--cell", help="I,J: row (from the top) and column."),
+    level: Optional[int] = typer.Option(None, "--level", help="Grid size G [the atlas's coarsest]."),
+    k: int = typer.Option(20, "-k", help="Images to list."),
+    offset: int = typer.Option(0, "--offset", help="Skip this many (paging)."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """The dataset's images in one atlas cell, most typical first, with their sampled positions."""
+    from .histogram import cell_images
+
+    i, j = _cell(cell)
+    try:
+        result = cell_images(atlas, index_name, i, j, level=level, k=k, offset=offset, home=home)
+    except _PLACEMENT_ERRORS as exc:
+        _fail(str(exc), as_json)
+
+    def human(r):
+        stderr.print(f"cell {i},{j} of level {r['level']} ({', '.join(r['top_labels'][:3])}):", highlight=False)
+        for m in r["images"]:
+            where = " ".join(f"({p['y']},{p['x']})" for p in m["positions"])
+            print(f"{m['cell_distance']:.4f}  {m['path']}  at {where}")
+
+    _emit(as_json, result, human)
+
+
+@app.command("compare")
+def compare_command(
+    atlas: str = typer.Option(..., "--atlas", help="Reference atlas."),
+    indexes: list[str] = typer.Option(..., "--index", help="Give twice: --index A --index B."),
+    level: Optional[int] = typer.Option(None, "--level", help="Grid size G [the atlas's coarsest]."),
+    alpha: float = typer.Option(0.05, help="False discovery rate for calling a cell significant."),
+    top: int = typer.Option(10, "--top", help="Over- and under-represented cells to list."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the tables and the heat map."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Compare two datasets cell by cell: shares, log ratios, FDR-controlled tests, divergence."""
+    from .histogram import compare
+
+    if len(indexes) != 2:
+        _fail("give exactly two indexes: --index A --index B", as_json)
+    try:
+        result = compare(atlas, indexes[0], indexes[1], level=level, home=home, alpha=alpha, top=top, out=out)
+    except _PLACEMENT_ERRORS as exc:
+        _fail(str(exc), as_json)
+
+    def human(r):
+        print(f"{r['b']} vs {r['a']} on {r['atlas']} level {r['level']}: Jensen–Shannon divergence "
+              f"{r['jensen_shannon_bits']:.4f} bits; {r['significant_cells']} of {r['cells']} cells differ "
+              f"(q < {r['alpha']}); off-atlas {r['off_atlas_share']['a']:.1%} vs {r['off_atlas_share']['b']:.1%}")
+        for title, rows in (("more in " + r["b"], r["over_represented_in_b"]),
+                            ("less in " + r["b"], r["under_represented_in_b"])):
+            print(title + ":")
+            for c in rows:
+                print(f"  cell {c['i']:>3},{c['j']:<3} {c['share_a']:.2%} -> {c['share_b']:.2%} "
+                      f"(log2 {c['log2_ratio']:+.2f}, q {c['q']:.2g})  {', '.join(c['top_labels'])}")
+        stderr.print(f"written: {', '.join(r['files'].values())}", highlight=False)
+
+    _emit(as_json, result, human)
+
+
 def main() -> None:
     app()
 

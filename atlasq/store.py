@@ -56,6 +56,17 @@ CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY, images INTEGER,
 CREATE INDEX IF NOT EXISTS images_path ON images (path);
 CREATE INDEX IF NOT EXISTS samples_image ON samples (image_id);
 """
+# Where each sampled activation falls on a reference atlas (one row per activation and grid
+# level); written by `atlasq histogram`. Rows are inserted sorted by (atlas, level, i, j), so
+# DuckDB's zone maps make "the activations in cell (i, j)" a narrow scan.
+PLACEMENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS placements (
+    atlas VARCHAR NOT NULL, level SMALLINT NOT NULL, image_id BIGINT NOT NULL, k SMALLINT NOT NULL,
+    y SMALLINT NOT NULL, x SMALLINT NOT NULL, i SMALLINT, j SMALLINT,
+    distance FLOAT NOT NULL, cell_distance FLOAT, off_atlas BOOLEAN NOT NULL
+);
+CREATE INDEX IF NOT EXISTS placements_cell ON placements (atlas, level, i, j);
+"""
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -206,6 +217,86 @@ class IndexStore:
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
+
+    # ------------------------------------------------------------------ placements on an atlas
+    def _placements_exist(self) -> bool:
+        return bool(self.con.execute("SELECT count(*) FROM information_schema.tables "
+                                     "WHERE table_name = 'placements'").fetchone()[0])
+
+    def placed_atlases(self) -> dict[str, str]:
+        """atlas name → the build key of the atlas its placements were made on."""
+        return {k[len("placed:"):]: v for k, v in self.meta().items() if k.startswith("placed:")}
+
+    def placed_keys(self, atlas: str) -> set[tuple[int, int]]:
+        """(image_id, k) of the activations already placed on ``atlas``."""
+        if not self._placements_exist():
+            return set()
+        rows = self.con.execute("SELECT DISTINCT image_id, k FROM placements WHERE atlas = ?", [atlas]).fetchall()
+        return {(int(i), int(k)) for i, k in rows}
+
+    def write_placements(self, atlas: str, atlas_key: str, rows: "pa.Table", *, replace: bool,
+                         gone: list[int]) -> None:
+        """In one transaction: forget ``atlas``'s placements when ``replace`` (the atlas was rebuilt)
+        or those of images no longer indexed (``gone``), add ``rows``, and record ``atlas_key``."""
+        self.con.execute(PLACEMENTS_SCHEMA)
+        order = rows.sort_by([("level", "ascending"), ("i", "ascending"), ("j", "ascending")])
+        self.con.register("incoming", order)
+        try:
+            self.con.execute("BEGIN")
+            if replace:
+                self.con.execute("DELETE FROM placements WHERE atlas = ?", [atlas])
+            elif gone:
+                self.con.execute("DELETE FROM placements WHERE atlas = ? AND image_id IN (SELECT unnest(?))",
+                                 [atlas, list(map(int, gone))])
+            names = ", ".join(order.column_names)
+            self.con.execute(f"INSERT INTO placements ({names}) SELECT {names} FROM incoming")
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [f"placed:{atlas}", json.dumps(atlas_key)])
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        finally:
+            self.con.unregister("incoming")
+
+    def cell_counts(self, atlas: str, level: int) -> dict[str, np.ndarray]:
+        """Per cell (i, j) of ``level``: on-atlas activations and distinct images."""
+        if not self._placements_exist():
+            return {"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64), "activations": np.zeros(0, np.int64),
+                    "images": np.zeros(0, np.int64)}
+        return self.con.execute(
+            "SELECT i, j, count(*) AS activations, count(DISTINCT image_id) AS images FROM placements "
+            "WHERE atlas = ? AND level = ? AND NOT off_atlas AND i IS NOT NULL GROUP BY i, j ORDER BY i, j",
+            [atlas, level]).fetchnumpy()
+
+    def placement_totals(self, atlas: str, level: int) -> dict[str, int]:
+        """Activations placed at ``level``: all, off-atlas, and on-atlas but outside every kept cell."""
+        if not self._placements_exist():
+            return {"activations": 0, "off_atlas": 0, "outside_kept_cells": 0, "images": 0}
+        row = self.con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE off_atlas), count(*) FILTER (WHERE NOT off_atlas AND i IS NULL), "
+            "count(DISTINCT image_id) FROM placements WHERE atlas = ? AND level = ?", [atlas, level]).fetchone()
+        return dict(zip(("activations", "off_atlas", "outside_kept_cells", "images"), map(int, row)))
+
+    def cell_members(self, atlas: str, level: int, i: int, j: int, limit: int | None = None,
+                     offset: int = 0) -> list[dict]:
+        """Images with on-atlas activations in cell (i, j), most typical first (smallest cosine
+        distance of their best activation to the cell's mean), each with all its positions there."""
+        if not self._placements_exist():
+            return []
+        query = """
+            SELECT p.image_id, min(p.cell_distance) AS cell_distance, count(*) AS activations,
+                   list(struct_pack(k := p.k, y := p.y, x := p.x, cell_distance := p.cell_distance)
+                        ORDER BY p.cell_distance) AS positions, any_value(im.path) AS path
+            FROM placements p JOIN images im ON im.id = p.image_id
+            WHERE p.atlas = ? AND p.level = ? AND p.i = ? AND p.j = ? AND NOT p.off_atlas
+            GROUP BY p.image_id ORDER BY cell_distance, p.image_id"""
+        params = [atlas, level, i, j]
+        if limit is not None:
+            query += " LIMIT ? OFFSET ?"
+            params += [int(limit), int(offset)]
+        cur = self.con.execute(query, params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def _insert(self, table: str, columns: dict[str, list]) -> None:
         frame = pa.table(columns)

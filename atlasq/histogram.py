@@ -1,0 +1,461 @@
+"""Semantic histograms: any indexed dataset placed on a fixed reference atlas, cell by cell.
+
+Placing never re-runs UMAP. Each of the dataset's sampled activations (same model, weights and
+layer as the atlas) is compared with the atlas's reference activations in the original activation
+space, by cosine, with FAISS. Its cell at each grid level is the similarity-weighted vote of its
+``k`` nearest reference activations, counting only those in kept cells. An activation farther from
+its nearest reference activation than the reference's own spacing is **off-atlas**: something the
+reference never showed. The spacing threshold is the 99th percentile of the reference's
+leave-one-image-out nearest-neighbour distance. It is learned once per atlas and recorded in
+``placement.json``. Off-atlas activations get no cell.
+
+Placements are stored in the dataset's DuckDB (table ``placements``), so "the images in cell
+(i, j)" is one query. Running again after the index grew places only the new activations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .atlas import Atlas, AtlasError, load_atlas
+from .progress import stderr
+from .store import IndexStore, index_folder
+
+__all__ = ["PlacementError", "ReferenceSearch", "reference_index", "nearest", "place_activations", "place_index",
+           "histogram", "cell_images", "compare", "OFF_ATLAS_QUANTILE"]
+
+PLACE_K = 10
+OFF_ATLAS_QUANTILE = 0.99
+EXACT_LIMIT = 20_000      # up to this many reference activations, the search is exact
+THRESHOLD_SAMPLE = 20_000  # reference activations used to learn the off-atlas threshold
+
+
+class PlacementError(ValueError):
+    """A dataset cannot be placed on this atlas (the message says why)."""
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class ReferenceSearch:
+    """Cosine k-NN over an atlas's reference activations, and the off-atlas threshold.
+
+    Up to :data:`EXACT_LIMIT` reference activations the search is exact (``IndexFlatIP``);
+    above it, an inverted-file index (``IVF``, 4·√N lists, 16 probed). Both the FAISS file and the
+    threshold are written to the atlas folder the first time and reused.
+    """
+
+    def __init__(self, atlas: Atlas):
+        import faiss
+
+        self.atlas = atlas
+        self.image_ids = np.asarray(atlas.reference["image_id"].to_numpy(), np.int64)
+        record_path = atlas.folder / "placement.json"
+        index_path = atlas.folder / "placement.faiss"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if record and record.get("params_hash") == atlas.manifest.get("params_hash") and index_path.is_file():
+            self.index = faiss.read_index(str(index_path))
+        else:
+            self.index = reference_index(_unit(atlas.activations()))
+            record = {"params_hash": atlas.manifest.get("params_hash"), "kind": self.kind,
+                      "quantile": OFF_ATLAS_QUANTILE, "threshold": self._learn_threshold()}
+            tmp = index_path.with_name(index_path.name + ".tmp")
+            faiss.write_index(self.index, str(tmp))
+            tmp.replace(index_path)
+            record_path.write_text(json.dumps(record, indent=1))
+        self.threshold = float(record["threshold"])
+        self.record = record
+
+    @property
+    def kind(self) -> str:
+        return "exact" if self.index.__class__.__name__ == "IndexFlatIP" else "ivf"
+
+    def _learn_threshold(self) -> float:
+        """99th percentile of each reference activation's cosine distance to its nearest reference
+        activation from another image (an image's own samples are left out, as they would be for
+        a new image)."""
+        n = len(self.image_ids)
+        rows = np.sort(np.random.default_rng(1).choice(n, min(n, THRESHOLD_SAMPLE), replace=False))
+        sims, _ = self.search(self.atlas.activations()[rows], 1, exclude_images=self.image_ids[rows])
+        return float(np.quantile(1.0 - sims[:, 0], OFF_ATLAS_QUANTILE))
+
+    def search(self, activations: np.ndarray, k: int, *, exclude_images: np.ndarray | None = None,
+               batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, reference rows) of the ``k`` nearest reference activations, best first.
+        With ``exclude_images``, neighbours from the query's own image (same id) are skipped."""
+        extra = 0
+        if exclude_images is not None:
+            _, per_image = np.unique(self.image_ids, return_counts=True)
+            extra = int(per_image.max())
+        sims, rows = nearest(self.index, activations, min(k + extra, self.index.ntotal), batch=batch)
+        if exclude_images is not None:
+            same = (rows >= 0) & (self.image_ids[np.maximum(rows, 0)] == np.asarray(exclude_images)[:, None])
+            sims = np.where(same, -np.inf, sims)
+            order = np.argsort(-sims, axis=1, kind="stable")
+            sims, rows = np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
+            rows = np.where(np.isfinite(sims), rows, -1)
+            sims = np.where(np.isfinite(sims), sims, -1.0)
+        out_sims = np.full((len(activations), k), -1.0, np.float32)
+        out_rows = np.full((len(activations), k), -1, np.int64)
+        out_sims[:, :min(k, sims.shape[1])] = sims[:, :k]
+        out_rows[:, :min(k, rows.shape[1])] = rows[:, :k]
+        return out_sims, out_rows
+
+
+def reference_index(reference: np.ndarray):
+    """A FAISS inner-product index of unit-length ``reference`` rows: exact up to
+    :data:`EXACT_LIMIT` rows, else IVF with 4·√N lists trained on a seeded subsample."""
+    import faiss
+
+    n, d = reference.shape
+    if n <= EXACT_LIMIT:
+        index = faiss.IndexFlatIP(d)
+    else:
+        lists = int(4 * math.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
+        index.train(reference[np.random.default_rng(0).choice(n, min(n, lists * 64), replace=False)])
+    index.add(reference)
+    return index
+
+
+def nearest(index, activations: np.ndarray, k: int, *, batch: int = 65_536, nprobe: int = 16
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities and rows of the ``k`` nearest reference rows, in batches (so a million
+    queries never need a second copy of themselves in float32)."""
+    if hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+    sims = np.empty((len(activations), k), np.float32)
+    rows = np.empty((len(activations), k), np.int64)
+    for start in range(0, len(activations), batch):
+        sims[start:start + batch], rows[start:start + batch] = index.search(
+            _unit(np.asarray(activations[start:start + batch], np.float32)), k)
+    return sims, rows
+
+
+@dataclass
+class Placement:
+    """Where activations fall on an atlas: per level, cell (i, j) or -1 when off-atlas or outside
+    every kept cell; the cosine distance to the nearest reference activation."""
+
+    distance: np.ndarray               # (N,)
+    off_atlas: np.ndarray              # (N,) bool
+    cells: dict[int, np.ndarray]       # level → (N, 2) int, -1 where no cell
+    cell_distance: dict[int, np.ndarray]  # level → (N,) cosine distance to the cell's mean activation
+
+
+def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per row, the label with the largest summed weight (ties: the nearer neighbour's label).
+    Labels < 0 do not vote; a row with no voter gets -1. k is small, so the k×k comparison is cheap."""
+    valid = labels >= 0
+    w = np.where(valid, weights, 0.0)
+    scores = np.zeros(labels.shape, np.float64)
+    for a in range(labels.shape[1]):
+        scores[:, a] = (w * (labels == labels[:, a:a + 1])).sum(axis=1)
+    scores = np.where(valid, scores, -1.0)
+    best = np.take_along_axis(labels, scores.argmax(axis=1)[:, None], 1)[:, 0]
+    return np.where(valid.any(axis=1), best, -1)
+
+
+def place_activations(search: ReferenceSearch, activations: np.ndarray, *, k: int = PLACE_K,
+                      exclude_images: np.ndarray | None = None) -> Placement:
+    """Place ``activations`` on ``search``'s atlas at every level (one k-NN search for all)."""
+    atlas = search.atlas
+    sims, rows = search.search(activations, k, exclude_images=exclude_images)
+    distance = (1.0 - sims[:, 0]).astype(np.float32)
+    off = distance > search.threshold
+    weights = np.maximum(sims, 0.0) + 1e-6
+    unit = _unit(activations) if len(activations) else np.zeros((0, 1), np.float32)
+    cells, cell_distance = {}, {}
+    reference = atlas.reference
+    for g in atlas.levels:
+        flat = (reference[f"cell_{g}_i"].to_numpy().astype(np.int64) * g + reference[f"cell_{g}_j"].to_numpy())
+        kept = reference[f"kept_{g}"].to_numpy(zero_copy_only=False)
+        labels = np.where((rows >= 0) & kept[np.maximum(rows, 0)], flat[np.maximum(rows, 0)], -1)
+        best = _weighted_vote(labels, weights)
+        best = np.where(off, -1, best)
+        ij = np.where(best[:, None] >= 0, np.stack([best // g, best % g], axis=1), -1)
+        cells[g] = ij
+        level_cells = atlas.cells_at(g)
+        means = _unit(np.array(level_cells["mean_activation"], np.float32))
+        where = {(i, j): n for n, (i, j) in enumerate(zip(level_cells["i"], level_cells["j"]))}
+        which = np.array([where.get((int(i), int(j)), -1) for i, j in ij], np.int64)
+        cd = np.full(len(ij), np.nan, np.float32)
+        has = which >= 0
+        cd[has] = 1.0 - np.einsum("nc,nc->n", unit[has], means[which[has]])
+        cell_distance[g] = cd
+    return Placement(distance=distance, off_atlas=off, cells=cells, cell_distance=cell_distance)
+
+
+def _atlas_key(atlas: Atlas) -> str:
+    return f"{atlas.manifest.get('params_hash')}@{atlas.manifest.get('created')}"
+
+
+def check_compatible(atlas: Atlas, meta: dict, index_name: str) -> None:
+    """Refuse a dataset whose activations are not comparable with the atlas's."""
+    m = atlas.manifest
+    if meta.get("model") != m["model"]:
+        raise PlacementError(f"index {index_name!r} was built with model {meta.get('model')!r} but atlas "
+                             f"{m['name']!r} with {m['model']!r}; index the dataset with `--model {m['model']}`")
+    same_weights = (meta.get("weights_sha256") == m.get("weights_sha256") if m.get("weights_sha256")
+                    else meta.get("weights") == m.get("weights"))
+    if not same_weights or bool(meta.get("random_weights")) != bool(m.get("random_weights")):
+        raise PlacementError(f"index {index_name!r} was built with other weights ({meta.get('weights')!r}) than atlas "
+                             f"{m['name']!r} ({m.get('weights')!r}); activations of different weights are not "
+                             f"comparable")
+    if m["layer"] not in (meta.get("layers") or []):
+        raise PlacementError(f"index {index_name!r} has no sampled activations of {m['layer']!r}, the layer of atlas "
+                             f"{m['name']!r} (it has {', '.join(meta.get('layers') or []) or 'none'}); index the "
+                             f"dataset with `--layers {m['layer']}`")
+
+
+@dataclass
+class PlaceSummary:
+    atlas: str
+    index: str
+    placed: int = 0
+    already_placed: int = 0
+    dropped: int = 0
+    replaced: bool = False
+    threshold: float = 0.0
+    search: str = ""
+    seconds: float = 0.0
+
+
+def place_index(atlas_name: str, index_name: str, *, home: Path | None = None, k: int = PLACE_K,
+                progress: bool = False) -> PlaceSummary:
+    """Place every not-yet-placed activation of index ``index_name`` on atlas ``atlas_name`` and
+    store the placements in the index's DuckDB."""
+    clock = time.perf_counter()
+    atlas = load_atlas(atlas_name, home)
+    name = atlas.manifest["name"]
+    with IndexStore(index_folder(index_name, home), read_only=False) as store:
+        meta = store.meta()
+        check_compatible(atlas, meta, index_name)
+        key = _atlas_key(atlas)
+        replace = store.placed_atlases().get(name) not in (None, key)
+        done = set() if replace else store.placed_keys(name)
+        samples = store.samples(atlas.manifest["layer"])
+        present = set(map(int, np.unique(samples["image_id"])))
+        gone = sorted({i for i, _ in done} - present)
+        todo = np.array([(int(i), int(kk)) not in done for i, kk in zip(samples["image_id"], samples["k"])], bool)
+        search = ReferenceSearch(atlas)
+        summary = PlaceSummary(atlas=name, index=index_name, replaced=replace, threshold=search.threshold,
+                               search=search.kind, already_placed=int((~todo).sum()), dropped=len(gone))
+        acts = samples["activations"][todo]
+        status = (stderr.status(f"placing {len(acts):,} activations on atlas {name}…") if progress and len(acts)
+                  else nullcontext())
+        with status:
+            placement = place_activations(search, acts, k=k)
+        columns: dict[str, list] = {n: [] for n in ("level", "image_id", "k", "y", "x", "i", "j", "distance",
+                                                    "cell_distance", "off_atlas")}
+        for g in atlas.levels:
+            ij = placement.cells[g]
+            has = ij[:, 0] >= 0
+            columns["level"].append(np.full(len(acts), g, np.int16))
+            for col in ("image_id", "k", "y", "x"):
+                columns[col].append(samples[col][todo])
+            columns["i"].append(pa.array(ij[:, 0].astype(np.int16), mask=~has))
+            columns["j"].append(pa.array(ij[:, 1].astype(np.int16), mask=~has))
+            columns["distance"].append(placement.distance)
+            columns["cell_distance"].append(pa.array(placement.cell_distance[g], mask=~has))
+            columns["off_atlas"].append(placement.off_atlas)
+        table = pa.table({"atlas": pa.array([name] * (len(acts) * len(atlas.levels)), pa.string()),
+                          **{c: pa.concat_arrays([pa.array(v) if not isinstance(v, pa.Array) else v for v in vs])
+                             for c, vs in columns.items()}})
+        store.write_placements(name, key, table, replace=replace, gone=gone)
+        summary.placed = len(acts)
+    summary.seconds = round(time.perf_counter() - clock, 2)
+    return summary
+
+
+# ----------------------------------------------------------------------------- reading results
+
+def _level(atlas: Atlas, level: int | None) -> int:
+    if level is None:
+        return min(atlas.levels)
+    if level not in atlas.levels:
+        raise AtlasError(f"atlas {atlas.manifest['name']!r} has levels {atlas.levels}, not {level}")
+    return level
+
+
+def histogram(atlas_name: str, index_name: str, *, level: int | None = None, home: Path | None = None,
+              place: bool = True, progress: bool = False) -> dict:
+    """Per-cell counts of ``index_name`` on ``atlas_name`` at ``level`` (coarsest by default),
+    placing new activations first. Every kept cell is listed, empty ones with zero."""
+    atlas = load_atlas(atlas_name, home)
+    g = _level(atlas, level)
+    placed = asdict(place_index(atlas_name, index_name, home=home, progress=progress)) if place else None
+    name = atlas.manifest["name"]
+    with IndexStore(index_folder(index_name, home)) as store:
+        counts = store.cell_counts(name, g)
+        totals = store.placement_totals(name, g)
+    cells = atlas.cells_at(g)
+    lookup = {(int(i), int(j)): (int(a), int(b)) for i, j, a, b in
+              zip(counts["i"], counts["j"], counts["activations"], counts["images"])}
+    rows = []
+    for i, j, labels, scores in zip(cells["i"], cells["j"], cells["top_labels"], cells["top_scores"]):
+        acts, images = lookup.get((i, j), (0, 0))
+        rows.append({"i": i, "j": j, "activations": acts, "images": images,
+                     "share": acts / totals["activations"] if totals["activations"] else 0.0,
+                     "top_label": labels[0], "top_labels": list(labels[:3]),
+                     "top_scores": [round(float(s), 6) for s in scores[:3]]})
+    totals["off_atlas_share"] = totals["off_atlas"] / totals["activations"] if totals["activations"] else 0.0
+    record = atlas.folder / "placement.json"
+    threshold = json.loads(record.read_text())["threshold"] if record.is_file() else None
+    return {"atlas": name, "index": index_name, "level": g, "totals": totals, "cells": rows, "placed": placed,
+            "off_atlas_threshold": threshold}
+
+
+def cell_images(atlas_name: str, index_name: str, i: int, j: int, *, level: int | None = None, k: int = 20,
+                offset: int = 0, home: Path | None = None) -> dict:
+    """The images of ``index_name`` in cell (i, j), most typical first, with their positions."""
+    atlas = load_atlas(atlas_name, home)
+    g = _level(atlas, level)
+    if not (0 <= i < g and 0 <= j < g):
+        raise AtlasError(f"cell ({i}, {j}) is outside the {g}×{g} grid")
+    with IndexStore(index_folder(index_name, home)) as store:
+        if atlas.manifest["name"] not in store.placed_atlases():
+            raise PlacementError(f"index {index_name!r} has not been placed on atlas {atlas.manifest['name']!r}; run "
+                                 f"`atlasq histogram --atlas {atlas.manifest['name']} --index {index_name}` first")
+        members = store.cell_members(atlas.manifest["name"], g, i, j, limit=k, offset=offset)
+    cells = atlas.cells_at(g)
+    label = next((list(l) for ci, cj, l in zip(cells["i"], cells["j"], cells["top_labels"]) if (ci, cj) == (i, j)), [])
+    return {"atlas": atlas.manifest["name"], "index": index_name, "level": g, "cell": [i, j], "top_labels": label,
+            "images": [{**m, "cell_distance": round(float(m["cell_distance"]), 6),
+                        "positions": [{**p, "cell_distance": round(float(p["cell_distance"]), 6)}
+                                      for p in m["positions"]]} for m in members]}
+
+
+def _mosaic_path(atlas: Atlas, g: int) -> Path:
+    icons = atlas.folder / f"mosaic_{g}.png"
+    return icons if icons.is_file() else atlas.folder / f"exemplars_{g}.png"
+
+
+def histogram_picture(result: dict, atlas: Atlas, out: Path, *, log: bool = True) -> Path:
+    """The counts of a :func:`histogram` result as a heat map over the atlas mosaic."""
+    from .heatmap import draw_heatmap
+
+    cells = [(c["i"], c["j"]) for c in result["cells"]]
+    values = np.array([c["activations"] for c in result["cells"]], np.float64)
+    values[values == 0] = np.nan  # empty cells stay uncoloured
+    out.parent.mkdir(parents=True, exist_ok=True)
+    totals = result["totals"]
+    draw_heatmap(_mosaic_path(atlas, result["level"]), result["level"], cells, values, log=log, out=out,
+                 title=f"{result['index']} on {result['atlas']}: activations per cell "
+                       f"({totals['off_atlas_share']:.1%} off-atlas)")
+    return out
+
+
+def histogram_with_picture(atlas_name: str, index_name: str, *, level: int | None = None,
+                           home: Path | None = None, progress: bool = False) -> dict:
+    """:func:`histogram`, and its heat map written to ``<index>/histograms/<atlas>/level_<G>.png``."""
+    result = histogram(atlas_name, index_name, level=level, home=home, progress=progress)
+    atlas = load_atlas(atlas_name, home)
+    out = index_folder(index_name, home) / "histograms" / result["atlas"] / f"level_{result['level']}.png"
+    result["picture"] = str(histogram_picture(result, atlas, out))
+    return result
+
+
+# ----------------------------------------------------------------------------- comparing datasets
+
+def _fisher_p_values(a: np.ndarray, n_a: int, b: np.ndarray, n_b: int) -> np.ndarray:
+    """Two-sided Fisher exact test per cell on images: (a of n_a) against (b of n_b)."""
+    from scipy.stats import fisher_exact
+
+    p = np.ones(len(a))
+    for c in np.flatnonzero((a + b) > 0):
+        p[c] = fisher_exact([[a[c], n_a - a[c]], [b[c], n_b - b[c]]]).pvalue
+    return p
+
+
+def _jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen–Shannon divergence in bits (0: same distribution, 1: disjoint)."""
+    from scipy.spatial.distance import jensenshannon
+
+    if p.sum() == 0 or q.sum() == 0:
+        return float("nan")
+    return float(jensenshannon(p, q, base=2) ** 2)
+
+
+def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = None, home: Path | None = None,
+            alpha: float = 0.05, top: int = 10, out: Path | None = None) -> dict:
+    """Compare two datasets cell by cell on one atlas.
+
+    Per kept cell: each dataset's share of its activations, the difference (B − A) and the
+    log2 ratio (B over A, with half a count added to both). Significance is tested on images,
+    which are independent where a dataset's K samples per image are not: the share of A's
+    images with an activation in the cell against B's (Fisher's exact test), and the p-values
+    are adjusted for testing every cell at once (Benjamini–Hochberg; ``q``). The divergence is
+    the Jensen–Shannon divergence (bits) of the two activation distributions over the cells,
+    with off-atlas activations and those outside every kept cell as two more bins.
+    Written to ``out`` (default ``<home>/comparisons/<atlas>/<A>__<B>/``) as parquet, CSV and a
+    diverging heat map of the log ratio over the atlas mosaic (significant cells only).
+    """
+    from scipy.stats import false_discovery_control
+
+    from .heatmap import draw_heatmap
+    from .store import default_home
+
+    if index_a == index_b:
+        raise PlacementError("compare needs two different indexes")
+    atlas = load_atlas(atlas_name, home)
+    g = _level(atlas, level)
+    ha = histogram(atlas_name, index_a, level=g, home=home)
+    hb = histogram(atlas_name, index_b, level=g, home=home)
+    ta, tb = ha["totals"], hb["totals"]
+    if not ta["activations"] or not tb["activations"]:
+        empty = index_a if not ta["activations"] else index_b
+        raise PlacementError(f"index {empty!r} has no activations to compare")
+    a = np.array([c["activations"] for c in ha["cells"]], np.float64)
+    b = np.array([c["activations"] for c in hb["cells"]], np.float64)
+    share_a, share_b = a / ta["activations"], b / tb["activations"]
+    m = len(a)
+    log_ratio = np.log2(((b + 0.5) / (tb["activations"] + 0.5 * m)) / ((a + 0.5) / (ta["activations"] + 0.5 * m)))
+    img_a = np.array([c["images"] for c in ha["cells"]])
+    img_b = np.array([c["images"] for c in hb["cells"]])
+    p = _fisher_p_values(img_a, ta["images"], img_b, tb["images"])
+    q = false_discovery_control(p, method="bh") if m else p
+    bins_a = np.concatenate([a, [ta["off_atlas"], ta["outside_kept_cells"]]])
+    bins_b = np.concatenate([b, [tb["off_atlas"], tb["outside_kept_cells"]]])
+    rows = [{"i": c["i"], "j": c["j"], "top_label": c["top_label"], "top_labels": c["top_labels"],
+             "activations_a": int(a[n]), "activations_b": int(b[n]), "images_a": int(img_a[n]),
+             "images_b": int(img_b[n]), "share_a": float(share_a[n]), "share_b": float(share_b[n]),
+             "difference": float(share_b[n] - share_a[n]), "log2_ratio": float(log_ratio[n]),
+             "p": float(p[n]), "q": float(q[n]), "significant": bool(q[n] < alpha)}
+            for n, c in enumerate(ha["cells"])]
+    by_ratio = sorted(range(m), key=lambda n: (-log_ratio[n], q[n]))
+    over = [rows[n] for n in by_ratio if log_ratio[n] > 0 and q[n] < alpha][:top]
+    under = [rows[n] for n in reversed(by_ratio) if log_ratio[n] < 0 and q[n] < alpha][:top]
+
+    out = Path(out) if out else Path(home or default_home()) / "comparisons" / atlas.manifest["name"] / f"{index_a}__{index_b}"
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, out / f"level_{g}.parquet")
+    pacsv.write_csv(table.drop(["top_labels"]), out / f"level_{g}.csv")
+    shown = np.where(q < alpha, log_ratio, np.nan)
+    draw_heatmap(_mosaic_path(atlas, g), g, [(r["i"], r["j"]) for r in rows], shown, diverging=True,
+                 out=out / f"level_{g}.png",
+                 title=f"log2 share ratio, {index_b} over {index_a} (red: more in {index_b}; q < {alpha})")
+    return {
+        "atlas": atlas.manifest["name"], "level": g, "a": index_a, "b": index_b,
+        "totals": {"a": ta, "b": tb},
+        "off_atlas_share": {"a": ta["off_atlas_share"], "b": tb["off_atlas_share"]},
+        "jensen_shannon_bits": _jensen_shannon(bins_a, bins_b),
+        "significant_cells": int((q < alpha).sum()), "cells": m, "alpha": alpha,
+        "over_represented_in_b": over, "under_represented_in_b": under,
+        "files": {"parquet": str(out / f"level_{g}.parquet"), "csv": str(out / f"level_{g}.csv"),
+                  "picture": str(out / f"level_{g}.png")},
+    }
