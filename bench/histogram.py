@@ -83,6 +83,7 @@ def bench_queries(n_images: int, grid: int, repeats: int) -> dict:
     folder = WORK / f"placements_{n_images}"
     shutil.rmtree(folder, ignore_errors=True)
     store = IndexStore.create(folder)
+    store.set_meta({"samples_per_image": 4})
     rng = np.random.default_rng(0)
     print(f"queries: DuckDB with {n_images:,} images × 4 placed activations on a {grid}×{grid} grid", flush=True)
     clock = time.perf_counter()
@@ -114,7 +115,7 @@ def bench_queries(n_images: int, grid: int, repeats: int) -> dict:
         clock = time.perf_counter()
         counts = store.cell_counts("bench", grid)
         counts_ms.append((time.perf_counter() - clock) * 1000)
-        assert len(members) > 0 and counts["activations"].sum() == n
+        assert len(members) == 20 and counts["activations"].sum() == n
     store.close()
     shutil.rmtree(folder, ignore_errors=True)
     print(f"  images in a cell (first 20): median {statistics.median(cell_ms):.1f} ms; counts for all cells: "
