@@ -338,7 +338,7 @@ class AtlasSummary:
         return asdict(self)
 
 
-def _crop_box(model: LoadedModel, width: int, height: int, y: int, x: int, layer_hw: tuple[int, int],
+def position_box(model: LoadedModel, width: int, height: int, y: int, x: int, layer_hw: tuple[int, int],
               side: float) -> tuple[float, float, float, float]:
     """The region of the original image (pixels) that layer position (y, x) sees: a square of
     ``side`` network-input pixels centred on the position, mapped back through the preprocessing."""
@@ -450,7 +450,7 @@ def build_atlas(index: str, name: str, *, home: Path | None = None, options: Atl
                 ex = []
                 for rank, (ref, cos) in enumerate(zip(level.exemplars[c], level.exemplar_cosines[c])):
                     image = images[int(reference["image_id"][ref])]
-                    box = _crop_box(model, image["width"], image["height"], int(reference["y"][ref]),
+                    box = position_box(model, image["width"], image["height"], int(reference["y"][ref]),
                                     int(reference["x"][ref]), layer_hw, icon_size)
                     ex.append({"image_id": int(reference["image_id"][ref]), "path": image["path"],
                                "y": int(reference["y"][ref]), "x": int(reference["x"][ref]),

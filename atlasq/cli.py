@@ -412,6 +412,30 @@ def compare_command(
     _emit(as_json, result, human)
 
 
+@app.command("app")
+def app_command(
+    index_name: Optional[str] = typer.Option(None, "--index", help="Dataset to show first."),
+    atlas: Optional[str] = typer.Option(None, "--atlas", help="Atlas to show first."),
+    port: int = typer.Option(8501, "--port", help="Local port of the app."),
+    home: Optional[Path] = HomeOption,
+):
+    """Open the Streamlit app (the atlas, per-cell counts, the images behind any cell, search)."""
+    import subprocess
+
+    from .store import default_home
+
+    script = Path(__file__).resolve().parent.parent / "app.py"
+    if not script.is_file():
+        _fail(f"app.py is not beside the atlasq package ({script}); run the app from a checkout of the "
+              f"repository: streamlit run app.py", False)
+    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--",
+               "--home", str(home or default_home())]
+    command += ["--index", index_name] if index_name else []
+    command += ["--atlas", atlas] if atlas else []
+    stderr.print(f"atlasq app on http://localhost:{port} (Ctrl-C stops it)", highlight=False)
+    raise typer.Exit(subprocess.call(command))
+
+
 def main() -> None:
     app()
 

@@ -198,7 +198,8 @@ def place_activations(search: ReferenceSearch, activations: np.ndarray, *, k: in
     return Placement(distance=distance, off_atlas=off, cells=cells, cell_distance=cell_distance)
 
 
-def _atlas_key(atlas: Atlas) -> str:
+def atlas_key(atlas: Atlas) -> str:
+    """Identifies one build of an atlas: placements made on another build are redone."""
     return f"{atlas.manifest.get('params_hash')}@{atlas.manifest.get('created')}"
 
 
@@ -243,7 +244,7 @@ def place_index(atlas_name: str, index_name: str, *, home: Path | None = None, k
     with IndexStore(index_folder(index_name, home), read_only=False) as store:
         meta = store.meta()
         check_compatible(atlas, meta, index_name)
-        key = _atlas_key(atlas)
+        key = atlas_key(atlas)
         replace = store.placed_atlases().get(name) not in (None, key)
         done = set() if replace else store.placed_keys(name)
         samples = store.samples(atlas.manifest["layer"])
@@ -390,7 +391,8 @@ def _jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = None, home: Path | None = None,
-            alpha: float = 0.05, top: int = 10, out: Path | None = None) -> dict:
+            alpha: float = 0.05, top: int = 10, out: Path | None = None, place: bool = True,
+            write: bool = True) -> dict:
     """Compare two datasets cell by cell on one atlas.
 
     Per kept cell: each dataset's share of its activations, the difference (B − A) and the
@@ -401,7 +403,8 @@ def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = 
     the Jensen–Shannon divergence (bits) of the two activation distributions over the cells,
     with off-atlas activations and those outside every kept cell as two more bins.
     Written to ``out`` (default ``<home>/comparisons/<atlas>/<A>__<B>/``) as parquet, CSV and a
-    diverging heat map of the log ratio over the atlas mosaic (significant cells only).
+    diverging heat map of the log ratio over the atlas mosaic (significant cells only), unless
+    ``write`` is false. ``place=False`` uses the placements already stored (read-only).
     """
     from scipy.stats import false_discovery_control
 
@@ -412,8 +415,8 @@ def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = 
         raise PlacementError("compare needs two different indexes")
     atlas = load_atlas(atlas_name, home)
     g = _level(atlas, level)
-    ha = histogram(atlas_name, index_a, level=g, home=home)
-    hb = histogram(atlas_name, index_b, level=g, home=home)
+    ha = histogram(atlas_name, index_a, level=g, home=home, place=place)
+    hb = histogram(atlas_name, index_b, level=g, home=home, place=place)
     ta, tb = ha["totals"], hb["totals"]
     if not ta["activations"] or not tb["activations"]:
         empty = index_a if not ta["activations"] else index_b
@@ -439,18 +442,21 @@ def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = 
     over = [rows[n] for n in by_ratio if log_ratio[n] > 0 and q[n] < alpha][:top]
     under = [rows[n] for n in reversed(by_ratio) if log_ratio[n] < 0 and q[n] < alpha][:top]
 
-    out = Path(out) if out else Path(home or default_home()) / "comparisons" / atlas.manifest["name"] / f"{index_a}__{index_b}"
-    out.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows)
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    files = {}
+    if write:
+        out = Path(out) if out else Path(home or default_home()) / "comparisons" / atlas.manifest["name"] / f"{index_a}__{index_b}"
+        out.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(rows)
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
 
-    pq.write_table(table, out / f"level_{g}.parquet")
-    pacsv.write_csv(table.drop(["top_labels"]), out / f"level_{g}.csv")
-    shown = np.where(q < alpha, log_ratio, np.nan)
-    draw_heatmap(_mosaic_path(atlas, g), g, [(r["i"], r["j"]) for r in rows], shown, diverging=True,
-                 out=out / f"level_{g}.png",
-                 title=f"log2 share ratio, {index_b} over {index_a} (red: more in {index_b}; q < {alpha})")
+        files = {"parquet": str(out / f"level_{g}.parquet"), "csv": str(out / f"level_{g}.csv"),
+                 "picture": str(out / f"level_{g}.png")}
+        pq.write_table(table, files["parquet"])
+        pacsv.write_csv(table.drop(["top_labels"]), files["csv"])
+        draw_heatmap(_mosaic_path(atlas, g), g, [(r["i"], r["j"]) for r in rows],
+                     np.where(q < alpha, log_ratio, np.nan), diverging=True, out=Path(files["picture"]),
+                     title=f"log2 share ratio, {index_b} over {index_a} (red: more in {index_b}; q < {alpha})")
     return {
         "atlas": atlas.manifest["name"], "level": g, "a": index_a, "b": index_b,
         "totals": {"a": ta, "b": tb},
@@ -458,6 +464,5 @@ def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = 
         "jensen_shannon_bits": _jensen_shannon(bins_a, bins_b),
         "significant_cells": int((q < alpha).sum()), "cells": m, "alpha": alpha,
         "over_represented_in_b": over, "under_represented_in_b": under,
-        "files": {"parquet": str(out / f"level_{g}.parquet"), "csv": str(out / f"level_{g}.csv"),
-                  "picture": str(out / f"level_{g}.png")},
+        "files": files,
     }

@@ -332,6 +332,27 @@ class IndexStore:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    def image_placements(self, atlas: str, image_id: int) -> list[dict]:
+        """Where one image's activations fall on ``atlas``, at every level."""
+        if not self._placements_exist():
+            return []
+        cur = self.con.execute("SELECT level, k, y, x, i, j, distance, off_atlas FROM placements "
+                               "WHERE atlas = ? AND image_id = ? ORDER BY level, k", [atlas, int(image_id)])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def cells_of_images(self, atlas: str, image_ids: list[int]) -> dict[int, dict[tuple[int, int], int]]:
+        """Per level: cell (i, j) → how many activations of these images are placed there."""
+        if not self._placements_exist() or not image_ids:
+            return {}
+        rows = self.con.execute(
+            "SELECT level, i, j, count(*) FROM placements WHERE atlas = ? AND image_id IN (SELECT unnest(?)) "
+            "AND i IS NOT NULL AND NOT off_atlas GROUP BY level, i, j", [atlas, list(map(int, image_ids))]).fetchall()
+        out: dict[int, dict[tuple[int, int], int]] = {}
+        for level, i, j, n in rows:
+            out.setdefault(int(level), {})[(int(i), int(j))] = int(n)
+        return out
+
     def _insert(self, table: str, columns: dict[str, list]) -> None:
         frame = pa.table(columns)
         self.con.register("incoming", frame)
@@ -359,6 +380,9 @@ class IndexStore:
         if table not in ("images", "samples", "errors"):
             raise ValueError(table)
         return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def count_samples(self, layer: str) -> int:
+        return self.con.execute("SELECT count(*) FROM samples WHERE layer = ?", [layer]).fetchone()[0]
 
     def image_ids(self) -> np.ndarray:
         return self.con.execute("SELECT id FROM images ORDER BY id").fetchnumpy()["id"].astype(np.int64)

@@ -1,0 +1,272 @@
+"""Everything the Streamlit app shows, computed here so that ``app.py`` stays UI only.
+
+The app never sends anything per activation to the browser. The atlas goes out as one picture
+(the mosaic with the chosen overlay drawn in) plus one row per kept cell (position, count, top
+classes) for hovering and clicking. Images are read only from under their index's own root folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .atlas import Atlas, load_atlas, position_box
+from .heatmap import DIVERGING, SEQUENTIAL, colour_ramp
+from .histogram import atlas_key, cell_images, compare, histogram
+from .images import ImageDecodeError, open_rgb
+from .store import IndexStore, default_home, index_folder
+
+__all__ = ["AppError", "list_indexes", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
+           "overlay_compare", "overlay_search", "atlas_picture", "cell_page", "safe_image_path",
+           "thumbnail", "image_details", "search_upload"]
+
+VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
+
+
+class AppError(ValueError):
+    """Something the app shows as a message instead of a traceback."""
+
+
+def list_indexes(home: Path | None = None) -> list[str]:
+    """Names of the finished indexes under ``home``."""
+    home = Path(home or default_home())
+    if not home.is_dir():
+        return []
+    return sorted(p.name for p in home.iterdir() if (p / "index.duckdb").is_file())
+
+
+def list_atlases(home: Path | None = None) -> list[str]:
+    """Names of the complete atlases under ``home`` (unfinished builds are left out)."""
+    folder = Path(home or default_home()) / "atlases"
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "manifest.json").is_file())
+
+
+@dataclass
+class CellOverlay:
+    """One value per kept cell of a level, and how to colour it."""
+
+    cells: list[dict]          # i, j, value, label (tooltip text), count, top_labels
+    diverging: bool = False
+    log: bool = False
+    legend: str = ""
+    opacity_only: bool = False  # class view: cells fade by value instead of taking colours
+
+
+def _cells(atlas: Atlas, level: int) -> dict:
+    if level not in atlas.levels:
+        raise AppError(f"atlas {atlas.manifest['name']!r} has no level {level} (it has {atlas.levels})")
+    return atlas.cells_at(level)
+
+
+def overlay_counts(atlas: Atlas, index: str | None, level: int, *, home: Path | None = None,
+                   log: bool = True) -> CellOverlay:
+    """Per-cell activation counts of ``index`` (placing new activations first); without an
+    index, the atlas's own reference counts."""
+    if index is None:
+        cells = _cells(atlas, level)
+        rows = [{"i": i, "j": j, "value": float(n), "count": int(n), "top_labels": list(t[:3])}
+                for i, j, n, t in zip(cells["i"], cells["j"], cells["count"], cells["top_labels"])]
+        return CellOverlay(rows, log=log, legend="reference activations per cell")
+    result = histogram(atlas.manifest["name"], index, level=level, home=home, place=False)
+    rows = [{"i": c["i"], "j": c["j"], "value": float(c["activations"]), "count": c["activations"],
+             "images": c["images"], "top_labels": c["top_labels"]} for c in result["cells"]]
+    t = result["totals"]
+    return CellOverlay(rows, log=log, legend=f"{index}: activations per cell; {t['off_atlas_share']:.1%} of "
+                                              f"{t['activations']:,} off-atlas")
+
+
+def overlay_class(atlas: Atlas, level: int, class_name: str) -> CellOverlay:
+    """The article's class view: each cell's mean attribution to ``class_name``; cells fade with it."""
+    categories = atlas.manifest["categories"]
+    if class_name not in categories:
+        raise AppError(f"unknown class {class_name!r}")
+    c = categories.index(class_name)
+    cells = _cells(atlas, level)
+    rows = []
+    for i, j, n, classes, scores, labels in zip(cells["i"], cells["j"], cells["count"], cells["top_classes"],
+                                                cells["top_scores"], cells["top_labels"]):
+        score = dict(zip(classes, scores)).get(c, 0.0)  # only the top 5 are stored; others count as 0
+        rows.append({"i": i, "j": j, "value": float(max(score, 0.0)), "count": int(n), "top_labels": list(labels[:3])})
+    return CellOverlay(rows, legend=f"attribution to {class_name} (opacity)", opacity_only=True)
+
+
+def overlay_compare(atlas: Atlas, index_a: str, index_b: str, level: int, *, home: Path | None = None,
+                    alpha: float = 0.05) -> tuple[CellOverlay, dict]:
+    """Diverging log2 share ratio of B over A (significant cells only) and the comparison itself."""
+    result = compare(atlas.manifest["name"], index_a, index_b, level=level, home=home, alpha=alpha, top=10_000,
+                     place=False, write=False)
+    rows = []
+    table = histogram(atlas.manifest["name"], index_b, level=level, home=home, place=False)["cells"]
+    significant = {(c["i"], c["j"]): c for c in result["over_represented_in_b"] + result["under_represented_in_b"]}
+    for c in table:
+        hit = significant.get((c["i"], c["j"]))
+        rows.append({"i": c["i"], "j": c["j"], "value": hit["log2_ratio"] if hit else float("nan"),
+                     "count": c["activations"], "top_labels": c["top_labels"]})
+    return CellOverlay(rows, diverging=True, legend=f"log2 share ratio {index_b} / {index_a} (q < {alpha})"), result
+
+
+def overlay_search(atlas: Atlas, level: int, cells_hit: dict[tuple[int, int], int]) -> CellOverlay:
+    """Cells occupied by search results light up, by how many of the results' activations fall there."""
+    cells = _cells(atlas, level)
+    rows = [{"i": i, "j": j, "value": float(cells_hit.get((i, j), 0)) or float("nan"), "count": int(n),
+             "top_labels": list(t[:3])} for i, j, n, t in zip(cells["i"], cells["j"], cells["count"], cells["top_labels"])]
+    return CellOverlay(rows, legend="activations of the search results")
+
+
+def atlas_picture(atlas: Atlas, level: int, overlay: CellOverlay | None, *, tiles: str = "icons",
+                  selected: tuple[int, int] | None = None, side: int = VIEW_SIDE) -> Image.Image:
+    """The mosaic (icons or exemplar crops) at ``side`` pixels with the overlay drawn in and the
+    selected cell outlined."""
+    name = f"mosaic_{level}.png" if tiles == "icons" else f"exemplars_{level}.png"
+    path = atlas.folder / name
+    if not path.is_file():
+        path = atlas.folder / f"exemplars_{level}.png"  # an atlas built with --no-icons
+    mosaic = np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS), np.float32)
+    tile = side / level
+    canvas = mosaic.copy()
+    if overlay is not None and overlay.cells:
+        values = np.array([c["value"] for c in overlay.cells], np.float64)
+        shown = np.log10(1 + np.maximum(values, 0)) if overlay.log else values
+        finite = shown[np.isfinite(shown)]
+        top = float(np.abs(finite).max()) if len(finite) and np.abs(finite).max() > 0 else 1.0
+        if overlay.opacity_only:
+            canvas = canvas * 0.12 + 255 * 0.88  # everything faded; cells return with their attribution
+        for cell, value in zip(overlay.cells, shown):
+            if not np.isfinite(value):
+                continue
+            y0, y1 = round(cell["i"] * tile), round((cell["i"] + 1) * tile)
+            x0, x1 = round(cell["j"] * tile), round((cell["j"] + 1) * tile)
+            if overlay.opacity_only:
+                a = max(0.0, value) / top
+                canvas[y0:y1, x0:x1] = mosaic[y0:y1, x0:x1] * a + canvas[y0:y1, x0:x1] * (1 - a)
+            else:
+                t = (value / top + 1) / 2 if overlay.diverging else value / top
+                colour = colour_ramp(np.array([t]), DIVERGING if overlay.diverging else SEQUENTIAL)[0]
+                canvas[y0:y1, x0:x1] = canvas[y0:y1, x0:x1] * 0.45 + colour * 0.55
+    picture = Image.fromarray(np.round(canvas).clip(0, 255).astype(np.uint8))
+    if selected is not None:
+        i, j = selected
+        ImageDraw.Draw(picture).rectangle([j * tile, i * tile, (j + 1) * tile - 1, (i + 1) * tile - 1],
+                                          outline=(255, 0, 80), width=3)
+    return picture
+
+
+def data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, quality=88)
+    mime = "jpeg" if fmt == "JPEG" else fmt.lower()
+    return f"data:image/{mime};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def safe_image_path(root: Path, relative: str) -> Path:
+    """``root/relative``, refused unless it stays inside ``root`` (no ``..``, absolute paths or links out)."""
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise AppError(f"{relative!r} is outside the index's folder")
+    return path
+
+
+def cell_page(atlas_name: str, index: str, level: int, i: int, j: int, *, page: int = 0, per_page: int = 12,
+              home: Path | None = None) -> dict:
+    """One page of the images of ``index`` in cell (i, j), with the cell's labels and scores."""
+    atlas = load_atlas(atlas_name, home)
+    result = cell_images(atlas_name, index, i, j, level=level, k=per_page + 1, offset=page * per_page, home=home)
+    cells = atlas.cells_at(level)
+    scores = next(([round(float(s), 4) for s in sc] for ci, cj, sc in zip(cells["i"], cells["j"], cells["top_scores"])
+                   if (ci, cj) == (i, j)), [])
+    with IndexStore(index_folder(index, home)) as store:
+        counts = store.cell_counts(atlas.manifest["name"], level)
+    total = next((int(n) for a, b, n in zip(counts["i"], counts["j"], counts["images"]) if (a, b) == (i, j)), 0)
+    return {"cell": (i, j), "level": level, "top_labels": result["top_labels"], "top_scores": scores,
+            "images": result["images"][:per_page], "has_next": len(result["images"]) > per_page,
+            "page": page, "total_images": total}
+
+
+def _index_root(index: str, home: Path | None) -> tuple[Path, dict]:
+    with IndexStore(index_folder(index, home)) as store:
+        meta = store.meta()
+    return Path(meta["root"]), meta
+
+
+def thumbnail(atlas: Atlas, index: str, path: str, positions: list[dict], *, home: Path | None = None,
+              side: int = 192, model=None) -> Image.Image:
+    """The image at ``path`` (under the index's root) with the regions its sampled positions see
+    outlined; a grey tile with a note when the file is gone or unreadable."""
+    root, _ = _index_root(index, home)
+    try:
+        image = open_rgb(safe_image_path(root, path))
+    except (ImageDecodeError, OSError) as exc:
+        tile = Image.new("RGB", (side, side), (220, 220, 220))
+        ImageDraw.Draw(tile).text((6, side // 2), f"unreadable: {type(exc).__name__}", fill="black")
+        return tile
+    if model is not None and positions:
+        layer_hw = tuple(atlas.manifest["layer_shape"])
+        stride = atlas.manifest["input_size"] / layer_hw[1]  # the patch of input one position stands for
+        draw = ImageDraw.Draw(image)
+        width = max(2, round(max(image.size) / 160))
+        for p in positions:
+            box = position_box(model, image.width, image.height, int(p["y"]), int(p["x"]), layer_hw, stride)
+            draw.rectangle(box, outline=(255, 0, 80), width=width)
+    image.thumbnail((side, side))
+    return image
+
+
+def image_details(atlas: Atlas, index: str, image_id: int, *, home: Path | None = None) -> dict:
+    """An image's path, size, top-5 predictions and where its activations fall on the atlas."""
+    with IndexStore(index_folder(index, home)) as store:
+        rows = store.images([image_id])
+        if not rows:
+            raise AppError(f"no image {image_id} in index {index!r}")
+        placements = store.image_placements(atlas.manifest["name"], image_id)
+    row = rows[0]
+    categories = atlas.manifest["categories"]
+    top5 = [{"class": categories[c] if c < len(categories) else str(c), "probability": round(float(p), 4)}
+            for c, p in zip(row["top5_class"] or [], row["top5_prob"] or [])]
+    return {"id": image_id, "path": row["path"], "width": row["width"], "height": row["height"], "top5": top5,
+            "placements": placements}
+
+
+def search_upload(atlas: Atlas, index: str, data: bytes, filename: str, *, k: int = 12, home: Path | None = None,
+                  model=None) -> dict:
+    """Nearest images of an uploaded image in ``index``, and the cells of the atlas their
+    activations occupy at each level (from their stored placements)."""
+    from .api import embed_image, model_for_index
+    from .search import search
+
+    suffix = Path(filename).suffix.lower() or ".png"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"query{suffix}"
+        path.write_bytes(data)
+        with IndexStore(index_folder(index, home)) as store:
+            model = model or model_for_index(store.meta())
+            try:
+                vector = embed_image(path, model)
+            except ValueError as exc:
+                raise AppError(f"cannot read the uploaded file {filename!r}: {exc}") from exc
+            hits, kind = search(store, vector, k)
+            ids = [h.id for h in hits]
+            cells = store.cells_of_images(atlas.manifest["name"], ids)
+    return {"hits": [{"id": h.id, "path": h.path, "score": round(h.score, 4)} for h in hits], "search": kind,
+            "cells": cells}
+
+
+def placement_state(atlas: Atlas, index: str, home: Path | None = None) -> str:
+    """``"current"``, ``"missing"`` (never placed on this atlas) or ``"stale"`` (the index has
+    activations not placed yet, or the atlas was rebuilt since)."""
+    with IndexStore(index_folder(index, home)) as store:
+        placed = store.placed_atlases().get(atlas.manifest["name"])
+        if placed is None:
+            return "missing"
+        if placed != atlas_key(atlas):
+            return "stale"
+        totals = store.placement_totals(atlas.manifest["name"], min(atlas.levels))
+        return "current" if totals["activations"] == store.count_samples(atlas.manifest["layer"]) else "stale"
