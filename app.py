@@ -25,11 +25,16 @@ st.set_page_config(page_title="atlasq", layout="wide")
 
 
 def _arguments() -> argparse.Namespace:
+    """Command-line choices (after `--`); ``?index=…&atlas=…`` in the URL overrides them, so a
+    view can be shared as a link."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--home", default=os.environ.get("ATLASQ_HOME") or "indexes")
     parser.add_argument("--index")
     parser.add_argument("--atlas")
-    return parser.parse_known_args(sys.argv[1:])[0]
+    args = parser.parse_known_args(sys.argv[1:])[0]
+    args.index = st.query_params.get("index", args.index)
+    args.atlas = st.query_params.get("atlas", args.atlas)
+    return args
 
 
 ARGS = _arguments()
@@ -50,6 +55,11 @@ def cached_model(index: str):
         return model_for_index(store.meta(), device="cpu")
 
 
+@st.cache_resource(show_spinner=False)
+def cached_root(index: str) -> Path:
+    return appdata.index_root(index, HOME)
+
+
 def atlas_by_name(name: str):
     manifest = HOME / "atlases" / name / "manifest.json"
     return cached_atlas(name, manifest.stat().st_mtime if manifest.is_file() else 0.0)
@@ -63,7 +73,7 @@ def _choose(label: str, options: list[str], wanted: str | None, key: str) -> str
 
 
 def reset_selection() -> None:
-    for key in ("cell", "image", "search"):
+    for key in ("cell", "image", "search", "last_chart", "last_picker"):
         st.session_state.pop(key, None)
     st.session_state["page"] = 0
 
@@ -128,7 +138,25 @@ except (appdata.AppError, ValueError, FileNotFoundError, RuntimeError) as exc:
     st.error(str(exc))
     st.stop()
 
+root = cached_root(index_name) if index_name is not None else None
+
+
+def sync_selection() -> None:
+    """Take a click on the atlas or a choice in the cell picker into ``cell`` before anything is
+    drawn, so the page shows the new cell in this run (no second run per click)."""
+    chart = st.session_state.get(f"atlas_{level}")
+    chart_cells = (chart or {}).get("selection", {}).get("cell") or []
+    clicked = (int(chart_cells[0]["i"]), int(chart_cells[0]["j"])) if chart_cells else None
+    picked = st.session_state.get(f"cell_picker_{level}")
+    picked = tuple(map(int, picked.split(","))) if picked and picked != "—" else None
+    for source, value in (("chart", clicked), ("picker", picked)):
+        if value is not None and st.session_state.get(f"last_{source}") != value:
+            st.session_state[f"last_{source}"] = value
+            st.session_state["cell"], st.session_state["page"], st.session_state["image"] = value, 0, None
+
+
 # ----------------------------------------------------------------------------- atlas view
+sync_selection()
 left, right = st.columns([3, 2], gap="medium")
 with left:
     st.caption(overlay.legend + ("" if overlay.opacity_only else f" · {scale} scale"))
@@ -153,23 +181,14 @@ with left:
     # (j, i) × side / level, so the picture and the clickable cells line up
     chart = alt.layer(background, boxes).properties(
         width=side, height=side, padding=0, autosize=alt.AutoSizeParams(type="none")).configure_view(stroke=None)
-    event = st.altair_chart(chart, on_select="rerun", selection_mode="cell", key=f"atlas_{level}", theme=None,
-                            width="content")
-    chosen = (event.selection.get("cell") or []) if event else []
-    if chosen and (chosen[0]["i"], chosen[0]["j"]) != selected:
-        st.session_state["cell"] = (int(chosen[0]["i"]), int(chosen[0]["j"]))
-        st.session_state["page"], st.session_state["image"] = 0, None
-        st.rerun()
+    st.altair_chart(chart, on_select="rerun", selection_mode="cell", key=f"atlas_{level}", theme=None,
+                    width="content")
     # the same choice without a pointer: every kept cell, fullest first
     ranked = sorted(overlay.cells, key=lambda c: -c["count"])
     labels = {f"{c['i']},{c['j']}": f"cell {c['i']},{c['j']} · {', '.join(c['top_labels'][:2])} ({c['count']})"
               for c in ranked}
-    picked = st.selectbox("…or choose a cell", ["—"] + list(labels), format_func=lambda k: labels.get(k, k),
-                          key=f"cell_picker_{level}")
-    if picked != "—" and tuple(map(int, picked.split(","))) != st.session_state.get("cell"):
-        st.session_state["cell"] = tuple(map(int, picked.split(",")))
-        st.session_state["page"], st.session_state["image"] = 0, None
-        st.rerun()
+    st.selectbox("…or choose a cell", ["—"] + list(labels), format_func=lambda k: labels.get(k, k),
+                 key=f"cell_picker_{level}")
 
     if comparison is not None:
         st.markdown(f"**{comparison['b']} vs {comparison['a']}**: Jensen–Shannon divergence "
@@ -209,7 +228,7 @@ with left:
                 if n % 4 == 0:
                     columns = st.columns(4)
                 with columns[n % 4]:
-                    st.image(appdata.thumbnail(atlas, index_name, hit["path"], [], home=HOME, side=160),
+                    st.image(appdata.thumbnail(atlas, root, hit["path"], [], side=160), output_format="JPEG",
                              caption=f"{hit['path']} ({hit['score']:.3f})")
 
 # ----------------------------------------------------------------------------- the selected cell
@@ -223,7 +242,7 @@ with right:
         i, j = cell
         page = st.session_state.get("page", 0)
         try:
-            result = appdata.cell_page(atlas_name, index_name, level, i, j, page=page, per_page=PER_PAGE, home=HOME)
+            result = appdata.cell_page(atlas, index_name, level, i, j, page=page, per_page=PER_PAGE, home=HOME)
         except (appdata.AppError, ValueError, FileNotFoundError) as exc:
             st.error(str(exc))
             st.stop()
@@ -237,8 +256,8 @@ with right:
             if n % 3 == 0:  # one row of columns per three images, so rows line up (and read in order)
                 columns = st.columns(3)
             with columns[n % 3]:
-                st.image(appdata.thumbnail(atlas, index_name, member["path"], member["positions"], home=HOME,
-                                           model=model), caption=member["path"])
+                st.image(appdata.thumbnail(atlas, root, member["path"], member["positions"], model=model),
+                         caption=member["path"], output_format="JPEG")
                 if st.button("open", key=f"open_{member['image_id']}"):
                     st.session_state["image"] = member["image_id"]
                     st.rerun()
@@ -256,8 +275,8 @@ with right:
             st.divider()
             st.markdown(f"**{details['path']}** ({details['width']}×{details['height']})")
             positions = [p for p in details["placements"] if p["level"] == level]
-            st.image(appdata.thumbnail(atlas, index_name, details["path"], positions, home=HOME, side=480,
-                                       model=model))
+            st.image(appdata.thumbnail(atlas, root, details["path"], positions, side=480, model=model),
+                     output_format="JPEG")
             st.table(pd.DataFrame(details["top5"]))
             st.table(pd.DataFrame([{"position": f"({p['y']},{p['x']})", "cell": "off-atlas" if p["off_atlas"] else
                                     f"{p['i']},{p['j']}", "distance": round(p["distance"], 4)} for p in positions]))

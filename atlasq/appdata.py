@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atlas import Atlas, load_atlas, position_box
+from .atlas import Atlas, position_box
 from .heatmap import DIVERGING, SEQUENTIAL, colour_ramp
 from .histogram import atlas_key, cell_images, compare, histogram
 from .images import ImageDecodeError, open_rgb
@@ -24,7 +24,7 @@ from .store import IndexStore, default_home, index_folder
 
 __all__ = ["AppError", "list_indexes", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
            "overlay_compare", "overlay_search", "atlas_picture", "cell_page", "safe_image_path",
-           "thumbnail", "image_details", "search_upload"]
+           "index_root", "thumbnail", "image_details", "search_upload", "placement_state"]
 
 VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
 
@@ -175,11 +175,10 @@ def safe_image_path(root: Path, relative: str) -> Path:
     return path
 
 
-def cell_page(atlas_name: str, index: str, level: int, i: int, j: int, *, page: int = 0, per_page: int = 12,
+def cell_page(atlas: Atlas, index: str, level: int, i: int, j: int, *, page: int = 0, per_page: int = 12,
               home: Path | None = None) -> dict:
     """One page of the images of ``index`` in cell (i, j), with the cell's labels and scores."""
-    atlas = load_atlas(atlas_name, home)
-    result = cell_images(atlas_name, index, i, j, level=level, k=per_page + 1, offset=page * per_page, home=home)
+    result = cell_images(atlas, index, i, j, level=level, k=per_page + 1, offset=page * per_page, home=home)
     cells = atlas.cells_at(level)
     scores = next(([round(float(s), 4) for s in sc] for ci, cj, sc in zip(cells["i"], cells["j"], cells["top_scores"])
                    if (ci, cj) == (i, j)), [])
@@ -191,17 +190,16 @@ def cell_page(atlas_name: str, index: str, level: int, i: int, j: int, *, page: 
             "page": page, "total_images": total}
 
 
-def _index_root(index: str, home: Path | None) -> tuple[Path, dict]:
+def index_root(index: str, home: Path | None = None) -> Path:
+    """The folder an index was built from: the only place the app reads images from."""
     with IndexStore(index_folder(index, home)) as store:
-        meta = store.meta()
-    return Path(meta["root"]), meta
+        return Path(store.meta()["root"])
 
 
-def thumbnail(atlas: Atlas, index: str, path: str, positions: list[dict], *, home: Path | None = None,
-              side: int = 192, model=None) -> Image.Image:
-    """The image at ``path`` (under the index's root) with the regions its sampled positions see
+def thumbnail(atlas: Atlas, root: Path, path: str, positions: list[dict], *, side: int = 192,
+              model=None) -> Image.Image:
+    """The image at ``path`` under ``root`` (see :func:`index_root`) with the sampled positions
     outlined; a grey tile with a note when the file is gone or unreadable."""
-    root, _ = _index_root(index, home)
     try:
         image = open_rgb(safe_image_path(root, path))
     except (ImageDecodeError, OSError) as exc:

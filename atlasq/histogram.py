@@ -319,10 +319,11 @@ def histogram(atlas_name: str, index_name: str, *, level: int | None = None, hom
             "off_atlas_threshold": threshold}
 
 
-def cell_images(atlas_name: str, index_name: str, i: int, j: int, *, level: int | None = None, k: int = 20,
+def cell_images(atlas_name: str | Atlas, index_name: str, i: int, j: int, *, level: int | None = None, k: int = 20,
                 offset: int = 0, home: Path | None = None) -> dict:
-    """The images of ``index_name`` in cell (i, j), most typical first, with their positions."""
-    atlas = load_atlas(atlas_name, home)
+    """The images of ``index_name`` in cell (i, j), most typical first, with their positions.
+    ``atlas_name`` may be an already loaded :class:`Atlas`."""
+    atlas = atlas_name if isinstance(atlas_name, Atlas) else load_atlas(atlas_name, home)
     g = _level(atlas, level)
     if not (0 <= i < g and 0 <= j < g):
         raise AtlasError(f"cell ({i}, {j}) is outside the {g}×{g} grid")

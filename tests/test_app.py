@@ -223,3 +223,32 @@ def test_browser_upload_shows_neighbours(browser_page, app_home, tmp_path):
     classes = [c.split("/")[0] for c in captions]
     assert len(classes) >= 8 and np.mean([c == "stripes" for c in classes]) >= 0.8
     page.screenshot(path=str(SCREENSHOTS / "app_search.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def big_index(app_home):
+    from bigindex import make_placed_index
+
+    if not (app_home / "big").exists():
+        make_placed_index(app_home, "big", "app", SAMPLE_DATA, images=100_000)
+    return "big"
+
+
+def test_browser_click_on_a_100k_image_index(browser_page, served_app, app_home, big_index):
+    """Scale: on 100,000 images (400,000 placed activations per level) a click still shows the
+    cell's first page. The time is printed, not asserted (machines here are shared)."""
+    page = browser_page
+    page.goto(f"{served_app}/?index={big_index}")
+    page.wait_for_selector("[data-testid='stVegaLiteChart'] path.background", timeout=120_000)
+    cell = _fullest_cell(app_home, big_index)
+    assert cell["images"] > 5_000
+    frame = page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
+    started = time.perf_counter()
+    page.mouse.click(frame["x"] + (cell["j"] + 0.5) * frame["width"] / 10,
+                     frame["y"] + (cell["i"] + 0.5) * frame["height"] / 10)
+    page.get_by_text(f"{cell['images']} images of {big_index} here").wait_for(timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= 12",
+                           timeout=60_000)
+    print(f"100k-image index: click to 12 images {time.perf_counter() - started:.2f} s")
+    expected = [m["path"] for m in cell_images("app", big_index, cell["i"], cell["j"], home=app_home, k=12)["images"]]
+    assert page.locator("[data-testid='stImageCaption']").all_inner_texts()[:12] == expected
