@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import altair as alt
+import duckdb
 import pandas as pd
 import streamlit as st
 
@@ -134,8 +135,8 @@ try:
         overlay = appdata.overlay_counts(atlas, index_name, level, home=HOME, log=scale == "log")
     elif view != "class":
         overlay.log = scale == "log" and not overlay.diverging
-except (appdata.AppError, ValueError, FileNotFoundError, RuntimeError) as exc:
-    st.error(str(exc))
+except (appdata.AppError, ValueError, FileNotFoundError, RuntimeError, duckdb.Error) as exc:
+    st.error(str(exc))  # e.g. a half-built index, or one another process is writing for too long
     st.stop()
 
 root = cached_root(index_name) if index_name is not None else None
@@ -183,6 +184,9 @@ with left:
         width=side, height=side, padding=0, autosize=alt.AutoSizeParams(type="none")).configure_view(stroke=None)
     st.altair_chart(chart, on_select="rerun", selection_mode="cell", key=f"atlas_{level}", theme=None,
                     width="content")
+    legend = appdata.overlay_legend(overlay, width=side)
+    if legend is not None:
+        st.image(legend, output_format="PNG")
     # the same choice without a pointer: every kept cell, fullest first
     ranked = sorted(overlay.cells, key=lambda c: -c["count"])
     labels = {f"{c['i']},{c['j']}": f"cell {c['i']},{c['j']} · {', '.join(c['top_labels'][:2])} ({c['count']})"
@@ -203,7 +207,8 @@ with left:
                     st.session_state["cell"], st.session_state["page"] = (c["i"], c["j"]), 0
                     st.rerun()
 
-    with st.expander("Search by image", expanded=bool(st.session_state.get("search"))):
+    with st.expander("Search by image (or press ≈ under any image)",
+                     expanded=bool(st.session_state.get("search"))):
         upload = st.file_uploader("An image to find in the dataset", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"],
                                   key="upload")
         if upload is not None and index_name is not None:
@@ -258,8 +263,13 @@ with right:
             with columns[n % 3]:
                 st.image(appdata.thumbnail(atlas, root, member["path"], member["positions"], model=model),
                          caption=member["path"], output_format="JPEG")
-                if st.button("open", key=f"open_{member['image_id']}"):
+                opened, similar = st.columns(2)
+                if opened.button("⤢", key=f"open_{member['image_id']}", help="open: predictions and cells"):
                     st.session_state["image"] = member["image_id"]
+                    st.rerun()
+                if similar.button("≈", key=f"similar_{member['image_id']}", help="similar images"):
+                    st.session_state["search"] = appdata.search_indexed(atlas, index_name, member["image_id"],
+                                                                        home=HOME)
                     st.rerun()
         previous, _, following = st.columns([1, 2, 1])
         if page > 0 and previous.button("◀ previous", key="prev"):

@@ -17,14 +17,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atlas import Atlas, position_box
-from .heatmap import DIVERGING, SEQUENTIAL, colour_ramp
+from .heatmap import colour_bar, paint_cells, scale
 from .histogram import atlas_key, cell_images, compare, histogram
 from .images import ImageDecodeError, open_rgb
 from .store import IndexStore, default_home, index_folder
 
 __all__ = ["AppError", "list_indexes", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
            "overlay_compare", "overlay_search", "atlas_picture", "cell_page", "safe_image_path",
-           "index_root", "thumbnail", "image_details", "search_upload", "placement_state"]
+           "index_root", "thumbnail", "image_details", "search_upload", "search_indexed", "placement_state",
+           "overlay_legend"]
 
 VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
 
@@ -130,33 +131,37 @@ def atlas_picture(atlas: Atlas, level: int, overlay: CellOverlay | None, *, tile
     if not path.is_file():
         path = atlas.folder / f"exemplars_{level}.png"  # an atlas built with --no-icons
     mosaic = np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS), np.float32)
-    tile = side / level
     canvas = mosaic.copy()
     if overlay is not None and overlay.cells:
+        cells = [(c["i"], c["j"]) for c in overlay.cells]
         values = np.array([c["value"] for c in overlay.cells], np.float64)
-        shown = np.log10(1 + np.maximum(values, 0)) if overlay.log else values
-        finite = shown[np.isfinite(shown)]
-        top = float(np.abs(finite).max()) if len(finite) and np.abs(finite).max() > 0 else 1.0
-        if overlay.opacity_only:
-            canvas = canvas * 0.12 + 255 * 0.88  # everything faded; cells return with their attribution
-        for cell, value in zip(overlay.cells, shown):
-            if not np.isfinite(value):
-                continue
-            y0, y1 = round(cell["i"] * tile), round((cell["i"] + 1) * tile)
-            x0, x1 = round(cell["j"] * tile), round((cell["j"] + 1) * tile)
-            if overlay.opacity_only:
-                a = max(0.0, value) / top
-                canvas[y0:y1, x0:x1] = mosaic[y0:y1, x0:x1] * a + canvas[y0:y1, x0:x1] * (1 - a)
-            else:
-                t = (value / top + 1) / 2 if overlay.diverging else value / top
-                colour = colour_ramp(np.array([t]), DIVERGING if overlay.diverging else SEQUENTIAL)[0]
-                canvas[y0:y1, x0:x1] = canvas[y0:y1, x0:x1] * 0.45 + colour * 0.55
+        if overlay.opacity_only:  # everything faded; each cell comes back with its value
+            faded = canvas * 0.12 + 255 * 0.88
+            weight = np.zeros(canvas.shape[:2] + (1,), np.float32)
+            top = np.nanmax(values) if np.isfinite(values).any() and np.nanmax(values) > 0 else 1.0
+            tile = side / level
+            for (i, j), value in zip(cells, values):
+                if np.isfinite(value):
+                    weight[round(i * tile):round((i + 1) * tile), round(j * tile):round((j + 1) * tile)] = max(value, 0) / top
+            canvas = mosaic * weight + faded * (1 - weight)
+        else:
+            paint_cells(canvas, level, cells, values, diverging=overlay.diverging, log=overlay.log, opacity=0.55)
     picture = Image.fromarray(np.round(canvas).clip(0, 255).astype(np.uint8))
     if selected is not None:
         i, j = selected
+        tile = side / level
         ImageDraw.Draw(picture).rectangle([j * tile, i * tile, (j + 1) * tile - 1, (i + 1) * tile - 1],
                                           outline=(255, 0, 80), width=3)
     return picture
+
+
+def overlay_legend(overlay: CellOverlay, width: int = VIEW_SIDE) -> Image.Image | None:
+    """The colour bar of ``overlay`` (None for the class view, which fades instead of colouring)."""
+    if overlay.opacity_only or not overlay.cells:
+        return None
+    _, low, high = scale(np.array([c["value"] for c in overlay.cells], np.float64), diverging=overlay.diverging,
+                         log=overlay.log)
+    return colour_bar(width, low, high, diverging=overlay.diverging, log=overlay.log)
 
 
 def data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
@@ -253,6 +258,20 @@ def search_upload(atlas: Atlas, index: str, data: bytes, filename: str, *, k: in
             hits, kind = search(store, vector, k)
             ids = [h.id for h in hits]
             cells = store.cells_of_images(atlas.manifest["name"], ids)
+    return {"hits": [{"id": h.id, "path": h.path, "score": round(h.score, 4)} for h in hits], "search": kind,
+            "cells": cells}
+
+
+def search_indexed(atlas: Atlas, index: str, image_id: int, *, k: int = 12, home: Path | None = None) -> dict:
+    """Like :func:`search_upload`, for an image already in ``index`` (the query itself left out)."""
+    from .search import search
+
+    with IndexStore(index_folder(index, home)) as store:
+        _, vectors = store.pooled([image_id])
+        if not len(vectors):
+            raise AppError(f"no image {image_id} in index {index!r}")
+        hits, kind = search(store, vectors[0], k, exclude=image_id)
+        cells = store.cells_of_images(atlas.manifest["name"], [h.id for h in hits])
     return {"hits": [{"id": h.id, "path": h.path, "score": round(h.score, 4)} for h in hits], "search": kind,
             "cells": cells}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["SEQUENTIAL", "DIVERGING", "colour_ramp", "draw_heatmap"]
+__all__ = ["SEQUENTIAL", "DIVERGING", "colour_ramp", "scale", "paint_cells", "colour_bar", "draw_heatmap"]
 
 SEQUENTIAL = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
 DIVERGING = np.array([[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]], np.float32)
@@ -27,6 +27,53 @@ def colour_ramp(values: np.ndarray, anchors: np.ndarray) -> np.ndarray:
     return np.round(anchors[low] * (1 - frac) + anchors[low + 1] * frac).astype(np.uint8)
 
 
+def scale(values: np.ndarray, *, diverging: bool = False, log: bool = False) -> tuple[np.ndarray, float, float]:
+    """``(shown, low, high)``: the values as coloured (log10(1 + v) on a log scale) and the limits
+    of the colour scale. A diverging scale is symmetric around 0; a log scale starts at the
+    smallest value shown, so the colours spread over the counts."""
+    values = np.asarray(values, np.float64)
+    shown = np.log10(1 + np.maximum(values, 0)) if log else values
+    finite = shown[np.isfinite(shown)]
+    limit = float(np.abs(finite).max()) if len(finite) and np.abs(finite).max() > 0 else 1.0
+    if diverging:
+        return shown, -limit, limit
+    low = float(finite.min()) if log and len(finite) and finite.min() < limit else 0.0
+    return shown, low, limit
+
+
+def paint_cells(canvas: np.ndarray, size: int, cells: list[tuple[int, int]], values: np.ndarray, *,
+                diverging: bool = False, log: bool = False, opacity: float = 0.6) -> tuple[float, float]:
+    """Blend each listed cell of a ``size``×``size`` grid drawn on ``canvas`` (H, W, 3 float) with
+    its value's colour; NaN cells stay as they are. Returns the scale's limits (as coloured)."""
+    shown, low, high = scale(values, diverging=diverging, log=log)
+    colours = colour_ramp((shown - low) / (high - low), DIVERGING if diverging else SEQUENTIAL)
+    tile = canvas.shape[0] / size
+    for (i, j), colour, value in zip(cells, colours, shown):
+        if np.isfinite(value):
+            y0, y1, x0, x1 = round(i * tile), round((i + 1) * tile), round(j * tile), round((j + 1) * tile)
+            canvas[y0:y1, x0:x1] = canvas[y0:y1, x0:x1] * (1 - opacity) + colour * opacity
+    return low, high
+
+
+def colour_bar(width: int, low: float, high: float, *, diverging: bool = False, log: bool = False,
+               title: str = "") -> Image.Image:
+    """A horizontal colour bar labelled with its limits (and 0 in the middle of a diverging one)."""
+    bar_h = 18
+    bar = Image.new("RGB", (width, bar_h + (36 if title else 22)), "white")
+    ramp = colour_ramp(np.linspace(0, 1, width)[None, :].repeat(bar_h, 0), DIVERGING if diverging else SEQUENTIAL)
+    bar.paste(Image.fromarray(ramp), (0, 0))
+    draw = ImageDraw.Draw(bar)
+    font = ImageFont.load_default()
+    unlog = (lambda v: 10 ** v - 1) if log else (lambda v: v)
+    for x, value in [(0, unlog(low)), (width - 1, unlog(high))] + ([(width // 2, 0.0)] if diverging else []):
+        text = f"{value:.3g}"
+        text_width = draw.textlength(text, font=font)
+        draw.text((min(max(0, x - text_width / 2), width - text_width), bar_h + 2), text, fill="black", font=font)
+    if title:
+        draw.text((4, bar_h + 16), title + (" (log scale)" if log else ""), fill="black", font=font)
+    return bar
+
+
 def draw_heatmap(base: Path | Image.Image, size: int, cells: list[tuple[int, int]], values: np.ndarray, *,
                  diverging: bool = False, log: bool = False, title: str = "", out: Path | None = None,
                  opacity: float = 0.62) -> Image.Image:
@@ -37,42 +84,12 @@ def draw_heatmap(base: Path | Image.Image, size: int, cells: list[tuple[int, int
     """
     mosaic = (Image.open(base) if not isinstance(base, Image.Image) else base).convert("RGB")
     side = mosaic.size[0]
-    tile = side / size
-    faded = np.asarray(mosaic, np.float32) * 0.55 + 255 * 0.45
-    canvas = faded.copy()
-    values = np.asarray(values, np.float64)
-    shown = np.log10(1 + np.maximum(values, 0)) if log else values
-    finite = shown[np.isfinite(shown)]
-    limit = float(np.abs(finite).max()) if len(finite) and np.abs(finite).max() > 0 else 1.0
-    if diverging:
-        low, high = -limit, limit
-    else:  # a log scale starts at the smallest count shown, so the colours spread over the counts
-        low = float(finite.min()) if log and len(finite) and finite.min() < limit else 0.0
-        high = limit
-    colours = colour_ramp((shown - low) / (high - low), DIVERGING if diverging else SEQUENTIAL)
-    for (i, j), colour, value in zip(cells, colours, values):
-        if not np.isfinite(value):
-            continue
-        y0, y1, x0, x1 = round(i * tile), round((i + 1) * tile), round(j * tile), round((j + 1) * tile)
-        canvas[y0:y1, x0:x1] = canvas[y0:y1, x0:x1] * (1 - opacity) + colour * opacity
-    picture = Image.fromarray(np.round(canvas).astype(np.uint8))
-
-    # colour bar with its limits (and the middle, for a diverging scale) under the mosaic
-    bar_h, pad = 18, 36
-    framed = Image.new("RGB", (side, side + bar_h + pad + 14), "white")
-    framed.paste(picture, (0, 0))
-    ramp = colour_ramp(np.linspace(0, 1, side)[None, :].repeat(bar_h, 0), DIVERGING if diverging else SEQUENTIAL)
-    framed.paste(Image.fromarray(ramp), (0, side + 6))
-    draw = ImageDraw.Draw(framed)
-    font = ImageFont.load_default()
-    unlog = (lambda v: 10 ** v - 1) if log else (lambda v: v)
-    labels = [(0, unlog(low)), (side - 1, unlog(high))] + ([(side // 2, 0.0)] if diverging else [])
-    for x, value in labels:
-        text = f"{value:.3g}"
-        width = draw.textlength(text, font=font)
-        draw.text((min(max(0, x - width / 2), side - width), side + bar_h + 8), text, fill="black", font=font)
-    if title:
-        draw.text((4, side + bar_h + 22), title + (" (log scale)" if log else ""), fill="black", font=font)
+    canvas = np.asarray(mosaic, np.float32) * 0.55 + 255 * 0.45
+    low, high = paint_cells(canvas, size, cells, values, diverging=diverging, log=log, opacity=opacity)
+    bar = colour_bar(side, low, high, diverging=diverging, log=log, title=title)
+    framed = Image.new("RGB", (side, side + 6 + bar.size[1]), "white")
+    framed.paste(Image.fromarray(np.round(canvas).astype(np.uint8)), (0, 0))
+    framed.paste(bar, (0, side + 6))
     if out is not None:
         tmp = Path(out).with_name(Path(out).name + ".tmp")
         framed.save(tmp, format="PNG")

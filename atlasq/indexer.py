@@ -320,6 +320,7 @@ def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary) ->
         return
     chunk = builder.build()
     store.commit(chunk)
+    store.release()  # readers (the app, `atlasq search`) can open the index until the next commit
     summary.indexed += len(chunk.images["id"])
     summary.new_errors += len(chunk.errors)
     builder.reset()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,7 @@ class Chunk:
 class IndexStore:
     """An index folder: DuckDB connection, shard arrays and the FAISS file."""
 
-    def __init__(self, folder: Path, *, read_only: bool = True):
+    def __init__(self, folder: Path, *, read_only: bool = True, lock_wait: float = 20.0):
         self.folder = Path(folder)
         db = self.folder / DB_FILE
         if not db.is_file():
@@ -135,10 +136,37 @@ class IndexStore:
                 f"no index at {self.folder} (missing {DB_FILE}); build one with `atlasq index DIR --name "
                 f"{self.folder.name}`")
         self.read_only = read_only
-        try:
-            self.con = duckdb.connect(str(db), read_only=read_only)
-        except duckdb.IOException as exc:
-            raise RuntimeError(f"cannot open {db}: {exc} (is another `atlasq index` writing to it?)") from exc
+        self.lock_wait = lock_wait
+        self._con = None
+        self.con  # open now, so a missing or locked database is reported here
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection, reopened after :meth:`release`.
+
+        DuckDB lets one process write a database file or several processes read it, never both
+        at once. So a writer that releases the file between its commits lets readers (the app)
+        in, and both sides wait up to ``lock_wait`` seconds for the other to let go.
+        """
+        if self._con is None:
+            db = self.folder / DB_FILE
+            deadline = time.monotonic() + self.lock_wait
+            while True:
+                try:
+                    self._con = duckdb.connect(str(db), read_only=self.read_only)
+                    break
+                except duckdb.IOException as exc:
+                    if time.monotonic() >= deadline:
+                        raise RuntimeError(f"cannot open {db}: {exc} (another process has been writing to it for "
+                                           f"over {self.lock_wait:.0f} s)") from exc
+                    time.sleep(0.05)
+        return self._con
+
+    def release(self) -> None:
+        """Close the connection until the next use, so other processes can open the file."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
     @classmethod
     def create(cls, folder: Path) -> "IndexStore":
@@ -151,7 +179,7 @@ class IndexStore:
         return cls(folder, read_only=False)
 
     def close(self) -> None:
-        self.con.close()
+        self.release()
 
     def __enter__(self):
         return self

@@ -61,7 +61,8 @@ def _app(home: Path, monkeypatch) -> AppTest:
 
 
 def _captions(at: AppTest) -> list[str]:
-    return [image.proto.imgs[0].caption for image in at.get("image")]
+    """Captions of the images shown, in page order (the colour bar has none)."""
+    return [image.proto.imgs[0].caption for image in at.get("image") if image.proto.imgs[0].caption]
 
 
 def _fullest_cell(home: Path, index: str = "sample", level: int = 10) -> dict:
@@ -97,6 +98,12 @@ def test_choosing_a_cell_shows_its_images_and_pages_through_them(app_home, monke
     assert at.session_state["image"] == first_id
     assert any(expected[0] in m.value for m in at.markdown)
     assert len(at.table) == 2  # top-5 predictions, and where its activations fall
+    at.button(key=f"similar_{first_id}").click().run()
+    hits = at.session_state["search"]["hits"]
+    query_class = expected[0].split("/")[0]
+    assert first_id not in [h["id"] for h in hits]
+    assert np.mean([h["path"].split("/")[0] == query_class for h in hits]) >= 0.8
+    assert "activations of the search results" in " ".join(c.value for c in at.caption)
 
 
 def test_compare_mode_lists_cells_that_select_on_click(app_home, monkeypatch):

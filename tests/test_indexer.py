@@ -481,3 +481,35 @@ def test_streams_must_be_positive(tmp_path):
     copy_samples(root, 2)
     with pytest.raises(ValueError, match="streams"):
         build(root, "s", tmp_path / "home", streams=0)
+
+
+def test_index_can_be_read_while_another_process_is_writing_it(tmp_path):
+    """The writer lets go of the DuckDB file between commits, so a reader (the app, a search)
+    opens it mid-run, sees only committed images, and never fails on the lock."""
+    root = tmp_path / "imgs"
+    total = len(copy_samples(root, 120))
+    home = tmp_path / "home"
+    cmd = [sys.executable, "-m", "atlasq.cli", "index", str(root), "--name", "w", "--home", str(home),
+           *RANDOM_DEMO, "--batch-size", "8", "--commit-every", "8", "--workers", "1", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, deadline = [], time.monotonic() + 240
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "indexing subprocess made no progress"
+            if (home / "w" / "index.duckdb").is_file():
+                try:
+                    with IndexStore(home / "w") as store:
+                        images, samples = store.count("images"), store.count("samples")
+                except duckdb.CatalogException:  # the writer has not created the tables yet
+                    continue
+                assert samples == images * 4  # a reader never sees half a commit
+                seen.append(images)
+            time.sleep(0.05)
+    finally:
+        proc.wait()
+        err = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+    assert proc.returncode == 0, err
+    mid_run = [n for n in seen if 0 < n < total]
+    print(f"{len(seen)} reads during the run, {len(mid_run)} of them mid-run")
+    assert len(mid_run) >= 2 and seen == sorted(seen)
