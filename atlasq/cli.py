@@ -232,6 +232,7 @@ def atlas_build(
     steps: int = typer.Option(512, help="Optimisation steps per icon."),
     icon_size: Optional[int] = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input]."),
     icon_batch: int = typer.Option(32, "--icon-batch", help="Cells optimised together."),
+    settle: float = typer.Option(0.125, help="Fraction of the steps, at the end, without random transforms."),
     icons: bool = typer.Option(True, "--icons/--no-icons", help="Render feature-visualization icons."),
     whiten: bool = typer.Option(False, "--whiten", help="Compare directions in whitened activation space."),
     objective: str = typer.Option("cosine", help="cosine (true cosine) or article (Lucid's formula)."),
@@ -253,7 +254,7 @@ def atlas_build(
         options = AtlasOptions(layer=layer, grids=_split_ints(grids, "--grids"), min_count=min_count,
                                max_activations=max_activations or None, n_neighbors=n_neighbors,
                                min_dist=min_dist, fit_size=fit_size, steps=steps, icon_size=icon_size,
-                               icon_batch=icon_batch, icons=icons, whiten=whiten, objective=objective,
+                               icon_batch=icon_batch, settle=settle, icons=icons, whiten=whiten, objective=objective,
                                precision=precision, seed=seed)
         summary = build_atlas(index_name, name, home=home, options=options, device=device,
                               overwrite=overwrite, progress=not as_json or sys.stderr.isatty())

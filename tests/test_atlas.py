@@ -115,7 +115,7 @@ def test_default_icon_size_is_the_articles_80_px_with_room_around_the_centre():
 
 def test_bad_options_are_refused():
     for bad in (dict(grids=()), dict(grids=(10, 10)), dict(grids=(0,)), dict(min_count=0),
-                dict(objective="other"), dict(icon_size=4), dict(steps=0)):
+                dict(objective="other"), dict(icon_size=4), dict(steps=0), dict(settle=1.0), dict(settle=-0.1)):
         with pytest.raises(AtlasError):
             AtlasOptions(**bad).validate()
 
@@ -205,18 +205,19 @@ def _icon_facts(built):
 
 
 def test_icons_raise_their_objective_and_resemble_their_cell(built):
-    """A regression guard below the issue's bar (see the strict xfail below): most objectives
-    rise, and icons resemble their own cell far more often than chance."""
+    """Every icon's objective rises (the issue's bar); icons resemble their own cell far more
+    often than chance (a regression guard below the issue's 90%, see the strict xfail below)."""
     rose, fidelity, chance = _icon_facts(built)
-    assert rose.mean() >= 0.9
-    assert fidelity >= 4 * chance
+    assert rose.all()
+    assert fidelity >= 6 * chance
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3 bar not met yet: at 48 steps the objective rises for 95% of "
-                                       "icons and 42% are closest to their own cell (needs 100% and 90%)")
+@pytest.mark.xfail(strict=True, reason="issue 3 bar not met yet: at 48 steps 50% of the 10x10 icons are closest to "
+                                       "their own cell (needs 90%); neighbouring cells of one class island have "
+                                       "means with cosine up to 0.99")
 def test_icons_meet_the_issue_bar(built):
-    rose, fidelity, _ = _icon_facts(built)
-    assert rose.all() and fidelity >= 0.9
+    _, fidelity, _ = _icon_facts(built)
+    assert fidelity >= 0.9
 
 
 def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(built, sample_home, monkeypatch):

@@ -44,7 +44,7 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
                       size: int = 80, steps: int = 512, lr: float = 0.05, cossim_pow: float = 3.0,
                       whitening: torch.Tensor | None = None, variant: str = "cosine",
                       shared_transforms: bool = False, precision: str = "fp32", seed: int = 0,
-                      init_sd: float = 0.01,
+                      init_sd: float = 0.01, settle_steps: int = 0,
                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                       on_step: Callable[[int], None] | None = None) -> Rendered:
     """Optimise one image per direction so ``layer``'s centre activation follows it.
@@ -52,6 +52,11 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
     All directions of the batch are optimised together (their objectives are summed; the
     images do not interact). The network runs only as far as ``layer``. Seeded: the same
     arguments give the same images.
+
+    The random transforms make the image robust, but they also blur what it is optimised for:
+    the centre of a jittered image is rarely the centre of the image itself. The last
+    ``settle_steps`` steps therefore optimise the untransformed image, which is the one the icon
+    is judged by (its final objective and centre activation).
     """
     device = next(network.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -81,7 +86,8 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
             initial_objective = run(image_fn()).float().cpu().numpy()
         for step in range(steps):
             optimiser.zero_grad(set_to_none=True)
-            values = run(transform(image_fn()))
+            images = image_fn()
+            values = run(transform(images) if step < steps - settle_steps else images)
             (-values.sum()).backward()
             optimiser.step()
             history[step] = values.detach().float().cpu().numpy()
