@@ -91,11 +91,14 @@ def overlay_class(atlas: Atlas, level: int, class_name: str) -> CellOverlay:
         raise AppError(f"unknown class {class_name!r}")
     c = categories.index(class_name)
     cells = _cells(atlas, level)
+    every_class = atlas.mean_attributions(level)
     rows = []
-    for i, j, n, classes, scores, labels in zip(cells["i"], cells["j"], cells["count"], cells["top_classes"],
-                                                cells["top_scores"], cells["top_labels"]):
-        score = dict(zip(classes, scores)).get(c, 0.0)  # only the top 5 are stored; others count as 0
-        rows.append({"i": i, "j": j, "value": float(max(score, 0.0)), "count": int(n), "top_labels": list(labels[:3])})
+    for n, (i, j, count, classes, scores, labels) in enumerate(zip(
+            cells["i"], cells["j"], cells["count"], cells["top_classes"], cells["top_scores"], cells["top_labels"])):
+        # an older atlas stores only each cell's top 5 classes; the others count as 0 there
+        score = every_class[n, c] if every_class is not None else dict(zip(classes, scores)).get(c, 0.0)
+        rows.append({"i": i, "j": j, "value": float(max(score, 0.0)), "count": int(count),
+                     "top_labels": list(labels[:3])})
     return CellOverlay(rows, legend=f"attribution to {class_name} (opacity)", opacity_only=True)
 
 

@@ -8,7 +8,7 @@ cell (:mod:`atlasq.featurevis`). The result is a self-describing folder::
 
     <home>/atlases/<name>/
         manifest.json        model, weights, layer, every parameter, seed, counts, versions
-        cells.parquet        one row per kept cell and level (see CELL_COLUMNS)
+        cells.parquet        one row per kept cell and level (columns: see the README)
         reference.parquet    one row per reference activation: image, k, y, x, position, cell per level
         activations.npy      (N, C) float16 reference activations, rows as in reference.parquet
         positions.npy        (N, 2) float32 positions in [0, 1]² (x, y)
@@ -16,6 +16,9 @@ cell (:mod:`atlasq.featurevis`). The result is a self-describing folder::
         icons/<G>/<i>_<j>.png  one icon per kept cell
         mosaic_<G>.png       icons on the grid (empty cells blank)
         exemplars_<G>.png    the best exemplar's image crop on the grid
+        attributions_<G>.npy (cells, classes) float16 mean attribution per kept cell
+        placement.json/.faiss  written later by `atlasq histogram`: the reference search index and
+                             the off-atlas threshold (see atlasq.histogram)
 
 Building is resumable: the layout and cells are saved before the icons, each finished icon
 batch is written at once, and ``manifest.json`` (``"complete": true``) is written last. Running
@@ -240,6 +243,12 @@ class Atlas:
         table = self.cells.filter(pa.compute.equal(self.cells["level"], level))
         return table.to_pydict()
 
+    def mean_attributions(self, level: int) -> np.ndarray | None:
+        """(cells, classes) mean attribution of every kept cell of ``level``, rows in
+        :meth:`cells_at` order (None for an atlas built before this file existed)."""
+        path = self.folder / f"attributions_{level}.npy"
+        return np.load(path).astype(np.float32) if path.is_file() else None
+
     def icon_path(self, level: int, i: int, j: int) -> Path:
         return self.folder / "icons" / str(level) / f"{i}_{j}.png"
 
@@ -315,6 +324,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def _save_png(image: np.ndarray | Image.Image, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def _save_npy(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
     tmp.replace(path)
 
 
@@ -421,10 +436,8 @@ def build_atlas(index: str, name: str, *, home: Path | None = None, options: Atl
     else:
         with stderr.status(f"laying out {len(chosen):,} activations (UMAP, cosine)…") if progress else nullcontext():
             positions = options.layout().fit_transform(activations)
-        np.save(folder / "activations.npy.tmp.npy", activations.astype(np.float16))
-        (folder / "activations.npy.tmp.npy").replace(folder / "activations.npy")
-        np.save(folder / "positions.npy.tmp.npy", positions.astype(np.float32))
-        (folder / "positions.npy.tmp.npy").replace(positions_file)
+        _save_npy(activations.astype(np.float16), folder / "activations.npy")
+        _save_npy(positions.astype(np.float32), positions_file)
     summary.seconds["layout"] = round(time.perf_counter() - clock, 2)
 
     # 2. cells per level
@@ -483,6 +496,8 @@ def build_atlas(index: str, name: str, *, home: Path | None = None, options: Atl
     cells_table = cells_table.append_column(
         "mean_activation", pa.array(mean_acts.astype(np.float32).tolist(), type=pa.list_(pa.float32())))
     _write_parquet(cells_table, folder / "cells.parquet")
+    for g in options.grids:  # every class's mean attribution, for the class view (the table keeps the top 5)
+        _save_npy(levels[g].mean_attribution.astype(np.float16), folder / f"attributions_{g}.npy")
     summary.seconds["cells"] = round(time.perf_counter() - clock, 2)
 
     # 4. icons, batch by batch, skipping those already on disk

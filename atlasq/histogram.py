@@ -76,7 +76,6 @@ class ReferenceSearch:
             tmp.replace(index_path)
             record_path.write_text(json.dumps(record, indent=1))
         self.threshold = float(record["threshold"])
-        self.record = record
 
     @property
     def kind(self) -> str:

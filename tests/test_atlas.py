@@ -185,6 +185,10 @@ def test_atlas_folder_is_self_describing(built, sample_home):
         assert sum(cells["count"]) == m["levels"][str(g)]["activations_in_kept_cells"]
         for icon in cells["icon"]:
             assert (atlas.folder / icon).is_file()
+        every_class = atlas.mean_attributions(g)  # all classes, for the app's class view
+        assert every_class.shape == (len(cells["i"]), len(m["categories"]))
+        for row, top, scores in zip(every_class, cells["top_classes"], cells["top_scores"]):
+            np.testing.assert_allclose(row[top], scores, rtol=2e-3, atol=1e-4)  # stored as float16
         for exemplars in cells["exemplars"][:5]:
             first = json.loads(exemplars)[0]
             assert {"image_id", "path", "y", "x", "cosine", "box"} <= set(first)
