@@ -70,7 +70,7 @@ def _choose(label: str, options: list[str], wanted: str | None, key: str) -> str
     if not options:
         return None
     index = options.index(wanted) if wanted in options else 0
-    return st.sidebar.selectbox(label, options, index=index, key=key)
+    return st.sidebar.selectbox(label, options, index=index, key=key, on_change=reset_selection)
 
 
 def reset_selection() -> None:
