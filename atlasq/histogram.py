@@ -188,8 +188,10 @@ def place_activations(search: ReferenceSearch, activations: np.ndarray, *, k: in
         cells[g] = ij
         level_cells = atlas.cells_at(g)
         means = _unit(np.array(level_cells["mean_activation"], np.float32))
-        where = {(i, j): n for n, (i, j) in enumerate(zip(level_cells["i"], level_cells["j"]))}
-        which = np.array([where.get((int(i), int(j)), -1) for i, j in ij], np.int64)
+        row_of_cell = np.full(g * g, -1, np.int64)  # flat cell id → its row in the cells table
+        row_of_cell[np.asarray(level_cells["i"], np.int64) * g + np.asarray(level_cells["j"], np.int64)] = \
+            np.arange(len(level_cells["i"]))
+        which = np.where(best >= 0, row_of_cell[np.maximum(best, 0)], -1)
         cd = np.full(len(ij), np.nan, np.float32)
         has = which >= 0
         cd[has] = 1.0 - np.einsum("nc,nc->n", unit[has], means[which[has]])
