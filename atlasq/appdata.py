@@ -76,7 +76,7 @@ def overlay_counts(atlas: Atlas, index: str | None, level: int, *, home: Path | 
         rows = [{"i": i, "j": j, "value": float(n), "count": int(n), "top_labels": list(t[:3])}
                 for i, j, n, t in zip(cells["i"], cells["j"], cells["count"], cells["top_labels"])]
         return CellOverlay(rows, log=log, legend="reference activations per cell")
-    result = histogram(atlas.manifest["name"], index, level=level, home=home, place=False)
+    result = histogram(atlas, index, level=level, home=home, place=False)
     rows = [{"i": c["i"], "j": c["j"], "value": float(c["activations"]), "count": c["activations"],
              "images": c["images"], "top_labels": c["top_labels"]} for c in result["cells"]]
     t = result["totals"]
@@ -105,10 +105,10 @@ def overlay_class(atlas: Atlas, level: int, class_name: str) -> CellOverlay:
 def overlay_compare(atlas: Atlas, index_a: str, index_b: str, level: int, *, home: Path | None = None,
                     alpha: float = 0.05) -> tuple[CellOverlay, dict]:
     """Diverging log2 share ratio of B over A (significant cells only) and the comparison itself."""
-    result = compare(atlas.manifest["name"], index_a, index_b, level=level, home=home, alpha=alpha, top=10_000,
+    result = compare(atlas, index_a, index_b, level=level, home=home, alpha=alpha, top=10_000,
                      place=False, write=False)
     rows = []
-    table = histogram(atlas.manifest["name"], index_b, level=level, home=home, place=False)["cells"]
+    table = histogram(atlas, index_b, level=level, home=home, place=False)["cells"]
     significant = {(c["i"], c["j"]): c for c in result["over_represented_in_b"] + result["under_represented_in_b"]}
     for c in table:
         hit = significant.get((c["i"], c["j"]))
@@ -258,11 +258,7 @@ def search_upload(atlas: Atlas, index: str, data: bytes, filename: str, *, k: in
                 vector = embed_image(path, model)
             except ValueError as exc:
                 raise AppError(f"cannot read the uploaded file {filename!r}: {exc}") from exc
-            hits, kind = search(store, vector, k)
-            ids = [h.id for h in hits]
-            cells = store.cells_of_images(atlas.manifest["name"], ids)
-    return {"hits": [{"id": h.id, "path": h.path, "score": round(h.score, 4)} for h in hits], "search": kind,
-            "cells": cells}
+            return _search_result(store, atlas, *search(store, vector, k))
 
 
 def search_indexed(atlas: Atlas, index: str, image_id: int, *, k: int = 12, home: Path | None = None) -> dict:
@@ -273,10 +269,13 @@ def search_indexed(atlas: Atlas, index: str, image_id: int, *, k: int = 12, home
         _, vectors = store.pooled([image_id])
         if not len(vectors):
             raise AppError(f"no image {image_id} in index {index!r}")
-        hits, kind = search(store, vectors[0], k, exclude=image_id)
-        cells = store.cells_of_images(atlas.manifest["name"], [h.id for h in hits])
+        return _search_result(store, atlas, *search(store, vectors[0], k, exclude=image_id))
+
+
+def _search_result(store: IndexStore, atlas: Atlas, hits: list, kind: str) -> dict:
+    """Search hits, and the cells (per level) their activations occupy on ``atlas``."""
     return {"hits": [{"id": h.id, "path": h.path, "score": round(h.score, 4)} for h in hits], "search": kind,
-            "cells": cells}
+            "cells": store.cells_of_images(atlas.manifest["name"], [h.id for h in hits])}
 
 
 def placement_state(atlas: Atlas, index: str, home: Path | None = None) -> str:

@@ -43,8 +43,9 @@ from PIL import Image
 
 from . import __version__
 from .featurevis import render_directions
+from .fileio import replaced
 from .images import ImageDecodeError, open_rgb
-from .layout import Grid, Layout
+from .layout import Grid, Layout, unit_rows
 from .model import LoadedModel, load_model, resolve_precision
 from .progress import progress_bar, stderr
 from .store import IndexStore, default_home, index_folder
@@ -182,10 +183,6 @@ class CellSummary:
     kept: np.ndarray             # (N,) bool: its cell was kept
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def cell_summaries(positions: np.ndarray, activations: np.ndarray, attributions: np.ndarray,
                    size: int, *, min_count: int = 1, exemplars: int = 8) -> CellSummary:
     """Bin ``positions`` on a ``size``×``size`` grid and summarise each kept cell.
@@ -207,7 +204,7 @@ def cell_summaries(positions: np.ndarray, activations: np.ndarray, attributions:
         members = order[start:start + count]
         mean_act[c] = acts[members].mean(axis=0)
         mean_attr[c] = attrs[members].mean(axis=0, dtype=np.float32)
-        cos = _unit_rows(acts[members]) @ (mean_act[c] / max(np.linalg.norm(mean_act[c]), 1e-12))
+        cos = unit_rows(acts[members]) @ (mean_act[c] / max(np.linalg.norm(mean_act[c]), 1e-12))
         rank = np.argsort(-cos, kind="stable")[:exemplars]
         best.append(members[rank])
         best_cos.append(cos[rank].astype(np.float32))
@@ -316,27 +313,23 @@ def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _save_png(image: np.ndarray | Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    with replaced(path) as tmp, open(tmp, "wb") as file:
+        np.save(file, array)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 @dataclass
@@ -580,11 +573,10 @@ def _load_icon_record(folder: Path) -> dict:
 
 def _save_icon_record(folder: Path, record: dict) -> None:
     keys = sorted(record)
-    tmp = folder / (ICON_RECORD + ".tmp.npz")
-    np.savez(tmp, keys=np.array(keys), start=np.array([record[k]["objective_start"] for k in keys], np.float32),
-             end=np.array([record[k]["objective_end"] for k in keys], np.float32),
-             centre=np.stack([record[k]["centre"] for k in keys]))
-    tmp.replace(folder / ICON_RECORD)
+    with replaced(folder / ICON_RECORD) as tmp, open(tmp, "wb") as file:
+        np.savez(file, keys=np.array(keys), start=np.array([record[k]["objective_start"] for k in keys], np.float32),
+                 end=np.array([record[k]["objective_end"] for k in keys], np.float32),
+                 centre=np.stack([record[k]["centre"] for k in keys]))
 
 
 def icon_fidelity(levels: dict[int, "CellSummary"], record: dict) -> dict[int, float]:
@@ -595,8 +587,8 @@ def icon_fidelity(levels: dict[int, "CellSummary"], record: dict) -> dict[int, f
         keys = [f"{g}/{i}_{j}" for i, j in level.cells]
         if not keys or not all(k in record for k in keys):
             continue
-        centres = _unit_rows(np.stack([record[k]["centre"] for k in keys]).astype(np.float32))
-        means = _unit_rows(level.mean_activation)
+        centres = unit_rows(np.stack([record[k]["centre"] for k in keys]).astype(np.float32))
+        means = unit_rows(level.mean_activation)
         out[g] = float((np.argmax(centres @ means.T, axis=1) == np.arange(len(keys))).mean())
     return out
 

@@ -38,8 +38,14 @@ def _fail(message: str, as_json: bool, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _split_layers(value: Optional[str]) -> Optional[tuple[str, ...]]:
+def _split_csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _print_fields(record: dict, keys: tuple[str, ...], width: int) -> None:
+    """One ``key: value`` line per key, keys right-aligned to ``width``."""
+    for key in keys:
+        print(f"{key:>{width}}: {record.get(key)}")
 
 
 @app.command()
@@ -74,7 +80,7 @@ def index(
     from .indexer import IndexOptions, build_index
     from .model import WeightsUnavailableError
 
-    options = IndexOptions(model=model, weights=weights, layers=_split_layers(layers),
+    options = IndexOptions(model=model, weights=weights, layers=_split_csv(layers),
                            samples_per_image=samples_per_image, attributions=attributions,
                            relaxed_maxpool=relaxed_maxpool, seed=seed)
     try:
@@ -150,10 +156,9 @@ def info(
         _fail(str(exc), as_json)
 
     def human(r):
-        for key in ("folder", "root", "images", "samples", "errors", "model", "weights", "random_weights",
-                    "layers", "layer_dims", "samples_per_image", "attributions", "relaxed_maxpool", "seed",
-                    "faiss_current"):
-            print(f"{key:>18}: {r.get(key)}")
+        _print_fields(r, ("folder", "root", "images", "samples", "errors", "model", "weights", "random_weights",
+                          "layers", "layer_dims", "samples_per_image", "attributions", "relaxed_maxpool", "seed",
+                          "faiss_current"), 18)
         for path, reason in r["error_list"][:20]:
             print(f"{'error':>18}: {path}: {reason}")
 
@@ -211,7 +216,7 @@ app.add_typer(atlas_app, name="atlas")
 
 def _split_ints(value: str, what: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
+        return tuple(int(v) for v in _split_csv(value) or ())
     except ValueError:
         raise typer.BadParameter(f"{what} must be comma-separated integers, not {value!r}")
 
@@ -290,9 +295,8 @@ def atlas_info(
         _fail(str(exc), as_json)
 
     def human(r):
-        for key in ("folder", "index", "model", "weights", "random_weights", "layer", "activations",
-                    "icon_size", "icon_precision"):
-            print(f"{key:>15}: {r[key]}")
+        _print_fields(r, ("folder", "index", "model", "weights", "random_weights", "layer", "activations",
+                          "icon_size", "icon_precision"), 15)
         print(f"{'options':>15}: {r['options']}")
         for level in r["levels"]:
             labels = ", ".join(f"{label} ({n})" for label, n in level["top_labels"][:6])

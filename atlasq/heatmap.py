@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .fileio import replaced
+
 __all__ = ["SEQUENTIAL", "DIVERGING", "colour_ramp", "scale", "paint_cells", "colour_bar", "draw_heatmap"]
 
 SEQUENTIAL = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
@@ -91,7 +93,6 @@ def draw_heatmap(base: Path | Image.Image, size: int, cells: list[tuple[int, int
     framed.paste(Image.fromarray(np.round(canvas).astype(np.uint8)), (0, 0))
     framed.paste(bar, (0, side + 6))
     if out is not None:
-        tmp = Path(out).with_name(Path(out).name + ".tmp")
-        framed.save(tmp, format="PNG")
-        tmp.replace(out)
+        with replaced(out) as tmp:
+            framed.save(tmp, format="PNG")
     return framed

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from .atlas import Atlas, AtlasError, load_atlas
+from .fileio import replaced
+from .layout import unit_rows
 from .progress import stderr
 from .store import IndexStore, index_folder
 
@@ -40,11 +42,6 @@ THRESHOLD_SAMPLE = 20_000  # reference activations used to learn the off-atlas t
 
 class PlacementError(ValueError):
     """A dataset cannot be placed on this atlas (the message says why)."""
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class ReferenceSearch:
@@ -68,13 +65,13 @@ class ReferenceSearch:
         if record and record.get("params_hash") == atlas.manifest.get("params_hash") and index_path.is_file():
             self.index = faiss.read_index(str(index_path))
         else:
-            self.index = reference_index(_unit(atlas.activations()))
+            self.index = reference_index(unit_rows(atlas.activations()))
             record = {"params_hash": atlas.manifest.get("params_hash"), "kind": self.kind,
                       "quantile": OFF_ATLAS_QUANTILE, "threshold": self._learn_threshold()}
-            tmp = index_path.with_name(index_path.name + ".tmp")
-            faiss.write_index(self.index, str(tmp))
-            tmp.replace(index_path)
-            record_path.write_text(json.dumps(record, indent=1))
+            with replaced(index_path) as tmp:
+                faiss.write_index(self.index, str(tmp))
+            with replaced(record_path) as tmp:
+                tmp.write_text(json.dumps(record, indent=1))
         self.threshold = float(record["threshold"])
 
     @property
@@ -139,7 +136,7 @@ def nearest(index, activations: np.ndarray, k: int, *, batch: int = 65_536, npro
     rows = np.empty((len(activations), k), np.int64)
     for start in range(0, len(activations), batch):
         sims[start:start + batch], rows[start:start + batch] = index.search(
-            _unit(np.asarray(activations[start:start + batch], np.float32)), k)
+            unit_rows(np.asarray(activations[start:start + batch], np.float32)), k)
     return sims, rows
 
 
@@ -175,7 +172,7 @@ def place_activations(search: ReferenceSearch, activations: np.ndarray, *, k: in
     distance = (1.0 - sims[:, 0]).astype(np.float32)
     off = distance > search.threshold
     weights = np.maximum(sims, 0.0) + 1e-6
-    unit = _unit(activations) if len(activations) else np.zeros((0, 1), np.float32)
+    unit = unit_rows(activations) if len(activations) else np.zeros((0, 1), np.float32)
     cells, cell_distance = {}, {}
     reference = atlas.reference
     for g in atlas.levels:
@@ -187,7 +184,7 @@ def place_activations(search: ReferenceSearch, activations: np.ndarray, *, k: in
         ij = np.where(best[:, None] >= 0, np.stack([best // g, best % g], axis=1), -1)
         cells[g] = ij
         level_cells = atlas.cells_at(g)
-        means = _unit(np.array(level_cells["mean_activation"], np.float32))
+        means = unit_rows(np.array(level_cells["mean_activation"], np.float32))
         row_of_cell = np.full(g * g, -1, np.int64)  # flat cell id → its row in the cells table
         row_of_cell[np.asarray(level_cells["i"], np.int64) * g + np.asarray(level_cells["j"], np.int64)] = \
             np.arange(len(level_cells["i"]))
@@ -197,6 +194,12 @@ def place_activations(search: ReferenceSearch, activations: np.ndarray, *, k: in
         cd[has] = 1.0 - np.einsum("nc,nc->n", unit[has], means[which[has]])
         cell_distance[g] = cd
     return Placement(distance=distance, off_atlas=off, cells=cells, cell_distance=cell_distance)
+
+
+def _as_atlas(atlas: str | Atlas, home: Path | None) -> Atlas:
+    """A loaded atlas as it is, or a name loaded (callers that already hold one pass it, so the
+    reference table is not read again)."""
+    return atlas if isinstance(atlas, Atlas) else load_atlas(atlas, home)
 
 
 def atlas_key(atlas: Atlas) -> str:
@@ -231,30 +234,37 @@ class PlaceSummary:
     dropped: int = 0
     replaced: bool = False
     threshold: float = 0.0
-    search: str = ""
+    search: str = ""  # exact or ivf; empty when nothing needed placing
     seconds: float = 0.0
 
 
-def place_index(atlas_name: str, index_name: str, *, home: Path | None = None, k: int = PLACE_K,
+def place_index(atlas_name: str | Atlas, index_name: str, *, home: Path | None = None, k: int = PLACE_K,
                 progress: bool = False) -> PlaceSummary:
     """Place every not-yet-placed activation of index ``index_name`` on atlas ``atlas_name`` and
     store the placements in the index's DuckDB."""
     clock = time.perf_counter()
-    atlas = load_atlas(atlas_name, home)
+    atlas = _as_atlas(atlas_name, home)
     name = atlas.manifest["name"]
     with IndexStore(index_folder(index_name, home), read_only=False) as store:
         meta = store.meta()
         check_compatible(atlas, meta, index_name)
         key = atlas_key(atlas)
-        replace = store.placed_atlases().get(name) not in (None, key)
+        recorded = store.placed_atlases().get(name)
+        replace = recorded not in (None, key)
         done = set() if replace else store.placed_keys(name)
         samples = store.samples(atlas.manifest["layer"])
         present = set(map(int, np.unique(samples["image_id"])))
         gone = sorted({i for i, _ in done} - present)
         todo = np.array([(int(i), int(kk)) not in done for i, kk in zip(samples["image_id"], samples["k"])], bool)
+        summary = PlaceSummary(atlas=name, index=index_name, replaced=replace, already_placed=int((~todo).sum()),
+                               dropped=len(gone))
+        if recorded == key and not todo.any() and not gone:
+            # nothing new: leave the reference index (hundreds of MB at 100k activations) unread
+            summary.threshold = _placement_record(atlas).get("threshold", 0.0)
+            summary.seconds = round(time.perf_counter() - clock, 2)
+            return summary
         search = ReferenceSearch(atlas)
-        summary = PlaceSummary(atlas=name, index=index_name, replaced=replace, threshold=search.threshold,
-                               search=search.kind, already_placed=int((~todo).sum()), dropped=len(gone))
+        summary.threshold, summary.search = search.threshold, search.kind
         acts = samples["activations"][todo]
         status = (stderr.status(f"placing {len(acts):,} activations on atlas {name}…") if progress and len(acts)
                   else nullcontext())
@@ -292,13 +302,13 @@ def _level(atlas: Atlas, level: int | None) -> int:
     return level
 
 
-def histogram(atlas_name: str, index_name: str, *, level: int | None = None, home: Path | None = None,
+def histogram(atlas_name: str | Atlas, index_name: str, *, level: int | None = None, home: Path | None = None,
               place: bool = True, progress: bool = False) -> dict:
     """Per-cell counts of ``index_name`` on ``atlas_name`` at ``level`` (coarsest by default),
     placing new activations first. Every kept cell is listed, empty ones with zero."""
-    atlas = load_atlas(atlas_name, home)
+    atlas = _as_atlas(atlas_name, home)
     g = _level(atlas, level)
-    placed = asdict(place_index(atlas_name, index_name, home=home, progress=progress)) if place else None
+    placed = asdict(place_index(atlas, index_name, home=home, progress=progress)) if place else None
     name = atlas.manifest["name"]
     with IndexStore(index_folder(index_name, home)) as store:
         counts = store.cell_counts(name, g)
@@ -314,17 +324,21 @@ def histogram(atlas_name: str, index_name: str, *, level: int | None = None, hom
                      "top_label": labels[0], "top_labels": list(labels[:3]),
                      "top_scores": [round(float(s), 6) for s in scores[:3]]})
     totals["off_atlas_share"] = totals["off_atlas"] / totals["activations"] if totals["activations"] else 0.0
-    record = atlas.folder / "placement.json"
-    threshold = json.loads(record.read_text())["threshold"] if record.is_file() else None
     return {"atlas": name, "index": index_name, "level": g, "totals": totals, "cells": rows, "placed": placed,
-            "off_atlas_threshold": threshold}
+            "off_atlas_threshold": _placement_record(atlas).get("threshold")}
+
+
+def _placement_record(atlas: Atlas) -> dict:
+    """What :class:`ReferenceSearch` recorded in the atlas folder (empty before the first placing)."""
+    path = atlas.folder / "placement.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def cell_images(atlas_name: str | Atlas, index_name: str, i: int, j: int, *, level: int | None = None, k: int = 20,
                 offset: int = 0, home: Path | None = None) -> dict:
     """The images of ``index_name`` in cell (i, j), most typical first, with their positions.
     ``atlas_name`` may be an already loaded :class:`Atlas`."""
-    atlas = atlas_name if isinstance(atlas_name, Atlas) else load_atlas(atlas_name, home)
+    atlas = _as_atlas(atlas_name, home)
     g = _level(atlas, level)
     if not (0 <= i < g and 0 <= j < g):
         raise AtlasError(f"cell ({i}, {j}) is outside the {g}×{g} grid")
@@ -364,8 +378,8 @@ def histogram_picture(result: dict, atlas: Atlas, out: Path, *, log: bool = True
 def histogram_with_picture(atlas_name: str, index_name: str, *, level: int | None = None,
                            home: Path | None = None, progress: bool = False) -> dict:
     """:func:`histogram`, and its heat map written to ``<index>/histograms/<atlas>/level_<G>.png``."""
-    result = histogram(atlas_name, index_name, level=level, home=home, progress=progress)
     atlas = load_atlas(atlas_name, home)
+    result = histogram(atlas, index_name, level=level, home=home, progress=progress)
     out = index_folder(index_name, home) / "histograms" / result["atlas"] / f"level_{result['level']}.png"
     result["picture"] = str(histogram_picture(result, atlas, out))
     return result
@@ -392,7 +406,7 @@ def _jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
     return float(jensenshannon(p, q, base=2) ** 2)
 
 
-def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = None, home: Path | None = None,
+def compare(atlas_name: str | Atlas, index_a: str, index_b: str, *, level: int | None = None, home: Path | None = None,
             alpha: float = 0.05, top: int = 10, out: Path | None = None, place: bool = True,
             write: bool = True) -> dict:
     """Compare two datasets cell by cell on one atlas.
@@ -415,10 +429,10 @@ def compare(atlas_name: str, index_a: str, index_b: str, *, level: int | None = 
 
     if index_a == index_b:
         raise PlacementError("compare needs two different indexes")
-    atlas = load_atlas(atlas_name, home)
+    atlas = _as_atlas(atlas_name, home)
     g = _level(atlas, level)
-    ha = histogram(atlas_name, index_a, level=g, home=home, place=place)
-    hb = histogram(atlas_name, index_b, level=g, home=home, place=place)
+    ha = histogram(atlas, index_a, level=g, home=home, place=place)
+    hb = histogram(atlas, index_b, level=g, home=home, place=place)
     ta, tb = ha["totals"], hb["totals"]
     if not ta["activations"] or not tb["activations"]:
         empty = index_a if not ta["activations"] else index_b

@@ -15,10 +15,11 @@ import warnings
 
 import numpy as np
 
-__all__ = ["Layout", "Grid", "normalise_layout"]
+__all__ = ["Layout", "Grid", "normalise_layout", "unit_rows"]
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32, contiguous: ready for FAISS); zero rows stay zero."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -92,7 +93,7 @@ class Layout:
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
             raw_fitted = reducer.fit_transform(X[fitted]).astype(np.float32)
         self.fit_indices_ = fitted
-        self.anchors_ = _unit(X[fitted]) if self.metric == "cosine" else X[fitted]
+        self.anchors_ = unit_rows(X[fitted]) if self.metric == "cosine" else X[fitted]
         self.anchor_positions_ = raw_fitted
         raw = np.empty((len(X), 2), np.float32)
         raw[fitted] = raw_fitted
@@ -109,7 +110,7 @@ class Layout:
         if self.metric == "cosine":
             index = faiss.IndexFlatIP(self.anchors_.shape[1])
             index.add(self.anchors_)
-            sims, nn = index.search(_unit(X), k)
+            sims, nn = index.search(unit_rows(X), k)
             weights = np.maximum(sims, 0) ** 4 + 1e-6  # sharpen: the closest neighbours dominate
         else:
             index = faiss.IndexFlatL2(self.anchors_.shape[1])

@@ -24,12 +24,15 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+
+from .fileio import replaced
 
 __all__ = ["IndexStore", "IndexNotFoundError", "Chunk", "index_folder", "default_home"]
 
@@ -212,15 +215,11 @@ class IndexStore:
         table = pa.table({"path": pa.array(paths, pa.string())})
         self.con.register("gone", table)
         try:
-            self.con.execute("BEGIN")
-            self.con.execute("DELETE FROM samples WHERE image_id IN "
-                             "(SELECT id FROM images WHERE path IN (SELECT path FROM gone))")
-            self.con.execute("DELETE FROM images WHERE path IN (SELECT path FROM gone)")
-            self.con.execute("DELETE FROM errors WHERE path IN (SELECT path FROM gone)")
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
+            with self._transaction():
+                self.con.execute("DELETE FROM samples WHERE image_id IN "
+                                 "(SELECT id FROM images WHERE path IN (SELECT path FROM gone))")
+                self.con.execute("DELETE FROM images WHERE path IN (SELECT path FROM gone)")
+                self.con.execute("DELETE FROM errors WHERE path IN (SELECT path FROM gone)")
         finally:
             self.con.unregister("gone")
 
@@ -247,8 +246,7 @@ class IndexStore:
         if n:
             shard = (self.con.execute("SELECT max(id) FROM shards").fetchone()[0] or 0) + 1
             self._write_shard(shard, chunk)
-        try:
-            self.con.execute("BEGIN")
+        with self._transaction():
             if n:
                 images = dict(chunk.images, shard=[shard] * n, row=list(range(n)))
                 samples = dict(chunk.samples, shard=[shard] * len(chunk.samples["image_id"]),
@@ -262,10 +260,17 @@ class IndexStore:
                 paths, sizes, mtimes, reasons = map(list, zip(*chunk.errors))
                 self.con.execute("DELETE FROM errors WHERE path IN (SELECT unnest(?))", [paths])
                 self._insert("errors", {"path": paths, "bytes": sizes, "mtime": mtimes, "reason": reasons})
-            self.con.execute("COMMIT")
+
+    @contextmanager
+    def _transaction(self):
+        """BEGIN … COMMIT, rolled back on any error or interruption (Ctrl-C included)."""
+        self.con.execute("BEGIN")
+        try:
+            yield
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
+        self.con.execute("COMMIT")
 
     # ------------------------------------------------------------------ placements on an atlas
     def _placements_exist(self) -> bool:
@@ -288,26 +293,16 @@ class IndexStore:
         """In one transaction: forget ``atlas``'s placements when ``replace`` (the atlas was rebuilt)
         or those of images no longer indexed (``gone``), add ``rows``, and record ``atlas_key``."""
         self.con.execute(PLACEMENTS_SCHEMA)
-        order = rows.sort_by([("level", "ascending"), ("i", "ascending"), ("j", "ascending")])
-        self.con.register("incoming", order)
-        try:
-            self.con.execute("BEGIN")
+        with self._transaction():
             if replace:
                 self.con.execute("DELETE FROM placements WHERE atlas = ?", [atlas])
             elif gone:
                 self.con.execute("DELETE FROM placements WHERE atlas = ? AND image_id IN (SELECT unnest(?))",
                                  [atlas, list(map(int, gone))])
-            names = ", ".join(order.column_names)
-            self.con.execute(f"INSERT INTO placements ({names}) SELECT {names} FROM incoming")
+            self._insert("placements", rows.sort_by([("level", "ascending"), ("i", "ascending"), ("j", "ascending")]))
             for statement in filter(str.strip, REFRESH_SUMMARIES.split(";")):
                 self.con.execute(statement, {"atlas": atlas})
             self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [f"placed:{atlas}", json.dumps(atlas_key)])
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        finally:
-            self.con.unregister("incoming")
 
     def cell_counts(self, atlas: str, level: int) -> dict[str, np.ndarray]:
         """Per cell (i, j) of ``level``: on-atlas activations and distinct images."""
@@ -356,18 +351,14 @@ class IndexStore:
                         ORDER BY c.cell_distance, c.k) AS positions, any_value(im.path) AS path
             FROM best b JOIN cell c ON c.image_id = b.image_id JOIN images im ON im.id = b.image_id
             GROUP BY b.image_id, b.cell_distance ORDER BY b.cell_distance, b.image_id"""
-        cur = self.con.execute(query, params)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _dicts(self.con.execute(query, params))
 
     def image_placements(self, atlas: str, image_id: int) -> list[dict]:
         """Where one image's activations fall on ``atlas``, at every level."""
         if not self._placements_exist():
             return []
-        cur = self.con.execute("SELECT level, k, y, x, i, j, distance, off_atlas FROM placements "
-                               "WHERE atlas = ? AND image_id = ? ORDER BY level, k", [atlas, int(image_id)])
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _dicts(self.con.execute("SELECT level, k, y, x, i, j, distance, off_atlas FROM placements "
+                                       "WHERE atlas = ? AND image_id = ? ORDER BY level, k", [atlas, int(image_id)]))
 
     def cells_of_images(self, atlas: str, image_ids: list[int]) -> dict[int, dict[tuple[int, int], int]]:
         """Per level: cell (i, j) → how many activations of these images are placed there."""
@@ -381,11 +372,11 @@ class IndexStore:
             out.setdefault(int(level), {})[(int(i), int(j))] = int(n)
         return out
 
-    def _insert(self, table: str, columns: dict[str, list]) -> None:
-        frame = pa.table(columns)
+    def _insert(self, table: str, columns: "dict[str, list] | pa.Table") -> None:
+        frame = columns if isinstance(columns, pa.Table) else pa.table(columns)
         self.con.register("incoming", frame)
         try:
-            names = ", ".join(columns)
+            names = ", ".join(frame.column_names)
             self.con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
         finally:
             self.con.unregister("incoming")
@@ -423,8 +414,7 @@ class IndexStore:
             cur = self.con.execute(query + " ORDER BY id")
         else:
             cur = self.con.execute(query + " WHERE id IN (SELECT unnest(?))", [list(map(int, ids))])
-        names = [d[0] for d in cur.description]
-        rows = {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+        rows = {r["id"]: r for r in _dicts(cur)}
         return list(rows.values()) if ids is None else [rows[i] for i in map(int, ids) if i in rows]
 
     def find_path(self, path: str) -> int | None:
@@ -497,20 +487,23 @@ class IndexStore:
         import faiss
 
         path = self.faiss_path(kind)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(index, str(tmp))
-        tmp.replace(path)
+        with replaced(path) as tmp:
+            faiss.write_index(index, str(tmp))
         info = {"ids_sha1": self.ids_digest(ids), "count": int(len(ids)), "kind": kind, **(extra or {})}
-        record = path.with_suffix(".faiss.json")
-        record_tmp = record.with_name(record.name + ".tmp")
-        record_tmp.write_text(json.dumps(info))
-        record_tmp.replace(record)
+        with replaced(path.with_suffix(".faiss.json")) as tmp:
+            tmp.write_text(json.dumps(info))
         return path
 
     def load_faiss(self, kind: str):
         import faiss
 
         return faiss.read_index(str(self.faiss_path(kind)))
+
+
+def _dicts(cursor) -> list[dict]:
+    """A DuckDB result as one dict per row, keyed by column name."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
 def _sample_rows(samples: dict[str, list]) -> list[int]:

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from atlasq.histogram import _weighted_vote, nearest, reference_index
+from atlasq.layout import unit_rows
 from atlasq.store import IndexStore
 from synthetic import synthetic_activations
 
@@ -34,16 +35,12 @@ WORK = Path(__file__).resolve().parent / "_work"
 K = 10
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def numpy_brute_force(reference: np.ndarray, queries: np.ndarray, k: int, block: int = 4096) -> np.ndarray:
     """The k nearest rows by cosine, the plain way."""
-    ref = unit(reference)
+    ref = unit_rows(reference)
     out = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), block):
-        sims = unit(queries[start:start + block]) @ ref.T
+        sims = unit_rows(queries[start:start + block]) @ ref.T
         top = np.argpartition(-sims, k, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1)
         out[start:start + block] = np.take_along_axis(top, order, 1)
@@ -62,7 +59,7 @@ def bench_placement(n_reference: int, n_queries: int, baseline_queries: int) -> 
           flush=True)
 
     clock = time.perf_counter()
-    index = reference_index(unit(reference))
+    index = reference_index(unit_rows(reference))
     build_s = time.perf_counter() - clock
     clock = time.perf_counter()
     sims, rows = nearest(index, queries, K)
