@@ -43,6 +43,7 @@ from PIL import Image
 
 from . import __version__
 from .featurevis import render_directions
+from .featurevis.objectives import OBJECTIVES
 from .fileio import replaced
 from .images import ImageDecodeError, open_rgb
 from .layout import Grid, Layout, unit_rows
@@ -77,7 +78,8 @@ class AtlasOptions:
     icons : render feature-visualization icons (off: cells and exemplars only).
     steps, icon_size, icon_batch : optimisation steps, icon side in pixels (None: see
         :func:`default_icon_size`), cells optimised together.
-    cossim_pow : n in the objective (h·v)^(n+1) / (|h||v|)^n.
+    cossim_pow : n in the ``dot-cosine`` and ``article`` objectives, (h·v)^(n+1) / (|h||v|)^n.
+    lr : Adam's learning rate for the icons (0.05, as in the articles).
     settle : fraction of the steps, at the end, that optimise the untransformed icon (see
         :func:`atlasq.featurevis.render_directions`); on the demo atlas 1/8 made every objective
         rise and brought icons closer to their cell (centre cosine 0.90 → 0.93).
@@ -85,8 +87,11 @@ class AtlasOptions:
         this many times in all; the best is kept.
     whiten : compare in the layer's whitened activation space (decorrelates channels, so icons
         show what distinguishes a direction rather than what all activations share).
-    objective : ``"cosine"`` (a true cosine, in whitened space with --whiten: the default) or
-        ``"article"`` (Lucid's formula: dot with v·S, S = inverse covariance, and a scaled cosine).
+    objective : what an icon maximises (see :mod:`atlasq.featurevis.objectives`): ``"cosine"``
+        (the default: the cosine between the icon's centre activation and the cell's mean, in
+        whitened space with --whiten), ``"dot-cosine"`` (the articles' dot × cosine^n, which
+        trades direction for strength) or ``"article"`` (Lucid's code: dot with v·S, S = inverse
+        covariance, and a scaled cosine).
     whiten_shrinkage : regularisation of the covariance before inverting, as a fraction of its
         mean eigenvalue added to the diagonal (the article's plain inverse is ill-conditioned).
     precision : icons in ``fp32``/``bf16``; ``auto`` is bf16 where the CPU supports it natively.
@@ -107,6 +112,7 @@ class AtlasOptions:
     icon_size: int | None = None
     icon_batch: int = 32
     cossim_pow: float = 3.0
+    lr: float = 0.05
     settle: float = 0.125
     attempts: int = 3
     whiten: bool = False
@@ -129,8 +135,10 @@ class AtlasOptions:
             raise AtlasError("steps, icon_batch, exemplars and attempts must be at least 1")
         if self.icon_size is not None and self.icon_size < 16:
             raise AtlasError("icon_size must be at least 16 pixels")
-        if self.objective not in ("cosine", "article"):
-            raise AtlasError(f"objective must be 'cosine' or 'article', not {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise AtlasError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if not self.lr > 0:
+            raise AtlasError("lr must be positive")
         if not 0 <= self.settle < 1:
             raise AtlasError("settle must be a fraction of the steps in [0, 1)")
         if self.whiten_shrinkage < 0:
@@ -449,7 +457,7 @@ def build_atlas(index: str, name: str, *, home: Path | None = None, options: Atl
     whitening = None
     if options.icons and options.whiten:
         zca, inverse = whitening_matrices(activations, options.whiten_shrinkage)
-        whitening = zca if options.objective == "cosine" else inverse
+        whitening = inverse if options.objective == "article" else zca
         np.save(folder / "whitening.npy", whitening)
 
     # 3. exemplar crops (the best exemplar of each cell) and the cells table
@@ -636,7 +644,7 @@ def _render_icons(model: LoadedModel, options: AtlasOptions, levels: dict[int, C
         for number, batch in todo:
             directions = torch.from_numpy(np.stack([levels[g].mean_activation[c] for g, c, _, _ in batch]))
             render = lambda d, attempt: render_directions(
-                model.network, options.layer, d, size=icon_size, steps=options.steps,
+                model.network, options.layer, d, size=icon_size, steps=options.steps, lr=options.lr,
                 cossim_pow=options.cossim_pow, whitening=white, variant=options.objective, precision=precision,
                 seed=(options.seed * 1_000_003 + number) * 16 + attempt, init_sd=0.01 * 8 ** attempt,
                 settle_steps=round(options.settle * options.steps))

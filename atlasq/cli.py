@@ -240,7 +240,10 @@ def atlas_build(
     settle: float = typer.Option(0.125, help="Fraction of the steps, at the end, without random transforms."),
     icons: bool = typer.Option(True, "--icons/--no-icons", help="Render feature-visualization icons."),
     whiten: bool = typer.Option(False, "--whiten", help="Compare directions in whitened activation space."),
-    objective: str = typer.Option("cosine", help="cosine (true cosine) or article (Lucid's formula)."),
+    objective: str = typer.Option("cosine", help="cosine (plain cosine to the cell's mean), dot-cosine "
+                                                 "(dot × cosine^n, the articles' formula) or article (Lucid's code)."),
+    cossim_pow: float = typer.Option(3.0, "--cossim-pow", help="n in dot × cosine^n (dot-cosine and article)."),
+    lr: float = typer.Option(0.05, help="Adam's learning rate for the icons."),
     precision: str = typer.Option("auto", help="Icons in auto, fp32 or bf16."),
     seed: int = typer.Option(0, help="Seeds the subsample, the layout and the icons."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
@@ -260,7 +263,7 @@ def atlas_build(
                                max_activations=max_activations or None, n_neighbors=n_neighbors,
                                min_dist=min_dist, fit_size=fit_size, steps=steps, icon_size=icon_size,
                                icon_batch=icon_batch, settle=settle, icons=icons, whiten=whiten, objective=objective,
-                               precision=precision, seed=seed)
+                               cossim_pow=cossim_pow, lr=lr, precision=precision, seed=seed)
         summary = build_atlas(index_name, name, home=home, options=options, device=device,
                               overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
     except KeyboardInterrupt:

@@ -15,19 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from atlasq import atlas as atlas_module
 from atlasq.atlas import (AtlasError, AtlasOptions, build_atlas, cell_summaries, default_icon_size, load_atlas,
                           whitening_matrices)
 from atlasq.cli import app
+from atlasq.featurevis import direction_objective
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.layout import Grid
 from atlasq.store import IndexStore
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
-OPTIONS = dict(layer="mixed5a", grids=(10, 20), steps=48, icon_batch=32, precision="fp32", seed=3)
+# 256 steps: with fewer, icons have not yet converged on their cell (at 128 steps 75% of the
+# 10x10 icons are closest to their own cell, at 256 steps 92%, the same as at 512).
+OPTIONS = dict(layer="mixed5a", grids=(10, 20), steps=256, icon_batch=32, precision="fp32", seed=3)
 
 
 # ----------------------------------------------------------------------------- grid binning
@@ -106,6 +110,28 @@ def test_whitening_matrices_whiten_and_invert():
     assert np.isfinite(zca).all() and np.isfinite(inverse).all()
 
 
+def test_objectives_follow_their_formulas():
+    rng = np.random.default_rng(4)
+    acts = torch.from_numpy(rng.random((3, 6, 3, 3)).astype(np.float32))
+    v = torch.from_numpy(rng.random((3, 6)).astype(np.float32))
+    h = acts[:, :, 1, 1]
+    cos = torch.nn.functional.cosine_similarity(h, v, dim=1)
+    plain = direction_objective(v)(acts)
+    torch.testing.assert_close(plain, cos)
+    torch.testing.assert_close(direction_objective(v)(acts * 7), cos)  # the cosine ignores strength
+    n = 3.0
+    torch.testing.assert_close(direction_objective(v, variant="dot-cosine", cossim_pow=n)(acts),
+                               (h * v).sum(1) ** (n + 1) / (h.norm(dim=1) * v.norm(dim=1)) ** n)
+    w = torch.from_numpy(rng.normal(size=(6, 6)).astype(np.float32))
+    torch.testing.assert_close(direction_objective(v, whitening=w)(acts),
+                               torch.nn.functional.cosine_similarity(h @ w, v @ w, dim=1))
+    article = direction_objective(v, variant="article", whitening=w, cossim_pow=n)(acts)
+    dot = (h * (v @ w)).mean(1)
+    torch.testing.assert_close(article, dot * torch.clamp(dot / (1e-4 + h.norm(dim=1)), min=0.1) ** n)
+    with pytest.raises(ValueError):
+        direction_objective(v, variant="other")
+
+
 def test_default_icon_size_is_the_articles_80_px_with_room_around_the_centre():
     assert default_icon_size(224, (14, 14)) == 80   # InceptionV1 mixed4c: the article's icons
     assert default_icon_size(224, (7, 7)) == 96     # mixed5a/5b: three strides of 32
@@ -115,7 +141,7 @@ def test_default_icon_size_is_the_articles_80_px_with_room_around_the_centre():
 
 def test_bad_options_are_refused():
     for bad in (dict(grids=()), dict(grids=(10, 10)), dict(grids=(0,)), dict(min_count=0),
-                dict(objective="other"), dict(icon_size=4), dict(steps=0), dict(settle=1.0), dict(settle=-0.1)):
+                dict(objective="other"), dict(lr=0), dict(icon_size=4), dict(steps=0), dict(settle=1.0), dict(settle=-0.1)):
         with pytest.raises(AtlasError):
             AtlasOptions(**bad).validate()
 
@@ -208,20 +234,12 @@ def _icon_facts(built):
     return rose, summary.icon_fidelity[coarsest], chance
 
 
-def test_icons_raise_their_objective_and_resemble_their_cell(built):
-    """Every icon's objective rises (the issue's bar); icons resemble their own cell far more
-    often than chance (a regression guard below the issue's 90%, see the strict xfail below)."""
+def test_icons_raise_their_objective_and_resemble_their_own_cell(built):
+    """The issue's bars: every icon's objective rises, and at the coarsest level at least 90% of
+    icons have a centre activation closer (cosine) to their own cell's mean than to any other's."""
     rose, fidelity, chance = _icon_facts(built)
     assert rose.all()
-    assert fidelity >= 6 * chance
-
-
-@pytest.mark.xfail(strict=True, reason="issue 3 bar not met yet: at 48 steps 50% of the 10x10 icons are closest to "
-                                       "their own cell (needs 90%); neighbouring cells of one class island have "
-                                       "means with cosine up to 0.99")
-def test_icons_meet_the_issue_bar(built):
-    _, fidelity, _ = _icon_facts(built)
-    assert fidelity >= 0.9
+    assert fidelity >= 0.9 > 10 * chance
 
 
 def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(built, sample_home, monkeypatch):

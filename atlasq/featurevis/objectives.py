@@ -1,12 +1,21 @@
 """Objectives: what an icon maximises at its layer.
 
-The atlas objective (Activation Atlas): for the activation h at the centre position and the
-cell's direction v, maximise ``(h·v)^(n+1) / (|h|·|v|)^n``, i.e. the dot product times the
-cosine to the power n, which rewards pointing the right way more than sheer magnitude.
-Cosine is floored at 0.1 (as Lucid does) so a bad start still has a gradient.
+For the activation h at the centre position and the cell's direction v:
 
-``variant="article"`` reproduces Lucid's exact formula instead: ``dot = mean(h * v')`` and
-``cos = max(0.1, dot / (1e-4 + |h|))`` (a scaled quantity, not a true cosine).
+``"cosine"`` (the default) maximises cos(h, v): the icon's activation points the way of the
+    direction, however strong it is. This is the limit n → ∞ of the articles' family below.
+``"dot-cosine"`` is the articles' formula ``(h·v)^(n+1) / (|h|·|v|)^n``: the dot product times the
+    cosine to the power n, with a true cosine. The dot product rewards a strong activation, and
+    the optimiser buys strength with direction. On the atlas tests/test_atlas.py builds, at 512
+    steps (n = 3), icons end at cosine 0.93 to their cell's mean with about twice a typical
+    activation's norm; with ``"cosine"`` they end at 0.994 with 0.93 times it. Neighbouring
+    cells' means can be 0.996 apart, so that difference decides whether an icon looks like its
+    own cell or a neighbour: at 256 steps, 46% of the 10×10 icons are closest to their own
+    cell with ``"dot-cosine"``, 92% with ``"cosine"`` (the test asserts at least 90%).
+``"article"`` is Lucid's exact code: ``dot = mean(h * v')`` and
+    ``cos = max(0.1, dot / (1e-4 + |h|))`` (a scaled quantity, not a true cosine).
+
+Cosines in the last two are floored at 0.1 (as Lucid does) so a bad start still has a gradient.
 """
 
 from __future__ import annotations
@@ -15,17 +24,20 @@ from typing import Callable
 
 import torch
 
+OBJECTIVES = ("cosine", "dot-cosine", "article")
+
 
 def direction_objective(directions: torch.Tensor, *, cossim_pow: float = 3.0,
                         whitening: torch.Tensor | None = None,
                         variant: str = "cosine") -> Callable[[torch.Tensor], torch.Tensor]:
     """Per-image objective values for (B, C, H, W) activations and (B, C) directions.
 
-    whitening : optional (C, C) matrix W. ``"cosine"`` compares W h with W v (both whitened);
-        ``"article"`` uses v' = v S with S = W (Lucid applies S to the direction only).
+    cossim_pow : n, for ``"dot-cosine"`` and ``"article"``.
+    whitening : optional (C, C) matrix W. ``"cosine"`` and ``"dot-cosine"`` compare W h with W v
+        (both whitened); ``"article"`` uses v' = v S with S = W (Lucid applies S to the direction only).
     """
-    if variant not in ("cosine", "article"):
-        raise ValueError(f"variant must be 'cosine' or 'article', not {variant!r}")
+    if variant not in OBJECTIVES:
+        raise ValueError(f"variant must be one of {', '.join(OBJECTIVES)}, not {variant!r}")
     v = directions.float()
     if whitening is not None:
         v = v @ whitening.float()
@@ -40,6 +52,8 @@ def direction_objective(directions: torch.Tensor, *, cossim_pow: float = 3.0,
         hw = h @ whitening.float() if whitening is not None else h
         dot = (hw * v).sum(dim=1)
         cos = dot / (hw.norm(dim=1) * v.norm(dim=1) + 1e-8)
+        if variant == "cosine":
+            return cos
         return dot * torch.clamp(cos, min=0.1) ** cossim_pow
 
     return objective
