@@ -236,7 +236,12 @@ def _icon_facts(built):
 
 def test_icons_raise_their_objective_and_resemble_their_own_cell(built):
     """The issue's bars: every icon's objective rises, and at the coarsest level at least 90% of
-    icons have a centre activation closer (cosine) to their own cell's mean than to any other's."""
+    icons have a centre activation closer (cosine) to their own cell's mean than to any other's.
+
+    This atlas (seed 3) gives 22 of 24. The bar sits at the limit of what these cells allow: the
+    misses are neighbours whose means are 0.992 and 0.996 apart, only 87% of the real member
+    activations are closest to their own cell's mean, and atlases of the same data laid out with
+    seeds 4-6 give 0.70-0.85 at 256 steps and 0.74-0.85 at 512 (see the README)."""
     rose, fidelity, chance = _icon_facts(built)
     assert rose.all()
     assert fidelity >= 0.9 > 10 * chance
