@@ -81,9 +81,7 @@ class AtlasOptions:
     cossim_pow : n in the ``dot-cosine`` and ``article`` objectives, (h·v)^(n+1) / (|h||v|)^n.
     lr : Adam's learning rate for the icons (0.05, as in the articles).
     settle : fraction of the steps, at the end, that optimise the untransformed icon (see
-        :func:`atlasq.featurevis.render_directions`); on the test atlas at 256 steps, 1/8 made
-        every objective rise (59 of 60 without) and took the 10×10 icons closest to their own
-        cell from 79% to 92%.
+        :func:`atlasq.featurevis.render_directions`, which restarts Adam for it).
     attempts : icons whose objective did not rise are rendered again from another start, up to
         this many times in all; the best is kept.
     whiten : compare in the layer's whitened activation space (decorrelates channels, so icons
