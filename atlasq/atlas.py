@@ -457,7 +457,7 @@ def build_atlas(index: str, name: str, *, home: Path | None = None, options: Atl
     if options.icons and options.whiten:
         zca, inverse = whitening_matrices(activations, options.whiten_shrinkage)
         whitening = inverse if options.objective == "article" else zca
-        np.save(folder / "whitening.npy", whitening)
+        _save_npy(whitening, folder / "whitening.npy")
 
     # 3. exemplar crops (the best exemplar of each cell) and the cells table
     categories = list(meta.get("categories") or model.categories)

@@ -84,8 +84,9 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
     with _frozen(network):
         with torch.no_grad():
             initial_objective = run(image_fn()).float().cpu().numpy()
+        settle_from = steps - settle_steps
         for step in range(steps):
-            if step == steps - settle_steps and step > 0:
+            if step == settle_from and step > 0:
                 # Adam's moment estimates come from the noisy transformed gradients and would
                 # damp the settle phase's steady ones, so a fresh optimiser starts it. On four
                 # demo atlases at 512 steps this raised the share of 10x10 icons closest to
@@ -93,7 +94,7 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
                 optimiser = torch.optim.Adam(params, lr=lr)
             optimiser.zero_grad(set_to_none=True)
             images = image_fn()
-            values = run(transform(images) if step < steps - settle_steps else images)
+            values = run(transform(images) if step < settle_from else images)
             (-values.sum()).backward()
             optimiser.step()
             history[step] = values.detach().float().cpu().numpy()
