@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atlas import Atlas, position_box
+from .errors import AtlasqError
 from .heatmap import colour_bar, paint_cells, scale
 from .histogram import atlas_key, cell_images, compare, histogram
 from .images import ImageDecodeError, open_rgb
@@ -30,7 +31,7 @@ __all__ = ["AppError", "list_indexes", "list_atlases", "CellOverlay", "overlay_c
 VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
 
 
-class AppError(ValueError):
+class AppError(AtlasqError, ValueError):
     """Something the app shows as a message instead of a traceback."""
 
 

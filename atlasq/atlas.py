@@ -44,21 +44,22 @@ from PIL import Image
 from . import __version__
 from .featurevis import render_directions
 from .featurevis.objectives import OBJECTIVES
+from .errors import AtlasqError
 from .fileio import replaced
+from .home import atlas_folder
 from .images import ImageDecodeError, open_rgb
 from .layout import Grid, Layout, unit_rows
 from .model import LoadedModel, load_model, resolve_precision
 from .progress import progress_bar, stderr
-from .store import IndexStore, default_home, index_folder
+from .store import IndexStore, index_folder
 
 __all__ = ["AtlasOptions", "AtlasError", "Atlas", "build_atlas", "load_atlas", "atlas_folder", "atlas_summary",
            "whitening_matrices", "cell_summaries", "default_icon_size"]
 
-ATLAS_DIR = "atlases"
 TOP_CLASSES = 5
 
 
-class AtlasError(ValueError):
+class AtlasError(AtlasqError, ValueError):
     """An atlas cannot be built from these inputs (the message says what to do)."""
 
 
@@ -146,12 +147,6 @@ class AtlasOptions:
     def layout(self) -> Layout:
         return Layout(n_neighbors=self.n_neighbors, min_dist=self.min_dist, metric="cosine",
                       fit_size=self.fit_size, n_epochs=self.n_epochs, random_state=self.seed)
-
-
-def atlas_folder(name: str, home: Path | None = None) -> Path:
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise AtlasError(f"atlas name {name!r} must be a plain name (no slashes, not hidden)")
-    return Path(home or default_home()) / ATLAS_DIR / name
 
 
 # ----------------------------------------------------------------------------- the science

@@ -6,14 +6,16 @@ and notes go to stderr).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
-from .model import WeightsUnavailableError as WeightsError
+from .errors import AtlasqError
 from .progress import stderr
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -34,8 +36,23 @@ def _emit(as_json: bool, payload: dict, human) -> None:
 def _fail(message: str, as_json: bool, code: int = 1) -> None:
     if as_json:
         print(json.dumps({"error": message}))
-    stderr.print(f"[red]error:[/red] {message}", highlight=False)
+    stderr.print(Text.assemble(("error: ", "red"), message), highlight=False)
     raise typer.Exit(code)
+
+
+def user_errors(command):
+    """Print an :class:`AtlasqError` as one line (``{"error": ...}`` with ``--json``) and exit with
+    its code; Ctrl-C says how to resume. Any other exception is a bug and keeps its traceback."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            return command(*args, **kwargs)
+        except AtlasqError as exc:
+            _fail(str(exc), as_json, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted: run the same command again to resume", as_json, 130)
+    return run
 
 
 def _split_csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -49,6 +66,7 @@ def _print_fields(record: dict, keys: tuple[str, ...], width: int) -> None:
 
 
 @app.command()
+@user_errors
 def index(
     directory: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     name: str = typer.Option(..., "--name", help="Name of the index (a folder under --home)."),
@@ -78,19 +96,15 @@ def index(
     Example: atlasq index ~/photos --name photos --attributions
     """
     from .indexer import IndexOptions, build_index
-    from .model import WeightsUnavailableError
 
     options = IndexOptions(model=model, weights=weights, layers=_split_csv(layers),
                            samples_per_image=samples_per_image, attributions=attributions,
                            relaxed_maxpool=relaxed_maxpool, seed=seed)
-    try:
-        summary = build_index(directory, name, home=home, options=options, precision=precision,
-                              device=device, batch_size=batch_size, workers=workers, streams=streams,
-                              commit_every=commit_every,
-                              progress=not as_json or sys.stderr.isatty(),
-                              approx_threshold=approx_threshold)
-    except (WeightsUnavailableError, ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
-        _fail(str(exc), as_json)
+    summary = build_index(directory, name, home=home, options=options, precision=precision,
+                          device=device, batch_size=batch_size, workers=workers, streams=streams,
+                          commit_every=commit_every,
+                          progress=not as_json or sys.stderr.isatty(),
+                          approx_threshold=approx_threshold)
     payload = summary.as_dict()
 
     def human(s):
@@ -114,6 +128,7 @@ def index(
 
 
 @app.command()
+@user_errors
 def search(
     query: str = typer.Argument(..., help="An indexed image's id or path, or any image file."),
     index_name: str = typer.Option(..., "--index", help="Index to search."),
@@ -128,10 +143,7 @@ def search(
     """
     from .api import search_index
 
-    try:
-        result = search_index(index_name, query, k=k, mode=mode, home=home)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        _fail(str(exc), as_json)
+    result = search_index(index_name, query, k=k, mode=mode, home=home)
 
     def human(r):
         stderr.print(f"query {r['query']} ({r['search']} search)", highlight=False)
@@ -142,6 +154,7 @@ def search(
 
 
 @app.command()
+@user_errors
 def info(
     name: str = typer.Argument(..., help="Index name."),
     home: Optional[Path] = HomeOption,
@@ -150,10 +163,7 @@ def info(
     """Counts, layers, model and weights, and errors of an index."""
     from .api import index_info
 
-    try:
-        result = index_info(name, home=home)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        _fail(str(exc), as_json)
+    result = index_info(name, home=home)
 
     def human(r):
         _print_fields(r, ("folder", "root", "images", "samples", "errors", "model", "weights", "random_weights",
@@ -166,6 +176,7 @@ def info(
 
 
 @app.command()
+@user_errors
 def demo(
     home: Optional[Path] = HomeOption,
     name: str = typer.Option("sample", "--name", help="Name of the demo index."),
@@ -195,6 +206,7 @@ def demo(
 
 
 @app.command("demo-model")
+@user_errors
 def demo_model_command(
     force: bool = typer.Option(False, help="Retrain even when cached weights exist."),
     as_json: bool = JsonOption,
@@ -222,6 +234,7 @@ def _split_ints(value: str, what: str) -> tuple[int, ...]:
 
 
 @atlas_app.command("build")
+@user_errors
 def atlas_build(
     index_name: str = typer.Option(..., "--index", help="Index to build from (made with --attributions)."),
     name: str = typer.Option(..., "--name", help="Name of the atlas (a folder under HOME/atlases)."),
@@ -256,20 +269,15 @@ def atlas_build(
     Interrupted builds resume: run the same command again.
     Example: atlasq atlas build --index photos --name photos-4c --grids 20,40
     """
-    from .atlas import AtlasError, AtlasOptions, build_atlas
+    from .atlas import AtlasOptions, build_atlas
 
-    try:
-        options = AtlasOptions(layer=layer, grids=_split_ints(grids, "--grids"), min_count=min_count,
-                               max_activations=max_activations or None, n_neighbors=n_neighbors,
-                               min_dist=min_dist, fit_size=fit_size, steps=steps, icon_size=icon_size,
-                               icon_batch=icon_batch, settle=settle, icons=icons, whiten=whiten, objective=objective,
-                               cossim_pow=cossim_pow, lr=lr, precision=precision, seed=seed)
-        summary = build_atlas(index_name, name, home=home, options=options, device=device,
-                              overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
-    except KeyboardInterrupt:
-        _fail("interrupted: run the same command again to resume", as_json, 130)
-    except (AtlasError, WeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        _fail(str(exc), as_json)
+    options = AtlasOptions(layer=layer, grids=_split_ints(grids, "--grids"), min_count=min_count,
+                           max_activations=max_activations or None, n_neighbors=n_neighbors,
+                           min_dist=min_dist, fit_size=fit_size, steps=steps, icon_size=icon_size,
+                           icon_batch=icon_batch, settle=settle, icons=icons, whiten=whiten, objective=objective,
+                           cossim_pow=cossim_pow, lr=lr, precision=precision, seed=seed)
+    summary = build_atlas(index_name, name, home=home, options=options, device=device,
+                          overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
 
     def human(r):
         stderr.print(f"atlas {r['name']} of index {r['index']} at {r['folder']}: {r['activations']:,} "
@@ -284,18 +292,16 @@ def atlas_build(
 
 
 @atlas_app.command("info")
+@user_errors
 def atlas_info(
     name: str = typer.Argument(..., help="Atlas name (or folder)."),
     home: Optional[Path] = HomeOption,
     as_json: bool = JsonOption,
 ):
     """Summarise an atlas: model, layer, parameters, cells per level and their top labels."""
-    from .atlas import AtlasError, atlas_summary
+    from .atlas import atlas_summary
 
-    try:
-        result = atlas_summary(name, home=home)
-    except (AtlasError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), as_json)
+    result = atlas_summary(name, home=home)
 
     def human(r):
         _print_fields(r, ("folder", "index", "model", "weights", "random_weights", "layer", "activations",
@@ -308,9 +314,6 @@ def atlas_info(
     _emit(as_json, result, human)
 
 
-_PLACEMENT_ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # AtlasError and PlacementError are ValueErrors
-
-
 def _cell(value: str) -> tuple[int, int]:
     try:
         i, j = (int(v) for v in value.split(","))
@@ -320,6 +323,7 @@ def _cell(value: str) -> tuple[int, int]:
 
 
 @app.command("histogram")
+@user_errors
 def histogram_command(
     atlas: str = typer.Option(..., "--atlas", help="Reference atlas."),
     index_name: str = typer.Option(..., "--index", help="Dataset to place on it (same model, weights, layer)."),
@@ -334,11 +338,8 @@ def histogram_command(
     """
     from .histogram import histogram_with_picture
 
-    try:
-        result = histogram_with_picture(atlas, index_name, level=level, home=home,
-                                        progress=not as_json or sys.stderr.isatty())
-    except _PLACEMENT_ERRORS as exc:
-        _fail(str(exc), as_json)
+    result = histogram_with_picture(atlas, index_name, level=level, home=home,
+                                    progress=not as_json or sys.stderr.isatty())
 
     def human(r):
         t, placed = r["totals"], r["placed"]
@@ -356,6 +357,7 @@ def histogram_command(
 
 
 @app.command("cell")
+@user_errors
 def cell_command(
     atlas: str = typer.Option(..., "--atlas", help="Reference atlas."),
     index_name: str = typer.Option(..., "--index", help="Dataset placed on it with `atlasq histogram`."),
@@ -370,10 +372,7 @@ def cell_command(
     from .histogram import cell_images
 
     i, j = _cell(cell)
-    try:
-        result = cell_images(atlas, index_name, i, j, level=level, k=k, offset=offset, home=home)
-    except _PLACEMENT_ERRORS as exc:
-        _fail(str(exc), as_json)
+    result = cell_images(atlas, index_name, i, j, level=level, k=k, offset=offset, home=home)
 
     def human(r):
         stderr.print(f"cell {i},{j} of level {r['level']} ({', '.join(r['top_labels'][:3])}):", highlight=False)
@@ -385,6 +384,7 @@ def cell_command(
 
 
 @app.command("compare")
+@user_errors
 def compare_command(
     atlas: str = typer.Option(..., "--atlas", help="Reference atlas."),
     indexes: list[str] = typer.Option(..., "--index", help="Give twice: --index A --index B."),
@@ -400,10 +400,7 @@ def compare_command(
 
     if len(indexes) != 2:
         _fail("give exactly two indexes: --index A --index B", as_json)
-    try:
-        result = compare(atlas, indexes[0], indexes[1], level=level, home=home, alpha=alpha, top=top, out=out)
-    except _PLACEMENT_ERRORS as exc:
-        _fail(str(exc), as_json)
+    result = compare(atlas, indexes[0], indexes[1], level=level, home=home, alpha=alpha, top=top, out=out)
 
     def human(r):
         print(f"{r['b']} vs {r['a']} on {r['atlas']} level {r['level']}: Jensen–Shannon divergence "
@@ -421,6 +418,7 @@ def compare_command(
 
 
 @app.command("app")
+@user_errors
 def app_command(
     index_name: Optional[str] = typer.Option(None, "--index", help="Dataset to show first."),
     atlas: Optional[str] = typer.Option(None, "--atlas", help="Atlas to show first."),

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from .atlas import Atlas, AtlasError, load_atlas
+from .errors import AtlasqError
 from .fileio import replaced
 from .layout import unit_rows
 from .progress import stderr
@@ -40,7 +41,7 @@ EXACT_LIMIT = 20_000      # up to this many reference activations, the search is
 THRESHOLD_SAMPLE = 20_000  # reference activations used to learn the off-atlas threshold
 
 
-class PlacementError(ValueError):
+class PlacementError(AtlasqError, ValueError):
     """A dataset cannot be placed on this atlas (the message says why)."""
 
 

@@ -33,6 +33,8 @@ from torchvision.models import GoogLeNet, GoogLeNet_Weights
 from torchvision.models.googlenet import BasicConv2d, Inception
 from torchvision.transforms._presets import ImageClassification
 
+from .errors import AtlasqError
+
 __all__ = [
     "LAYERS",
     "LoadedModel",
@@ -53,7 +55,7 @@ LAYERS: tuple[str, ...] = (
 POOLED_LAYER = "mixed5b"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(AtlasqError, RuntimeError):
     """The requested weights cannot be loaded (offline and not cached, or a bad file)."""
 
 

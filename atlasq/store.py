@@ -32,7 +32,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from .errors import BusyError, NotFoundError
 from .fileio import replaced
+from .home import default_home, index_folder
 
 __all__ = ["IndexStore", "IndexNotFoundError", "Chunk", "index_folder", "default_home"]
 
@@ -94,22 +96,8 @@ INSERT INTO placement_totals SELECT atlas, level, count(*), count(*) FILTER (WHE
 """
 
 
-class IndexNotFoundError(FileNotFoundError):
+class IndexNotFoundError(NotFoundError):
     """No index of that name under the home folder."""
-
-
-def default_home() -> Path:
-    """``$ATLASQ_HOME`` or ``./indexes``."""
-    import os
-
-    return Path(os.environ.get("ATLASQ_HOME") or "indexes")
-
-
-def index_folder(name: str, home: Path | None = None) -> Path:
-    """The folder of index ``name``; names are plain words so they stay inside ``home``."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"index name {name!r} must be a plain name (no slashes, not hidden)")
-    return Path(home or default_home()) / name
 
 
 @dataclass
@@ -160,7 +148,7 @@ class IndexStore:
                     break
                 except duckdb.IOException as exc:
                     if time.monotonic() >= deadline:
-                        raise RuntimeError(f"cannot open {db}: {exc} (another process has been writing to it for "
+                        raise BusyError(f"cannot open {db}: {exc} (another process has been writing to it for "
                                            f"over {self.lock_wait:.0f} s)") from exc
                     time.sleep(0.05)
         return self._con
