@@ -159,10 +159,10 @@ def test_bad_images_are_recorded_with_reasons_and_good_ones_indexed(tmp_path):
     assert sizes[KINDS["rgb"][0]] == (64, 48)
     assert sizes[KINDS["exif_rotated"][0]] == (40, 60)  # stored 60x40, EXIF orientation 6
 
-    # a second run skips the known bad files rather than retrying them
+    # a second run tries the bad files again (they still fail: not new errors, not fixed)
     again = one_json(cli("index", root, "--name", "bad", "--home", home, "--json"))
-    assert (again["indexed"], again["new_errors"], again["skipped_errors"], again["unchanged"]) == \
-        (0, 0, len(bad), len(good))
+    assert (again["indexed"], again["new_errors"], again["retried_errors"], again["fixed_errors"],
+            again["unchanged"], again["total_errors"]) == (0, 0, len(bad), 0, len(good), len(bad))
     info = one_json(cli("info", "bad", "--home", home, "--json"))
     assert info["errors"] == len(bad) and dict(map(tuple, info["error_list"])) == reasons
 
