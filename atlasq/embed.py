@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .attribution import attribute
+from .errors import InvalidOptionError
 from .images import FileEntry, ImageDecodeError, content_hash, open_rgb, real_path
 from .model import LoadedModel, autocast, relax_maxpool
 
@@ -46,9 +47,9 @@ class EmbedConfig:
 
     def __post_init__(self):
         if self.samples_per_image < 1:
-            raise ValueError("samples_per_image must be at least 1")
+            raise InvalidOptionError(f"--samples-per-image must be at least 1, not {self.samples_per_image}")
         if not self.layers:
-            raise ValueError("at least one atlas layer is needed")
+            raise InvalidOptionError("--layers needs at least one atlas layer")
 
 
 @dataclass
