@@ -112,8 +112,8 @@ def index(
 
         from .images import display_path
 
-        stderr.print(f"index [bold]{s['name']}[/bold] at {escape(display_path(s['folder']))}: {s['indexed']} indexed this "
-                     f"run, {s['unchanged']} unchanged, {s['changed']} changed, {s['removed']} removed, "
+        stderr.print(f"index [bold]{s['name']}[/bold] at {escape(display_path(s['folder']))}: "
+                     f"{s['indexed']} indexed this run, {s['unchanged']} unchanged, {s['changed']} changed, {s['removed']} removed, "
                      f"{s['new_errors']} new errors, {s['retried_errors']} earlier errors retried "
                      f"({s['fixed_errors']} now indexed), {s['scan_errors']} unreadable folders or links; "
                      f"{s['total_images']} images, {s['total_errors']} errors in all; "

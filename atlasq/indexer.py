@@ -3,8 +3,9 @@
 Only new or changed files (by size and modification time) are processed, and every file that
 failed before is tried again; files that have disappeared are dropped (but not those under a
 folder that cannot be listed now, which is reported instead). atlasq homes and index folders
-under the root are never indexed (see :func:`atlasq.images.scan_folder`). Work is committed in chunks (see :mod:`atlasq.store`), so an
-interrupted run, whether by Ctrl-C or ``kill -9``, resumes where the last chunk ended.
+under the root are never indexed (see :func:`atlasq.images.scan_folder`). Work is committed in
+chunks (see :mod:`atlasq.store`), so an interrupted run, whether by Ctrl-C or ``kill -9``,
+resumes where the last chunk ended.
 Decoding runs in a thread pool a few batches ahead of the network (Pillow and the
 preprocessing release the GIL), so the network is not left waiting for images.
 """
