@@ -26,6 +26,8 @@ whole, its header intact, only the pixel stream is wrong.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -114,6 +116,19 @@ def jpeg_with_marker_in_scan() -> bytes:
     assert middle > data.index(b"\xff\xda"), "the middle must lie in the scan data"
     data[middle:middle + 2] = b"\xff\xd8"
     return bytes(data)
+
+
+def without_root_privileges() -> list[str]:
+    """A command prefix under which even root obeys file modes, so a ``chmod 0`` folder is really
+    unreadable (root's CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped); empty when not root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        import pytest
+
+        pytest.skip("running as root without setpriv (util-linux): cannot make a folder unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
 
 
 def path_of(dir: Path, kind: str) -> Path:

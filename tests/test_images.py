@@ -37,9 +37,11 @@ from badimages import (
     HIDDEN_FILE,
     KINDS,
     NON_IMAGE_FILE,
+    damage_source,
     damaged_image,
     jpeg_with_marker_in_scan,
     path_of,
+    without_root_privileges,
     write_bad_images,
     write_png_bomb,
 )
@@ -410,14 +412,6 @@ def test_scan_reports_dangling_and_looping_symlinks(tmp_path):
     assert reasons["loop.jpg"].startswith("broken symlink")
 
 
-def _without_root_privileges() -> list[str]:
-    """A command prefix under which root obeys file permissions like any user (none if not root)."""
-    if os.geteuid() != 0:
-        return []
-    caps = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
-
-
 def test_scan_reports_unreadable_folders(tmp_path):
     Image.new("RGB", (8, 8), RED).save(tmp_path / "a.png")
     (tmp_path / "locked" / "inner").mkdir(parents=True)
@@ -426,7 +420,7 @@ def test_scan_reports_unreadable_folders(tmp_path):
     try:
         code = ("import json, sys; from atlasq.images import scan_folder; s = scan_folder(sys.argv[1]); "
                 "print(json.dumps([[e.path for e in s.entries], [[p.path, p.reason] for p in s.problems]]))")
-        out = subprocess.run([*_without_root_privileges(), sys.executable, "-c", code, str(tmp_path)],
+        out = subprocess.run([*without_root_privileges(), sys.executable, "-c", code, str(tmp_path)],
                              capture_output=True, text=True, check=True).stdout
     finally:
         (tmp_path / "locked").chmod(0o755)
@@ -506,7 +500,6 @@ def test_damage_some_decoders_conceal_decodes_with_wrong_pixels(tmp_path, kind):
     name, fmt, options = CONCEALED_DAMAGE[kind]
     (tmp_path / name).write_bytes(damaged_image(fmt, **options))
     damaged = np.asarray(open_rgb(tmp_path / name), int)
-    from badimages import damage_source
     whole = tmp_path / ("whole" + os.path.splitext(name)[1])
     damage_source().save(whole, fmt, **options)
     intact = np.asarray(open_rgb(whole), int)

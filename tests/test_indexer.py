@@ -31,7 +31,8 @@ from atlasq.embed import EmbedConfig, process_files
 from atlasq.home import HOME_MARKER
 from atlasq.images import display_path, path_key, scan_folder
 from atlasq.model import load_model
-from badimages import HIDDEN_FILE, KINDS, NON_IMAGE_FILE, damaged_image, write_bad_images
+from badimages import (HIDDEN_FILE, KINDS, NON_IMAGE_FILE, damaged_image, without_root_privileges,
+                       write_bad_images)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
@@ -298,9 +299,7 @@ def test_unreadable_folders_and_dangling_symlinks_are_errors(tmp_path):
     assert (first.total_images, first.scan_errors) == (4, 1)
     (root / "locked").chmod(0)
     try:
-        caps = "-dac_override,-dac_read_search"  # root reads everything; without these it obeys modes
-        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if os.geteuid() == 0 else []
-        done = subprocess.run([*prefix, sys.executable, "-m", "atlasq.cli", "index", str(root), "--name", "u",
+        done = subprocess.run([*without_root_privileges(), sys.executable, "-m", "atlasq.cli", "index", str(root), "--name", "u",
                                "--home", str(home), "--json"], capture_output=True)
     finally:
         (root / "locked").chmod(0o755)
