@@ -25,7 +25,6 @@ import hashlib
 import os
 import re
 import stat
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -229,21 +228,26 @@ def _list_items(items: list[os.DirEntry], root: Path, pending: list[str], scan: 
 _KEY_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
 
 
+# Exactly the characters that are escaped: Unicode's control characters (Cc), line and paragraph
+# separators (Zl, Zp), surrogates (which is how Python hands over bytes that are not UTF-8), and
+# for stored paths the backslash that introduces an escape.
+_UNSAFE = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+_TO_ESCAPE = {True: re.compile(f"[\\\\{_UNSAFE}]"), False: re.compile(f"[{_UNSAFE}]")}
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if code == 0x5C:
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape decodes it
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
 def _escaped(text: str, *, backslash: bool) -> str:
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch == "\\":
-            out.append("\\\\" if backslash else ch)
-        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape decodes it
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x80 and (code < 0x20 or code == 0x7F):
-            out.append(f"\\x{code:02x}")
-        elif unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs"):
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return _TO_ESCAPE[backslash].sub(_escape, text)
 
 
 def path_key(relative: str | os.PathLike) -> str:
