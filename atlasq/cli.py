@@ -108,15 +108,22 @@ def index(
     payload = summary.as_dict()
 
     def human(s):
-        stderr.print(f"index [bold]{s['name']}[/bold] at {s['folder']}: {s['indexed']} indexed this run, "
-                     f"{s['unchanged']} unchanged, {s['changed']} changed, {s['removed']} removed, "
-                     f"{s['new_errors']} new errors ({s['skipped_errors']} known errors skipped); "
+        from rich.markup import escape
+
+        from .images import display_path
+
+        stderr.print(f"index [bold]{s['name']}[/bold] at {escape(display_path(s['folder']))}: "
+                     f"{s['indexed']} indexed this run, {s['unchanged']} unchanged, {s['changed']} changed, {s['removed']} removed, "
+                     f"{s['new_errors']} new errors, {s['retried_errors']} earlier errors retried "
+                     f"({s['fixed_errors']} now indexed), {s['scan_errors']} unreadable folders or links; "
                      f"{s['total_images']} images, {s['total_errors']} errors in all; "
                      f"{s['images_per_s']} img/s", highlight=False)
+        for skipped in s["skipped_homes"]:
+            stderr.print(f"  skipped atlasq home or index: {display_path(skipped)}", highlight=False, markup=False)
         if s["model"].get("random_weights"):
             stderr.print("[yellow]built with RANDOM weights: for tests and smoke runs only[/yellow]")
         for path, reason in s["error_examples"][:10]:
-            stderr.print(f"  error: {path}: {reason}", highlight=False)
+            stderr.print(f"  error: {display_path(path)}: {display_path(reason)}", highlight=False, markup=False)
         if s["interrupted"]:
             stderr.print("[yellow]interrupted: run the same command again to resume[/yellow]")
 
@@ -146,9 +153,11 @@ def search(
     result = search_index(index_name, query, k=k, mode=mode, home=home)
 
     def human(r):
-        stderr.print(f"query {r['query']} ({r['search']} search)", highlight=False)
+        from .images import display_path
+
+        stderr.print(f"query {display_path(r['query'])} ({r['search']} search)", highlight=False, markup=False)
         for hit in r["hits"]:
-            print(f"{hit['score']:.4f}  {hit['id']:>8}  {hit['path']}")
+            print(f"{hit['score']:.4f}  {hit['id']:>8}  {display_path(hit['path'])}")
 
     _emit(as_json, result, human)
 
@@ -169,8 +178,10 @@ def info(
         _print_fields(r, ("folder", "root", "images", "samples", "errors", "model", "weights", "random_weights",
                           "layers", "layer_dims", "samples_per_image", "attributions", "relaxed_maxpool", "seed",
                           "faiss_current"), 18)
+        from .images import display_path
+
         for path, reason in r["error_list"][:20]:
-            print(f"{'error':>18}: {path}: {reason}")
+            print(f"{'error':>18}: {display_path(path)}: {display_path(reason)}")
 
     _emit(as_json, result, human)
 
@@ -376,9 +387,11 @@ def cell_command(
 
     def human(r):
         stderr.print(f"cell {i},{j} of level {r['level']} ({', '.join(r['top_labels'][:3])}):", highlight=False)
+        from .images import display_path
+
         for m in r["images"]:
             where = " ".join(f"({p['y']},{p['x']})" for p in m["positions"])
-            print(f"{m['cell_distance']:.4f}  {m['path']}  at {where}")
+            print(f"{m['cell_distance']:.4f}  {display_path(m['path'])}  at {where}")
 
     _emit(as_json, result, human)
 

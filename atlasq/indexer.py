@@ -1,8 +1,11 @@
 """``atlasq index``: bring an index up to date with a folder of images.
 
-Only new or changed files (by size and modification time) are processed; files that have
-disappeared are dropped. Work is committed in chunks (see :mod:`atlasq.store`), so an
-interrupted run, whether by Ctrl-C or ``kill -9``, resumes where the last chunk ended.
+Only new or changed files (by size and modification time) are processed, and every file that
+failed before is tried again; files that have disappeared are dropped (but not those under a
+folder that cannot be listed now, which is reported instead). atlasq homes and index folders
+under the root are never indexed (see :func:`atlasq.images.scan_folder`). Work is committed in
+chunks (see :mod:`atlasq.store`), so an interrupted run, whether by Ctrl-C or ``kill -9``,
+resumes where the last chunk ended.
 Decoding runs in a thread pool a few batches ahead of the network (Pillow and the
 preprocessing release the GIL), so the network is not left waiting for images.
 """
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .embed import Decoded, EmbedConfig, decode_file, embed_batch
-from .images import scan_images
+from .embed import Decoded, EmbedConfig, decode_file, embed_decoded
+from .home import mark_home
+from .images import Scan, scan_folder
 from .model import LoadedModel, load_model, relax_maxpool, resolve_device, resolve_precision
 from .progress import progress_bar
 from .search import sync_faiss
@@ -52,6 +56,11 @@ FIXED = ("model", "weights", "layers", "samples_per_image", "attributions", "rel
 
 @dataclass
 class IndexSummary:
+    """What a run did. ``new_errors``: files that failed for the first time; ``retried_errors``:
+    files that had failed before and were tried again (``fixed_errors`` of them are indexed now);
+    ``scan_errors``: folders and symlinks that could not be read (also in the errors table);
+    ``skipped_homes``: atlasq homes and index folders under the root, left out."""
+
     name: str
     folder: str
     root: str
@@ -61,7 +70,9 @@ class IndexSummary:
     removed: int = 0
     changed: int = 0
     new_errors: int = 0
-    skipped_errors: int = 0
+    retried_errors: int = 0
+    fixed_errors: int = 0
+    scan_errors: int = 0
     total_images: int = 0
     total_errors: int = 0
     seconds: float = 0.0
@@ -70,6 +81,7 @@ class IndexSummary:
     model: dict = field(default_factory=dict)
     faiss: dict = field(default_factory=dict)
     error_examples: list = field(default_factory=list)
+    skipped_homes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,25 +105,46 @@ def _settle_options(stored: dict, given: IndexOptions) -> IndexOptions:
     return settled
 
 
-def _plan(store: IndexStore, entries) -> tuple[list, list[str], int, int, int]:
-    """(files to process, paths to forget, unchanged, changed, skipped errors)."""
+@dataclass
+class _Plan:
+    todo: list = field(default_factory=list)        # entries to decode and embed
+    forget: list = field(default_factory=list)      # stored paths whose rows go before processing
+    removed: int = 0
+    unchanged: int = 0
+    changed: int = 0
+    retried: set = field(default_factory=set)       # stored paths that had failed before
+
+
+def _plan(store: IndexStore, scan: Scan) -> _Plan:
+    """What this run must do.
+
+    A file that failed before is tried again whatever its size and time say: what made it fail
+    (a permission, a copy still being written) can go away without the file changing. Rows of
+    files under a folder that cannot be listed now are kept: the folder is reported instead.
+    """
     indexed, failed = store.file_states(), store.error_states()
-    current = {e.path: e for e in entries}
-    gone = [p for p in list(indexed) + list(failed) if p not in current]
-    todo, changed, unchanged, skipped = [], [], 0, 0
-    for entry in entries:
+    current = {e.path: e for e in scan.entries}
+    problems = {p.path for p in scan.problems}
+    hidden = tuple(p.path + "/" for p in scan.problems if p.folder)
+    plan = _Plan()
+    gone = [path for path in indexed if path not in current and not path.startswith(hidden)]
+    gone += [path for path in failed if path not in current and path not in problems and path not in indexed
+             and not path.startswith(hidden)]
+    changed = []
+    for entry in scan.entries:
         before = indexed.get(entry.path)
-        state = (before[1], before[2]) if before else failed.get(entry.path)
-        if state is None:
-            todo.append(entry)
-        elif state != (entry.size, entry.mtime):
-            todo.append(entry)
+        if before is None:
+            plan.todo.append(entry)
+            if entry.path in failed:
+                plan.retried.add(entry.path)
+        elif (before[1], before[2]) != (entry.size, entry.mtime):
+            plan.todo.append(entry)
             changed.append(entry.path)
-        elif before:
-            unchanged += 1
         else:
-            skipped += 1
-    return todo, gone + changed, unchanged, len(changed), skipped
+            plan.unchanged += 1
+    plan.forget = gone + changed + sorted(plan.retried)
+    plan.removed, plan.changed = len(gone), len(changed)
+    return plan
 
 
 def _decoded_batches(root: Path, entries: list, model: LoadedModel, batch_size: int, workers: int):
@@ -190,10 +223,12 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
     """Index (or update the index of) the images under ``root`` as index ``name``."""
     started = time.perf_counter()
     root = Path(root).resolve()
-    entries = scan_images(root)
+    scan = scan_folder(root)
     folder = index_folder(name, home)
+    mark_home(folder.parent)  # so that no later scan indexes the home's icons and mosaics
     store = IndexStore.create(folder)
-    summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(entries))
+    summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(scan.entries),
+                           skipped_homes=scan.skipped_homes, scan_errors=len(scan.problems))
     try:
         meta = store.meta()
         if meta.get("root") and meta["root"] != str(root):
@@ -228,11 +263,15 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
         if approx_threshold is not None:  # remembered, so later runs and searches use it too
             store.set_meta({"approx_threshold": int(approx_threshold)})
         store.remove_orphans()
-        todo, forget, summary.unchanged, summary.changed, summary.skipped_errors = _plan(store, entries)
-        store.remove_paths(forget)
-        summary.removed = len(forget) - summary.changed
+        plan = _plan(store, scan)
+        todo = plan.todo
+        store.remove_paths(plan.forget)
+        summary.removed, summary.unchanged, summary.changed = plan.removed, plan.unchanged, plan.changed
+        summary.retried_errors = len(plan.retried)
+        known = plan.retried | {p.path for p in scan.problems}  # not counted as new errors
 
         builder = _ChunkBuilder(config.layers, store.next_image_id())
+        builder.errors += [(p.path, 0, p.mtime, p.reason) for p in scan.problems]  # recorded anew each run
         last_commit = time.perf_counter()
         workers = workers or max(1, (os.cpu_count() or 2) - 1)
         try:
@@ -242,9 +281,9 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
                     builder.add(decoded, embedded)
                     bar.advance(len(decoded))
                     if len(builder) >= commit_every or time.perf_counter() - last_commit > 30:
-                        _commit(store, builder, summary)
+                        _commit(store, builder, summary, known)
                         last_commit = time.perf_counter()
-                _commit(store, builder, summary)
+                _commit(store, builder, summary, known)
         except KeyboardInterrupt:
             summary.interrupted = True
         summary.total_images = store.count("images")
@@ -289,11 +328,7 @@ def _threads_per_stream(streams: int):
 def _embedded_batches(decoded_batches, model: LoadedModel, config: EmbedConfig, relaxed, streams: int):
     """``(decoded, embedded)`` per batch, in order, with up to ``streams`` batches in the network."""
     def embed(decoded):
-        ok = [d for d in decoded if d.error is None]
-        if not ok:
-            return None
-        return embed_batch(model, torch.stack([d.tensor for d in ok]), [d.entry.path for d in ok],
-                           config, relaxed)
+        return embed_decoded(model, decoded, config, relaxed)
 
     if streams == 1:
         for decoded in decoded_batches:
@@ -315,14 +350,16 @@ def _embedded_batches(decoded_batches, model: LoadedModel, config: EmbedConfig, 
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary) -> None:
+def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary, known: set) -> None:
+    """Write the builder's chunk; ``known``: paths whose errors are not new (retried, scan problems)."""
     if not len(builder):
         return
     chunk = builder.build()
     store.commit(chunk)
     store.release()  # readers (the app, `atlasq search`) can open the index until the next commit
     summary.indexed += len(chunk.images["id"])
-    summary.new_errors += len(chunk.errors)
+    summary.new_errors += sum(path not in known for path, *_ in chunk.errors)
+    summary.fixed_errors += sum(path in known for path in chunk.images["path"])
     builder.reset()
 
 
