@@ -430,10 +430,7 @@ def app_command(
 
     from .store import default_home
 
-    script = Path(__file__).resolve().parent.parent / "app.py"
-    if not script.is_file():
-        _fail(f"app.py is not beside the atlasq package ({script}); run the app from a checkout of the "
-              f"repository: streamlit run app.py", False)
+    script = Path(__file__).resolve().parent / "webapp.py"
     command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--",
                "--home", str(home or default_home())]
     command += ["--index", index_name] if index_name else []
