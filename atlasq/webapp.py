@@ -1,14 +1,17 @@
 """atlasq's Streamlit app: the atlas as a concept histogram; click a cell to see its images.
 
-    streamlit run app.py -- --home indexes --index photos --atlas imagenet-4c
     atlasq app --index photos --atlas imagenet-4c
+    streamlit run app.py -- --home indexes --index photos --atlas imagenet-4c   (from a checkout)
 
-UI only: everything it shows is computed in atlasq.appdata.
+This file is the page script Streamlit runs (it lives in the package so that an installed atlasq
+has it; the root ``app.py`` runs it from a checkout). UI only: everything it shows is computed in
+atlasq.appdata.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ import streamlit as st
 
 from atlasq import appdata
 from atlasq.atlas import AtlasError, load_atlas
+from atlasq.errors import AtlasqError
 from atlasq.histogram import place_index
 
 st.set_page_config(page_title="atlasq", layout="wide")
@@ -49,16 +53,26 @@ def cached_atlas(name: str, stamp: float):
 
 
 @st.cache_resource(show_spinner="loading the network…")
-def cached_model(index: str):
-    from atlasq.api import model_for_index, open_index
+def cached_model(network: str):
+    """One loaded network per description (JSON of :func:`appdata.index_source`'s ``network``)."""
+    from atlasq.api import model_for_index
 
-    with open_index(index, HOME) as store:
-        return model_for_index(store.meta(), device="cpu")
+    return model_for_index(json.loads(network), device="cpu")
 
 
-@st.cache_resource(show_spinner=False)
-def cached_root(index: str) -> Path:
-    return appdata.index_root(index, HOME)
+@st.cache_data(show_spinner=False)
+def cached_source(index: str, home: str, stamp: int) -> dict:
+    return appdata.index_source(index, Path(home))
+
+
+def index_source(index: str) -> dict:
+    """Where the index's images are and which network made it, read again whenever its database
+    changes: an index rebuilt under the same name is never shown with the old one's folder or network."""
+    return cached_source(index, str(HOME), appdata.index_stamp(index, HOME))
+
+
+def model_of(index: str):
+    return cached_model(json.dumps(index_source(index)["network"], sort_keys=True))
 
 
 def atlas_by_name(name: str):
@@ -73,6 +87,11 @@ def _choose(label: str, options: list[str], wanted: str | None, key: str) -> str
     return st.sidebar.selectbox(label, options, index=index, key=key, on_change=reset_selection)
 
 
+def _unavailable(tile: appdata.ImageTile) -> str:
+    """What a caption adds for an image that cannot be shown (moved, unreadable, linked elsewhere)."""
+    return f" · unavailable: {tile.unavailable}" if tile.unavailable else ""
+
+
 def reset_selection() -> None:
     for key in ("cell", "image", "search", "last_chart", "last_picker"):
         st.session_state.pop(key, None)
@@ -81,13 +100,19 @@ def reset_selection() -> None:
 
 # ----------------------------------------------------------------------------- sidebar
 st.sidebar.title("atlasq")
-indexes, atlases = appdata.list_indexes(HOME), appdata.list_atlases(HOME)
+(indexes, unreadable), atlases = appdata.scan_indexes(HOME), appdata.list_atlases(HOME)
 if not atlases:
     st.info(f"No finished atlas under {HOME}. Build one with `atlasq atlas build --index NAME --name ATLAS` "
             f"(or run `atlasq demo`), then reload.")
     st.stop()
 atlas_name = _choose("Atlas", atlases, ARGS.atlas, "atlas_name")
 index_name = _choose("Dataset (index)", indexes, ARGS.index, "index_name")
+if ARGS.index in unreadable:
+    st.warning(f"Dataset {ARGS.index!r} cannot be shown: {unreadable[ARGS.index]}")
+if unreadable:
+    with st.sidebar.expander(f"{len(unreadable)} folder{'s' * (len(unreadable) > 1)} under {HOME} not shown"):
+        for name, problem in unreadable.items():
+            st.caption(f"**{name}**: {problem}")
 try:
     atlas = atlas_by_name(atlas_name)
 except (AtlasError, FileNotFoundError, OSError) as exc:
@@ -106,9 +131,10 @@ if atlas.manifest.get("random_weights"):
     st.warning("This atlas was built with RANDOM weights: for tests and smoke runs only; its cells mean nothing.")
 
 # ----------------------------------------------------------------------------- overlay
-overlay, comparison, state = None, None, None
+overlay, comparison, state, root = None, None, None, None
 try:
     if index_name is not None:
+        root = Path(index_source(index_name)["root"])
         state = appdata.placement_state(atlas, index_name, HOME)
     if state in ("missing", "stale"):
         st.info(f"Dataset {index_name!r} is {'not placed' if state == 'missing' else 'not fully placed'} on atlas "
@@ -136,10 +162,9 @@ try:
     elif view != "class":
         overlay.log = scale == "log" and not overlay.diverging
 except (appdata.AppError, ValueError, FileNotFoundError, RuntimeError, duckdb.Error) as exc:
-    st.error(str(exc))  # e.g. a half-built index, or one another process is writing for too long
+    # e.g. an index damaged or emptied since it was listed, or one another process is writing for too long
+    st.error(f"Cannot show dataset {index_name!r}: {exc}" if index_name is not None else str(exc))
     st.stop()
-
-root = cached_root(index_name) if index_name is not None else None
 
 
 def sync_selection() -> None:
@@ -217,7 +242,7 @@ with left:
                 try:
                     st.session_state["search"] = appdata.search_upload(atlas, index_name, upload.getvalue(),
                                                                        upload.name, home=HOME,
-                                                                       model=cached_model(index_name))
+                                                                       model=model_of(index_name))
                     st.session_state["search_for"] = digest
                 except (appdata.AppError, ValueError, RuntimeError) as exc:
                     st.error(str(exc))
@@ -233,8 +258,9 @@ with left:
                 if n % 4 == 0:
                     columns = st.columns(4)
                 with columns[n % 4]:
-                    st.image(appdata.thumbnail(atlas, root, hit["path"], [], side=160), output_format="JPEG",
-                             caption=f"{hit['path']} ({hit['score']:.3f})")
+                    tile = appdata.image_tile(atlas, root, hit["path"], [], side=160)
+                    st.image(tile.image, output_format="JPEG",
+                             caption=f"{hit['path']} ({hit['score']:.3f})" + _unavailable(tile))
 
 # ----------------------------------------------------------------------------- the selected cell
 with right:
@@ -248,7 +274,8 @@ with right:
         page = st.session_state.get("page", 0)
         try:
             result = appdata.cell_page(atlas, index_name, level, i, j, page=page, per_page=PER_PAGE, home=HOME)
-        except (appdata.AppError, ValueError, FileNotFoundError) as exc:
+            model = model_of(index_name)
+        except (AtlasqError, ValueError, FileNotFoundError) as exc:
             st.error(str(exc))
             st.stop()
         st.subheader(f"Cell {i},{j}")
@@ -256,13 +283,12 @@ with right:
                                zip(result["top_labels"], result["top_scores"])) or "no labels")
         st.caption(f"{result['total_images']} images of {index_name} here; most typical first; "
                    f"red squares: the sampled positions")
-        model = cached_model(index_name)
         for n, member in enumerate(result["images"]):
             if n % 3 == 0:  # one row of columns per three images, so rows line up (and read in order)
                 columns = st.columns(3)
             with columns[n % 3]:
-                st.image(appdata.thumbnail(atlas, root, member["path"], member["positions"], model=model),
-                         caption=member["path"], output_format="JPEG")
+                tile = appdata.image_tile(atlas, root, member["path"], member["positions"], model=model)
+                st.image(tile.image, caption=member["path"] + _unavailable(tile), output_format="JPEG")
                 opened, similar = st.columns(2)
                 if opened.button("⤢", key=f"open_{member['image_id']}", help="open: predictions and cells"):
                     st.session_state["image"] = member["image_id"]
@@ -285,8 +311,8 @@ with right:
             st.divider()
             st.markdown(f"**{details['path']}** ({details['width']}×{details['height']})")
             positions = [p for p in details["placements"] if p["level"] == level]
-            st.image(appdata.thumbnail(atlas, root, details["path"], positions, side=480, model=model),
-                     output_format="JPEG")
+            tile = appdata.image_tile(atlas, root, details["path"], positions, side=480, model=model)
+            st.image(tile.image, caption=_unavailable(tile).strip(" ·") or None, output_format="JPEG")
             st.table(pd.DataFrame(details["top5"]))
             st.table(pd.DataFrame([{"position": f"({p['y']},{p['x']})", "cell": "off-atlas" if p["off_atlas"] else
                                     f"{p['i']},{p['j']}", "distance": round(p["distance"], 4)} for p in positions]))
