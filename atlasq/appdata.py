@@ -26,7 +26,7 @@ from .home import RESERVED, check_name
 from .images import ImageDecodeError, open_rgb
 from .store import DB_FILE, IndexStore, default_home, index_folder
 
-__all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "ImageTile", "image_tile", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
+__all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
            "overlay_compare", "overlay_search", "atlas_picture", "cell_page", "safe_image_path",
            "index_root", "index_source", "index_stamp", "thumbnail", "image_details", "search_upload", "search_indexed", "placement_state",
            "overlay_legend"]
@@ -59,6 +59,24 @@ def scan_indexes(home: Path | None = None) -> tuple[list[str], dict[str, str]]:
     found = _index_folders(home)
     return (sorted(name for name, problem in found.items() if problem is None),
             {name: problem for name, problem in found.items() if problem is not None})
+
+
+def scan_stamp(home: Path | None = None) -> tuple:
+    """Changes whenever a folder of ``home`` appears or goes or its index database changes: the
+    key under which the app may keep what :func:`scan_indexes` found (opening every index on every
+    click would cost a database open each, and a damaged one may take the lock wait)."""
+    home = Path(home or default_home())
+    try:
+        folders = sorted(p for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return ()
+    stamps = []
+    for folder in folders:
+        try:
+            stamps.append((folder.name, (folder / DB_FILE).stat().st_mtime_ns))
+        except OSError:
+            stamps.append((folder.name, 0))
+    return tuple(stamps)
 
 
 # What a first `atlasq index` run writes before it embeds anything; without these the app can

@@ -61,6 +61,11 @@ def cached_model(network: str):
 
 
 @st.cache_data(show_spinner=False)
+def cached_scan(home: str, stamp: tuple) -> tuple[list[str], dict[str, str]]:
+    return appdata.scan_indexes(Path(home))
+
+
+@st.cache_data(show_spinner=False)
 def cached_source(index: str, home: str, stamp: int) -> dict:
     return appdata.index_source(index, Path(home))
 
@@ -100,7 +105,7 @@ def reset_selection() -> None:
 
 # ----------------------------------------------------------------------------- sidebar
 st.sidebar.title("atlasq")
-(indexes, unreadable), atlases = appdata.scan_indexes(HOME), appdata.list_atlases(HOME)
+(indexes, unreadable), atlases = cached_scan(str(HOME), appdata.scan_stamp(HOME)), appdata.list_atlases(HOME)
 if not atlases:
     st.info(f"No finished atlas under {HOME}. Build one with `atlasq atlas build --index NAME --name ATLAS` "
             f"(or run `atlasq demo`), then reload.")
