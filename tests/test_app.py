@@ -446,8 +446,15 @@ def test_atlasq_app_fails_with_one_line_when_home_is_missing_or_port_is_busy(tmp
 
 def test_the_installed_wheel_serves_the_app_from_anywhere(app_home, tmp_path, request):
     """`atlasq app` from a wheel installed (not editable) in a fresh virtual environment, started
-    outside the checkout, serves a page whose script runs. The fresh environment borrows this one's
+    outside the checkout, serves a page whose script runs (seen in the browser where there is one,
+    else run by the installed streamlit's AppTest). The fresh environment borrows this one's
     dependencies through a .pth file (torch is not installed twice) but has its own atlasq."""
+    browser = request.getfixturevalue("chromium") if CHROMIUM.is_file() or \
+        os.environ.get("ATLASQ_REQUIRE_BROWSER") == "1" else None
+    _serve_installed_wheel(app_home, tmp_path, browser)
+
+
+def _serve_installed_wheel(app_home: Path, tmp_path: Path, browser) -> None:
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
     shutil.copytree(REPO / "atlasq", source / "atlasq", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
@@ -481,8 +488,8 @@ def test_the_installed_wheel_serves_the_app_from_anywhere(app_home, tmp_path, re
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, app)
-        if CHROMIUM.is_file() or os.environ.get("ATLASQ_REQUIRE_BROWSER") == "1":
-            _assert_page_runs(request.getfixturevalue("chromium"), url)
+        if browser is not None:
+            _assert_page_runs(browser, url)
         else:  # no browser here: the installed page script, run by the installed streamlit
             subprocess.run([str(python), "-c", _APPTEST.format(page=page, home=str(app_home))], cwd=elsewhere, env=env,
                            check=True, timeout=300)
