@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,7 @@ from typing import Optional
 import typer
 from rich.text import Text
 
+from . import serve
 from .errors import AtlasqError
 from .progress import stderr
 
@@ -36,7 +39,7 @@ def _emit(as_json: bool, payload: dict, human) -> None:
 def _fail(message: str, as_json: bool, code: int = 1) -> None:
     if as_json:
         print(json.dumps({"error": message}))
-    stderr.print(Text.assemble(("error: ", "red"), message), highlight=False)
+    stderr.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)  # one line, any width
     raise typer.Exit(code)
 
 
@@ -435,23 +438,20 @@ def compare_command(
 def app_command(
     index_name: Optional[str] = typer.Option(None, "--index", help="Dataset to show first."),
     atlas: Optional[str] = typer.Option(None, "--atlas", help="Atlas to show first."),
-    port: int = typer.Option(8501, "--port", help="Local port of the app."),
+    host: Optional[str] = typer.Option(
+        None, "--host", help=f"Address to listen on (default {serve.DEFAULT_HOST}: this machine only); "
+                             f"0.0.0.0 exposes the app, which can write to the home, to the network."),
+    port: Optional[int] = typer.Option(None, "--port", help=f"Port to listen on (default {serve.DEFAULT_PORT})."),
     home: Optional[Path] = HomeOption,
 ):
     """Open the Streamlit app (the atlas, per-cell counts, the images behind any cell, search)."""
-    import subprocess
-
-    from .store import default_home
-
-    script = Path(__file__).resolve().parent.parent / "app.py"
-    if not script.is_file():
-        _fail(f"app.py is not beside the atlasq package ({script}); run the app from a checkout of the "
-              f"repository: streamlit run app.py", False)
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--",
-               "--home", str(home or default_home())]
-    command += ["--index", index_name] if index_name else []
-    command += ["--atlas", atlas] if atlas else []
-    stderr.print(f"atlasq app on http://localhost:{port} (Ctrl-C stops it)", highlight=False)
+    command = serve.streamlit_command(home, index=index_name, atlas=atlas, host=host, port=port)
+    address, port_text = command[command.index("--server.address") + 1], command[command.index("--server.port") + 1]
+    stderr.print(f"atlasq app on http://{address}:{port_text} (Ctrl-C stops it)", highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":  # Streamlit takes this process's place, so Ctrl-C and signals reach it directly
+        os.execv(command[0], command)
     raise typer.Exit(subprocess.call(command))
 
 
