@@ -16,10 +16,12 @@ InceptionV1 of the same layer structure trained on ``sample_data/`` by :mod:`atl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -324,7 +326,13 @@ def _load_state_dict_file(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals …
-        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
+        # torch's weights-only refusal is a page of advice around one line of reason; keep that line
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        if reason.startswith("Weights only load failed"):
+            detail = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+            reason = "not a plain state dict" + (f" ({detail[0][:120]})" if detail else "")
+        raise WeightsUnavailableError(f"cannot read weights file {path}: {reason[:200]}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -346,7 +354,9 @@ def _imagenet_state_dict() -> dict:
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        # torch.hub announces the download on stdout, which must hold nothing but --json's output
+        with contextlib.redirect_stdout(sys.stderr):
+            return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:
         raise WeightsUnavailableError(
             f"the ImageNet weights for InceptionV1 are not cached and could not be downloaded "
