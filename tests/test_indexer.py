@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from atlasq.api import index_info, search_index
 from atlasq.cli import app
-from atlasq.errors import BusyError, DamagedError, InvalidOptionError
+from atlasq.errors import BusyError, DamagedError, IncompatibleError, InvalidOptionError
 from atlasq.images import content_hash
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.search import sync_faiss
@@ -798,3 +798,33 @@ def test_a_reader_holding_the_database_makes_the_writer_wait_then_fail_clearly(s
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_index_records_the_weights_identity_and_refuses_other_weights(tmp_path):
+    """Every index records the hash of its weights' tensors (random ones too), so other random
+    weights (another --seed) or a rewritten weights file are told apart from its own."""
+    import torch
+
+    from atlasq.model import load_model
+
+    root = tmp_path / "imgs"
+    tiny_images(root, 3)
+    for seed in (0, 1):
+        build(root, f"seed{seed}", tmp_path / "home", options=IndexOptions(model="demo", weights="random", seed=seed))
+    infos = [index_info(f"seed{seed}", home=tmp_path / "home") for seed in (0, 1)]
+    assert infos[0]["weights_sha256"] == load_model("demo", "random", seed=0).weights_sha256
+    assert infos[1]["weights_sha256"] == load_model("demo", "random", seed=1).weights_sha256
+    assert infos[0]["weights_sha256"] != infos[1]["weights_sha256"]
+
+    weights = tmp_path / "w.pt"
+    torch.save(load_model("demo", "random", seed=0).network.state_dict(), weights)
+    build(root, "file", tmp_path / "home", options=IndexOptions(model="demo", weights=str(weights)))
+    assert index_info("file", home=tmp_path / "home")["weights_sha256"] == infos[0]["weights_sha256"]
+    torch.save(load_model("demo", "random", seed=2).network.state_dict(), weights)  # other weights, same file
+    copy_samples(root, 1)
+    result = cli("index", root, "--name", "file", "--home", tmp_path / "home", "--json")
+    assert result.exit_code == 1 and "not those this index was built with" in one_json(result)["error"]
+    outside = tmp_path / "query.png"  # a query by external file is embedded with the index's weights
+    Image.open(root / "a" / "img000.png").save(outside)
+    with pytest.raises(IncompatibleError, match="not those this index was built with"):
+        search_index("file", str(outside), home=tmp_path / "home")
