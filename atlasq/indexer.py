@@ -13,7 +13,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -201,31 +201,29 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
         raise NotFoundError(f"image folder {root} does not exist" if not root.exists()
                             else f"{root} is not a folder of images")
     folder = index_folder(name, home)
-    entries = scan_images(root)
     dev = resolve_device(run.device)
     run_precision = resolve_precision(run.precision, dev)
     _check_writable(folder)
     meta = _stored_meta(folder, run.lock_wait)
     opts = _settle_options(meta, given, root, name)
     model = _load_model(opts, meta, run.device)
+    entries = scan_images(root)
 
     _create_folder(folder, home)
-    with IndexStore.writer(folder, wait=run.lock_wait):
+    with ExitStack() as held:
         try:
-            store = IndexStore.create(folder, lock_wait=run.lock_wait)
+            held.enter_context(IndexStore.writer(folder, wait=run.lock_wait))
+            store = held.enter_context(IndexStore.create(folder, lock_wait=run.lock_wait))
         except PermissionError as exc:
             raise InvalidOptionError(f"cannot write the index at {folder} ({exc.strerror}); choose a writable "
                                      f"--home") from exc
         summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(entries))
-        try:
-            meta = store.meta()  # again: another run may have built the index while this one waited
-            settled = _settle_options(meta, given, root, name)
-            if settled != opts:
-                opts, model = settled, _load_model(settled, meta, run.device)
-            _check_weights(model, opts, meta)
-            _update(store, root, name, opts, model, entries, run, dev, run_precision, progress, summary)
-        finally:
-            store.close()
+        meta = store.meta()  # again: another run may have built the index while this one waited
+        settled = _settle_options(meta, given, root, name)
+        if settled != opts:
+            opts, model = settled, _load_model(settled, meta, run.device)
+        _check_weights(model, opts, meta)
+        _update(store, root, name, opts, model, entries, run, dev, run_precision, progress, summary)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.images_per_s = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
     return summary
