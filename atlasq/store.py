@@ -156,6 +156,8 @@ class IndexStore:
                     self._con = duckdb.connect(str(db), read_only=self.read_only)
                     break
                 except duckdb.IOException as exc:
+                    if "permission denied" in str(exc).lower():
+                        raise NotFoundError(f"cannot open {db}: permission denied") from exc
                     if not _is_lock_conflict(exc):
                         raise _damaged_database(db, exc) from exc
                     if time.monotonic() >= deadline:
@@ -648,7 +650,8 @@ class IndexStore:
 
 def _is_lock_conflict(exc: Exception) -> bool:
     """Whether DuckDB refused a file because another process holds it (as opposed to damage)."""
-    return "lock" in str(exc).lower()
+    text = str(exc).lower()  # DuckDB: 'Could not set lock on file "…": Conflicting lock is held in … (PID n)'
+    return "could not set lock" in text or "conflicting lock" in text
 
 
 def _holder(exc: Exception) -> str:

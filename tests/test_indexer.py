@@ -650,11 +650,24 @@ def test_unwritable_home_is_one_clear_line(tmp_path, home_kind):
 
 # ----------------------------------------------------------------------------- damaged files
 
-@pytest.mark.parametrize("content", [b"this is not a database\n" * 200, bytes(range(256)) * 64])
-def test_corrupt_database_is_reported_at_once_as_damaged(tmp_path, content):
+def _damaged_blocks(db: Path) -> bytes:
+    """A real DuckDB file whose data blocks (not its header) were overwritten."""
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE meta AS SELECT 'k' || i AS key, repeat('x', 100) AS value FROM range(20000) t(i)")
+    con.close()
+    data = bytearray(db.read_bytes())
+    for offset in range(8192, len(data) - 400, 4096):
+        data[offset + 100:offset + 400] = bytes(300)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["text", "garbage", "damaged blocks"])
+def test_corrupt_database_is_reported_at_once_as_damaged(tmp_path, kind):
     """Not as a lock held by another process (which used to be waited for, then reported as busy)."""
     folder = tmp_path / "home" / "bad"
     folder.mkdir(parents=True)
+    content = {"text": lambda: b"this is not a database\n" * 200, "garbage": lambda: bytes(range(256)) * 64,
+               "damaged blocks": lambda: _damaged_blocks(tmp_path / "real.duckdb")}[kind]()
     (folder / "index.duckdb").write_bytes(content)
     with pytest.raises(DamagedError, match="cannot be read as an index database"):
         IndexStore(folder, lock_wait=600)
