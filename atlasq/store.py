@@ -615,7 +615,7 @@ class IndexStore:
             recorded, size = record.get("ids_sha1"), record.get("bytes")
         except (ValueError, AttributeError):  # torn or foreign record: rebuild
             return "damaged"
-        if recorded != self.ids_digest():
+        if recorded != self.ids_digest() or size is None:  # no size: a record from before sizes were kept
             return "stale"
         return "current" if size == path.stat().st_size else "damaged"
 
