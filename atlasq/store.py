@@ -201,8 +201,8 @@ class IndexStore:
         The DuckDB file alone cannot guard a whole run, since the writer releases it between
         commits so readers get in; two runs would then interleave their plans and commits. This
         lock (``writer.lock``, an flock the kernel releases when its process dies, even by
-        ``kill -9``; through the ``filelock`` library) is held from before the run reads the index
-        until it is done. A second writer waits up to ``wait`` seconds, then gets a
+        ``kill -9``; through the ``filelock`` library) is held from before the run plans its work
+        (it reads the index's settings again once it holds the lock) until it is done. A second writer waits up to ``wait`` seconds, then gets a
         :class:`BusyError` naming the holder's pid from ``writer.json``.
         """
         from filelock import FileLock, Timeout
