@@ -8,7 +8,7 @@ import numpy as np
 
 from .embed import EmbedConfig, decode_file, embed_batch
 from .errors import DamagedError, IncompatibleError, InvalidOptionError
-from .images import FileEntry
+from .images import FileEntry, path_key
 from .model import WeightsUnavailableError, load_model
 from .search import check_k, resolve_query, search
 from .store import IndexStore, index_folder
@@ -48,7 +48,7 @@ def model_for_index(meta: dict, device: str | None = None):
 def embed_image(path: Path, model, precision: str = "fp32") -> np.ndarray:
     """Pooled vector of one image file (raises ``ValueError`` if it cannot be read)."""
     path = Path(path)
-    decoded = decode_file(path.parent, FileEntry(path.name, 0, 0.0), model)
+    decoded = decode_file(path.parent, FileEntry(path_key(path.name), 0, 0.0), model)
     if decoded.error:
         raise InvalidOptionError(f"cannot read {path}: {decoded.error}")
     config = EmbedConfig(layers=(model.network.pooled_layer,), samples_per_image=1, precision=precision)

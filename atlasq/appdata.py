@@ -1,4 +1,4 @@
-"""Everything the Streamlit app shows, computed here so that ``app.py`` stays UI only.
+"""Everything the Streamlit app shows, computed here so that the page (:mod:`atlasq.webapp`) stays UI only.
 
 The app never sends anything per activation to the browser. The atlas goes out as one picture
 (the mosaic with the chosen overlay drawn in) plus one row per kept cell (position, count, top
@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -20,12 +22,13 @@ from .atlas import Atlas, position_box
 from .errors import AtlasqError
 from .heatmap import colour_bar, paint_cells, scale
 from .histogram import atlas_key, cell_images, compare, histogram
+from .home import RESERVED, check_name
 from .images import ImageDecodeError, open_rgb
-from .store import IndexStore, default_home, index_folder
+from .store import DB_FILE, IndexStore, default_home, index_folder
 
-__all__ = ["AppError", "list_indexes", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
+__all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
            "overlay_compare", "overlay_search", "atlas_picture", "cell_page", "safe_image_path",
-           "index_root", "thumbnail", "image_details", "search_upload", "search_indexed", "placement_state",
+           "index_root", "index_source", "index_stamp", "thumbnail", "image_details", "search_upload", "search_indexed", "placement_state",
            "overlay_legend"]
 
 VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
@@ -36,11 +39,87 @@ class AppError(AtlasqError, ValueError):
 
 
 def list_indexes(home: Path | None = None) -> list[str]:
-    """Names of the finished indexes under ``home``."""
+    """Names of the indexes under ``home`` that open and are complete (see :func:`scan_indexes`)."""
+    return scan_indexes(home)[0]
+
+
+def index_problems(home: Path | None = None) -> dict[str, str]:
+    """The folders :func:`list_indexes` leaves out, each with the reason (see :func:`scan_indexes`)."""
+    return scan_indexes(home)[1]
+
+
+def scan_indexes(home: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """The names of the indexes under ``home`` that open and are complete, and every other folder
+    that could be one, with why it cannot be shown.
+
+    A failed first ``atlasq index`` run, a damaged ``index.duckdb`` or a stray folder must not
+    become a choice that crashes the app when picked, nor vanish without a word. The home's own
+    folders (atlases, comparisons) and hidden ones are not candidates.
+    """
+    found = _index_folders(home)
+    return (sorted(name for name, problem in found.items() if problem is None),
+            {name: problem for name, problem in found.items() if problem is not None})
+
+
+def scan_stamp(home: Path | None = None) -> tuple:
+    """Changes whenever a folder of ``home`` appears or goes or its index database changes: the
+    key under which the app may keep what :func:`scan_indexes` found (opening every index on every
+    click would cost a database open each, and a damaged one may take the lock wait)."""
     home = Path(home or default_home())
-    if not home.is_dir():
-        return []
-    return sorted(p.name for p in home.iterdir() if (p / "index.duckdb").is_file())
+    try:
+        folders = sorted(p for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return ()
+    stamps = []
+    for folder in folders:
+        try:
+            stamps.append((folder.name, (folder / DB_FILE).stat().st_mtime_ns))
+        except OSError:
+            stamps.append((folder.name, 0))
+    return tuple(stamps)
+
+
+# What a first `atlasq index` run writes before it embeds anything; without these the app can
+# neither find the images nor load the network.
+_COMPLETE_META = ("root", "model", "weights")
+
+
+def _index_folders(home: Path | None) -> dict[str, str | None]:
+    """Every candidate index folder of ``home`` (not hidden, not one of the home's own folders),
+    with None when it opens as a complete index, else why not."""
+    home = Path(home or default_home())
+    try:
+        folders = sorted(p for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return {}
+    found: dict[str, str | None] = {}
+    for folder in folders:
+        if folder.name.lower() in RESERVED:
+            continue
+        try:
+            check_name(folder.name)
+        except AtlasqError as exc:
+            found[folder.name] = str(exc)
+            continue
+        found[folder.name] = _index_problem(folder)
+    return found
+
+
+def _index_problem(folder: Path) -> str | None:
+    if not (folder / DB_FILE).is_file():
+        return (f"not an index (no {DB_FILE}): left by an `atlasq index` run that failed, or not atlasq's; "
+                f"run `atlasq index DIR --name {folder.name}` again or remove the folder")
+    try:
+        # a short wait: the indexer holds the file only while it commits
+        with IndexStore(folder, lock_wait=2.0) as store:
+            meta = store.meta()
+    except (AtlasqError, duckdb.Error, OSError) as exc:
+        return f"cannot be opened: {exc}"
+    missing = [key for key in _COMPLETE_META if key not in meta]
+    if missing:
+        return (f"unfinished: its first `atlasq index` run stopped before recording {', '.join(missing)}; "
+                f"run `atlasq index DIR --name {folder.name}` again")
+    return None
 
 
 def list_atlases(home: Path | None = None) -> list[str]:
@@ -178,7 +257,10 @@ def data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
 def safe_image_path(root: Path, relative: str) -> Path:
     """``root/relative``, refused unless it stays inside ``root`` (no ``..``, absolute paths or links out)."""
     root = Path(root).resolve()
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise AppError(f"{relative!r} cannot be resolved: {exc}") from exc
     if not path.is_relative_to(root):
         raise AppError(f"{relative!r} is outside the index's folder")
     return path
@@ -201,20 +283,54 @@ def cell_page(atlas: Atlas, index: str, level: int, i: int, j: int, *, page: int
 
 def index_root(index: str, home: Path | None = None) -> Path:
     """The folder an index was built from: the only place the app reads images from."""
+    return Path(index_source(index, home)["root"])
+
+
+# what identifies the network an index was built with (see atlasq.api.model_for_index)
+_NETWORK_META = ("model", "weights", "seed", "weights_sha256")
+
+
+def index_source(index: str, home: Path | None = None) -> dict:
+    """``root``: the folder an index was built from; ``network``: the part of its meta that
+    identifies the network that embedded it (enough to load that network again)."""
     with IndexStore(index_folder(index, home)) as store:
-        return Path(store.meta()["root"])
+        meta = store.meta()
+    missing = [key for key in _COMPLETE_META if key not in meta]
+    if missing:
+        raise AppError(f"index {index!r} is unfinished (no {', '.join(missing)} recorded yet): "
+                       f"run `atlasq index DIR --name {index}` again")
+    return {"root": meta["root"], "network": {key: meta.get(key) for key in _NETWORK_META}}
 
 
-def thumbnail(atlas: Atlas, root: Path, path: str, positions: list[dict], *, side: int = 192,
-              model=None) -> Image.Image:
+def index_stamp(index: str, home: Path | None = None) -> int:
+    """Changes whenever the index's database is replaced or rewritten (0 while it is missing): the
+    key under which the app may keep what it read from it."""
+    try:
+        return (index_folder(index, home) / DB_FILE).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@dataclass
+class ImageTile:
+    """A picture to show for an image of the index; ``unavailable`` says why it is a grey stand-in."""
+
+    image: Image.Image
+    unavailable: str | None = None
+
+
+def image_tile(atlas: Atlas, root: Path, path: str, positions: list[dict], *, side: int = 192,
+               model=None) -> ImageTile:
     """The image at ``path`` under ``root`` (see :func:`index_root`) with the sampled positions
-    outlined; a grey tile with a note when the file is gone or unreadable."""
+    outlined; a grey "unavailable" tile with the reason when the file is gone, unreadable, a
+    symlink out of ``root`` or a symlink loop (files change after they are indexed)."""
     try:
         image = open_rgb(safe_image_path(root, path))
-    except (ImageDecodeError, OSError) as exc:
+    except (AtlasqError, ImageDecodeError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, AtlasqError) else f"{type(exc).__name__}: {exc}"
         tile = Image.new("RGB", (side, side), (220, 220, 220))
-        ImageDraw.Draw(tile).text((6, side // 2), f"unreadable: {type(exc).__name__}", fill="black")
-        return tile
+        ImageDraw.Draw(tile).text((6, side // 2), "unavailable", fill="black")
+        return ImageTile(tile, reason)
     if model is not None and positions:
         layer_hw = tuple(atlas.manifest["layer_shape"])
         stride = atlas.manifest["input_size"] / layer_hw[1]  # the patch of input one position stands for
@@ -224,7 +340,13 @@ def thumbnail(atlas: Atlas, root: Path, path: str, positions: list[dict], *, sid
             box = position_box(model, image.width, image.height, int(p["y"]), int(p["x"]), layer_hw, stride)
             draw.rectangle(box, outline=(255, 0, 80), width=width)
     image.thumbnail((side, side))
-    return image
+    return ImageTile(image)
+
+
+def thumbnail(atlas: Atlas, root: Path, path: str, positions: list[dict], *, side: int = 192,
+              model=None) -> Image.Image:
+    """The picture of :func:`image_tile` alone."""
+    return image_tile(atlas, root, path, positions, side=side, model=model).image
 
 
 def image_details(atlas: Atlas, index: str, image_id: int, *, home: Path | None = None) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,7 @@ from typing import Optional
 import typer
 from rich.text import Text
 
+from . import serve
 from .errors import AtlasqError
 from .index_options import APPROX_THRESHOLD, INDEX_DEFAULTS as INDEX, RUN_DEFAULTS as RUN
 from .progress import stderr
@@ -37,7 +40,7 @@ def _emit(as_json: bool, payload: dict, human) -> None:
 def _fail(message: str, as_json: bool, code: int = 1) -> None:
     if as_json:
         print(json.dumps({"error": message}))
-    stderr.print(Text.assemble(("error: ", "red"), message), highlight=False)
+    stderr.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)  # one line, any width
     raise typer.Exit(code)
 
 
@@ -118,15 +121,22 @@ def index(
     payload = summary.as_dict()
 
     def human(s):
-        stderr.print(f"index [bold]{s['name']}[/bold] at {s['folder']}: {s['indexed']} indexed this run, "
-                     f"{s['unchanged']} unchanged, {s['changed']} changed, {s['removed']} removed, "
-                     f"{s['new_errors']} new errors ({s['skipped_errors']} known errors skipped); "
+        from rich.markup import escape
+
+        from .images import display_path
+
+        stderr.print(f"index [bold]{s['name']}[/bold] at {escape(display_path(s['folder']))}: "
+                     f"{s['indexed']} indexed this run, {s['unchanged']} unchanged, {s['changed']} changed, {s['removed']} removed, "
+                     f"{s['new_errors']} new errors, {s['retried_errors']} earlier errors retried "
+                     f"({s['fixed_errors']} now indexed), {s['scan_errors']} unreadable folders or links; "
                      f"{s['total_images']} images, {s['total_errors']} errors in all; "
                      f"{s['images_per_s']} img/s", highlight=False)
+        for skipped in s["skipped_homes"]:
+            stderr.print(f"  skipped atlasq home or index: {display_path(skipped)}", highlight=False, markup=False)
         if s["model"].get("random_weights"):
             stderr.print("[yellow]built with RANDOM weights: for tests and smoke runs only[/yellow]")
         for path, reason in s["error_examples"][:10]:
-            stderr.print(f"  error: {path}: {reason}", highlight=False)
+            stderr.print(f"  error: {display_path(path)}: {display_path(reason)}", highlight=False, markup=False)
         if s["repaired"]:
             stderr.print(f"[yellow]repaired:[/yellow] {s['repaired']}", highlight=False)
         if s["interrupted"]:
@@ -158,9 +168,11 @@ def search(
     result = search_index(index_name, query, k=k, mode=mode, home=home)
 
     def human(r):
-        stderr.print(f"query {r['query']} ({r['search']} search)", highlight=False)
+        from .images import display_path
+
+        stderr.print(f"query {display_path(r['query'])} ({r['search']} search)", highlight=False, markup=False)
         for hit in r["hits"]:
-            print(f"{hit['score']:.4f}  {hit['id']:>8}  {hit['path']}")
+            print(f"{hit['score']:.4f}  {hit['id']:>8}  {display_path(hit['path'])}")
 
     _emit(as_json, result, human)
 
@@ -181,8 +193,10 @@ def info(
         _print_fields(r, ("folder", "root", "images", "samples", "errors", "model", "weights", "random_weights",
                           "layers", "layer_dims", "samples_per_image", "attributions", "relaxed_maxpool", "seed",
                           "faiss_current"), 18)
+        from .images import display_path
+
         for path, reason in r["error_list"][:20]:
-            print(f"{'error':>18}: {path}: {reason}")
+            print(f"{'error':>18}: {display_path(path)}: {display_path(reason)}")
 
     _emit(as_json, result, human)
 
@@ -388,9 +402,11 @@ def cell_command(
 
     def human(r):
         stderr.print(f"cell {i},{j} of level {r['level']} ({', '.join(r['top_labels'][:3])}):", highlight=False)
+        from .images import display_path
+
         for m in r["images"]:
             where = " ".join(f"({p['y']},{p['x']})" for p in m["positions"])
-            print(f"{m['cell_distance']:.4f}  {m['path']}  at {where}")
+            print(f"{m['cell_distance']:.4f}  {display_path(m['path'])}  at {where}")
 
     _emit(as_json, result, human)
 
@@ -434,23 +450,20 @@ def compare_command(
 def app_command(
     index_name: Optional[str] = typer.Option(None, "--index", help="Dataset to show first."),
     atlas: Optional[str] = typer.Option(None, "--atlas", help="Atlas to show first."),
-    port: int = typer.Option(8501, "--port", help="Local port of the app."),
+    host: Optional[str] = typer.Option(
+        None, "--host", help=f"Address to listen on (default {serve.DEFAULT_HOST}: this machine only); "
+                             f"0.0.0.0 exposes the app, which can write to the home, to the network."),
+    port: Optional[int] = typer.Option(None, "--port", help=f"Port to listen on (default {serve.DEFAULT_PORT})."),
     home: Optional[Path] = HomeOption,
 ):
     """Open the Streamlit app (the atlas, per-cell counts, the images behind any cell, search)."""
-    import subprocess
-
-    from .store import default_home
-
-    script = Path(__file__).resolve().parent.parent / "app.py"
-    if not script.is_file():
-        _fail(f"app.py is not beside the atlasq package ({script}); run the app from a checkout of the "
-              f"repository: streamlit run app.py", False)
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--",
-               "--home", str(home or default_home())]
-    command += ["--index", index_name] if index_name else []
-    command += ["--atlas", atlas] if atlas else []
-    stderr.print(f"atlasq app on http://localhost:{port} (Ctrl-C stops it)", highlight=False)
+    command = serve.streamlit_command(home, index=index_name, atlas=atlas, host=host, port=port)
+    address, port_text = command[command.index("--server.address") + 1], command[command.index("--server.port") + 1]
+    stderr.print(f"atlasq app on http://{address}:{port_text} (Ctrl-C stops it)", highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":  # Streamlit takes this process's place, so Ctrl-C and signals reach it directly
+        os.execv(command[0], command)
     raise typer.Exit(subprocess.call(command))
 
 

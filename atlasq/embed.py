@@ -1,9 +1,11 @@
 """Images → vectors: the pure per-batch work of indexing.
 
-``decode_file`` turns one file into a network input (or an error reason), ``embed_batch`` turns
-a stack of inputs into per-image records, and ``process_files`` chains them. None of these
-touch the index on disk, so the same step can run inside any parallel engine; writing is
-:mod:`atlasq.store`'s job and orchestration :mod:`atlasq.indexer`'s.
+``decode_file`` turns one file into a network input (or an error reason), ``embed_decoded``
+turns a batch of decoded files into per-image records (through ``embed_batch``), and
+``process_files`` chains the two for one batch: file paths in, records out. None of these touch
+the index on disk, so the same step can run inside any parallel engine; writing is
+:mod:`atlasq.store`'s job and orchestration :mod:`atlasq.indexer`'s, which runs ``decode_file``
+in a thread pool ahead of ``embed_decoded`` so that the network never waits for images.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import numpy as np
 import torch
 
 from .attribution import attribute
-from .images import FileEntry, ImageDecodeError, content_hash, open_rgb
+from .errors import InvalidOptionError
+from .images import FileEntry, ImageDecodeError, content_hash, open_rgb, real_path
 from .model import LoadedModel, autocast, relax_maxpool
 
-__all__ = ["EmbedConfig", "Decoded", "Embedded", "decode_file", "embed_batch", "process_files",
-           "sample_positions"]
+__all__ = ["EmbedConfig", "Decoded", "Embedded", "decode_file", "embed_batch", "embed_decoded",
+           "process_files", "sample_positions"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,9 @@ class EmbedConfig:
 
     def __post_init__(self):
         if self.samples_per_image < 1:
-            raise ValueError("samples_per_image must be at least 1")
+            raise InvalidOptionError(f"--samples-per-image must be at least 1, not {self.samples_per_image}")
         if not self.layers:
-            raise ValueError("at least one atlas layer is needed")
+            raise InvalidOptionError("--layers needs at least one atlas layer")
 
 
 @dataclass
@@ -74,8 +77,9 @@ class Embedded:
 
 
 def decode_file(root: Path, entry: FileEntry, model: LoadedModel) -> Decoded:
-    """Read ``root/entry.path`` and apply the model's own preprocessing."""
-    path = root / entry.path
+    """Read the file ``entry.path`` (a stored path) stands for under ``root`` and apply the
+    model's own preprocessing."""
+    path = real_path(root, entry.path)
     try:
         image = open_rgb(path, min_side=model.decode_min_side)
         width, height = image.info.get("original_size", image.size)
@@ -146,12 +150,22 @@ def embed_batch(model: LoadedModel, inputs: torch.Tensor, keys: list[str], confi
     return out
 
 
-def process_files(model: LoadedModel, root: Path, entries: list[FileEntry], config: EmbedConfig,
-                  relaxed_network=None) -> tuple[list[Decoded], Embedded | None]:
-    """Decode and embed ``entries``: file paths in, records out (no I/O beyond reading the files)."""
-    decoded = [decode_file(root, entry, model) for entry in entries]
+def embed_decoded(model: LoadedModel, decoded: list[Decoded], config: EmbedConfig,
+                  relaxed_network=None) -> Embedded | None:
+    """Embed the files of ``decoded`` that were read (in order); ``None`` if none was."""
     ok = [d for d in decoded if d.error is None]
     if not ok:
-        return decoded, None
+        return None
     inputs = torch.stack([d.tensor for d in ok])
-    return decoded, embed_batch(model, inputs, [d.entry.path for d in ok], config, relaxed_network)
+    return embed_batch(model, inputs, [d.entry.path for d in ok], config, relaxed_network)
+
+
+def process_files(model: LoadedModel, root: Path, entries: list[FileEntry], config: EmbedConfig,
+                  relaxed_network=None) -> tuple[list[Decoded], Embedded | None]:
+    """Decode and embed ``entries``: file paths in, records out (no I/O beyond reading the files).
+
+    The unit of work for an engine that distributes batches; the local indexer runs the same two
+    steps, but decodes in a thread pool a few batches ahead of the network.
+    """
+    decoded = [decode_file(root, entry, model) for entry in entries]
+    return decoded, embed_decoded(model, decoded, config, relaxed_network)

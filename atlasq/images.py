@@ -1,4 +1,4 @@
-"""Find image files under a folder and decode them robustly.
+r"""Find image files under a folder and decode them robustly.
 
 :func:`open_rgb` turns every file (empty, not an image, truncated, a bomb,
 16-bit, CMYK, rotated, ...) into either a fully loaded ``RGB`` image or an
@@ -6,19 +6,35 @@
 
 Nothing here changes Pillow's global settings.  Truncation detection relies on
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeping its default (``False``).
+
+:func:`scan_folder` lists the image files under a folder and says what it could not list
+(unreadable folders, dangling symlinks) and which atlasq homes it left out.
+
+**Stored paths.** A path is stored relative to the scanned root as text that is always valid
+UTF-8 and always one line (:func:`path_key`): a backslash is written ``\\``, a byte that is not
+UTF-8 ``\xNN`` (NN >= 80), an ASCII control character ``\xNN`` (NN < 80), any other control
+or line/paragraph separator ``\uNNNN``; everything else, including any other non-ASCII name, is
+kept as it is. :func:`real_path` turns a stored path back into the file's real name, and
+:func:`display_path` makes any path safe to print on one line.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import re
 import stat
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from .errors import InvalidOptionError, NotFoundError
+from .home import is_home
+from .store import DB_FILE
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -38,12 +54,13 @@ _MAX_REASON = 300
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One image file found by :func:`scan_images`.
+    """One image file found by :func:`scan_folder`.
 
     Attributes
     ----------
     path : str
-        Path relative to the scanned root, with POSIX separators.
+        Stored path (:func:`path_key`) relative to the scanned root, with POSIX separators;
+        :func:`real_path` gives the file.
     size : int
         File size in bytes.
     mtime : float
@@ -71,54 +88,113 @@ class ImageDecodeError(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class ScanProblem:
+    """Something under the scanned root that could not be listed or read as a file.
+
+    ``path`` is a stored path (:func:`path_key`) relative to the root; ``reason`` starts with
+    ``"unreadable folder"``, ``"dangling symlink"``, ``"broken symlink"`` or ``"unreadable"``.
+    ``mtime`` is the entry's own (``lstat``) modification time when it could be read, else 0;
+    ``folder`` says the path is a folder whose files could not be listed.
+    """
+
+    path: str
+    reason: str
+    mtime: float = 0.0
+    folder: bool = False
+
+
+@dataclass
+class Scan:
+    """What :func:`scan_folder` found under a root.
+
+    entries : image files, sorted by path.
+    problems : folders and links that could not be listed or followed (for the errors table).
+    skipped_homes : folders left out because they are atlasq homes or index folders (their
+        icons, mosaics and heat maps are atlasq's own output, not the user's images).
+    """
+
+    entries: list[FileEntry] = field(default_factory=list)
+    problems: list[ScanProblem] = field(default_factory=list)
+    skipped_homes: list[str] = field(default_factory=list)
+
+
 def scan_images(root: Path) -> list[FileEntry]:
-    """List image files under ``root``, recursively, sorted by path.
+    """The image files under ``root``, sorted by path (see :func:`scan_folder`)."""
+    return scan_folder(root).entries
 
-    Suffixes are matched case-insensitively against :data:`IMAGE_SUFFIXES`.
-    Skips hidden names (leading ``"."``) and unreadable subdirectories;
-    directory symlinks are not followed, file symlinks are.
 
-    Parameters
-    ----------
-    root : Path
-        Folder to scan.
+def scan_folder(root: Path) -> Scan:
+    """List image files under ``root``, recursively, and what could not be listed.
 
-    Returns
-    -------
-    list of FileEntry
-        Sorted by ``path``.
+    Suffixes are matched case-insensitively against :data:`IMAGE_SUFFIXES`. Hidden names
+    (leading ``"."``) are skipped; directory symlinks are not followed, file symlinks are.
+    Unreadable subfolders, dangling or looping symlinks with an image suffix, and image files
+    whose status cannot be read are reported as :class:`ScanProblem` records. Folders that are atlasq homes
+    (:func:`atlasq.home.is_home`) or look like one written before homes were marked (they hold
+    an index database or ``atlases/*/manifest.json``) are not entered, and listed in
+    ``skipped_homes``; so are index folders themselves.
 
     Raises
     ------
-    FileNotFoundError
+    NotFoundError
         If ``root`` does not exist.
-    NotADirectoryError
-        If ``root`` is not a directory.
+    InvalidOptionError
+        If ``root`` is not a directory or cannot be listed.
     """
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"image root does not exist: {root}")
+        raise NotFoundError(f"image folder does not exist: {display_path(root)}")
     if not root.is_dir():
-        raise NotADirectoryError(f"image root is not a directory: {root}")
-    entries: list[FileEntry] = []
+        raise InvalidOptionError(f"not a folder: {display_path(root)}; give the folder that holds the images")
+    scan = Scan()
     pending = [str(root)]
     while pending:
         directory = pending.pop()
+        if _is_atlasq_folder(directory):
+            scan.skipped_homes.append(_relative_key(directory, root))
+            continue
         try:
             with os.scandir(directory) as listing:
                 items = list(listing)
-        except OSError:
+        except OSError as exc:
             if directory == str(root):
-                raise
+                raise InvalidOptionError(f"cannot list the image folder {display_path(root)}: "
+                                         f"{exc.strerror or exc}") from exc
+            scan.problems.append(ScanProblem(_relative_key(directory, root), f"unreadable folder: "
+                                             f"{exc.strerror or exc}", _lstat_mtime(directory), folder=True))
             continue
-        entries.extend(_image_entries(items, root, pending))
-    entries.sort(key=lambda entry: entry.path)
-    return entries
+        _list_items(items, root, pending, scan)
+    scan.entries.sort(key=lambda entry: entry.path)
+    scan.problems.sort(key=lambda problem: problem.path)
+    scan.skipped_homes.sort()
+    return scan
 
 
-def _image_entries(items: list[os.DirEntry], root: Path, pending: list[str]) -> list[FileEntry]:
-    """Return entries for the image files in ``items``; queue subdirectories."""
-    found = []
+# How a home written before homes carried a marker is recognised: it holds atlases/<name>/
+# manifest.json (the layout of that time, fixed); its index folders hold the index database.
+_OLD_ATLAS_MANIFESTS = os.path.join("atlases", "*", "manifest.json")
+
+
+def _is_atlasq_folder(directory: str) -> bool:
+    """Whether ``directory`` is a home, an index folder, or a home from before the marker."""
+    return (is_home(directory) or os.path.isfile(os.path.join(directory, DB_FILE))
+            or bool(glob.glob(os.path.join(glob.escape(directory), _OLD_ATLAS_MANIFESTS))))
+
+
+def _relative_key(path: str, root: Path) -> str:
+    return path_key(PurePath(os.path.relpath(path, root)).as_posix())
+
+
+def _lstat_mtime(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _list_items(items: list[os.DirEntry], root: Path, pending: list[str], scan: Scan) -> None:
+    """Add the image files in ``items`` to ``scan`` (and what fails); queue subdirectories."""
     for item in items:
         if item.name.startswith("."):
             continue
@@ -126,15 +202,88 @@ def _image_entries(items: list[os.DirEntry], root: Path, pending: list[str]) -> 
             if item.is_dir(follow_symlinks=False):
                 pending.append(item.path)
                 continue
-            suffix = os.path.splitext(item.name)[1].lower()
-            if suffix not in IMAGE_SUFFIXES or not item.is_file():
-                continue
-            info = item.stat()
-        except OSError:  # vanished or unreadable meanwhile
+        except OSError:  # vanished meanwhile
             continue
-        relative = PurePath(os.path.relpath(item.path, root)).as_posix()
-        found.append(FileEntry(relative, info.st_size, info.st_mtime))
-    return found
+        if os.path.splitext(item.name)[1].lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            info = item.stat()
+        except FileNotFoundError:
+            if item.is_symlink():
+                scan.problems.append(ScanProblem(_relative_key(item.path, root), "dangling symlink: its target "
+                                                 "does not exist", _lstat_mtime(item.path)))
+            continue  # else: deleted while we listed the folder
+        except OSError as exc:
+            reason = "broken symlink" if item.is_symlink() else "unreadable"
+            scan.problems.append(ScanProblem(_relative_key(item.path, root), f"{reason}: {exc.strerror or exc}",
+                                             _lstat_mtime(item.path)))
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        scan.entries.append(FileEntry(_relative_key(item.path, root), info.st_size, info.st_mtime))
+
+
+# --- stored paths ---------------------------------------------------------------------------
+
+_KEY_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
+
+
+# Exactly the characters that are escaped: Unicode's control characters (Cc), line and paragraph
+# separators (Zl, Zp), surrogates (which is how Python hands over bytes that are not UTF-8), and
+# for stored paths the backslash that introduces an escape.
+_UNSAFE = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+_TO_ESCAPE = {True: re.compile(f"[\\\\{_UNSAFE}]"), False: re.compile(f"[{_UNSAFE}]")}
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if code == 0x5C:
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape decodes it
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
+def _escaped(text: str, *, backslash: bool) -> str:
+    return _TO_ESCAPE[backslash].sub(_escape, text)
+
+
+def path_key(relative: str | os.PathLike) -> str:
+    """The stored form of a path relative to the scanned root (see the module docstring).
+
+    Lossless: :func:`real_path` gives back the exact name, whatever bytes it holds; and a name
+    that is valid UTF-8 without backslashes or control characters is stored unchanged.
+    """
+    name = os.fsdecode(os.fsencode(relative))  # bytes a str stands for, then text with surrogateescape
+    return _escaped(PurePath(name).as_posix() if name else name, backslash=True)
+
+
+def key_to_name(key: str) -> str:
+    """The inverse of :func:`path_key`: the relative name as ``os`` functions take it."""
+    def unescape(match: re.Match) -> str:
+        code = match.group(1)
+        if code == "\\":
+            return "\\"
+        value = int(code[1:], 16)
+        if code[0] == "x" and value >= 0x80:
+            return chr(0xDC00 + value)  # surrogateescape: os.fsencode turns it back into the byte
+        return chr(value)
+    return _KEY_ESCAPE.sub(unescape, key)
+
+
+def real_path(root: Path | str, key: str) -> Path:
+    """The file a stored path ``key`` (relative to ``root``) stands for on disk."""
+    return Path(root) / key_to_name(key)
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as one printable line: control characters, line separators and bytes that are
+    not UTF-8 are escaped as in stored paths (a stored path is printed unchanged)."""
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "surrogateescape")
+    return _escaped(os.fspath(path), backslash=False)
 
 
 # Our own header check (max_pixels) replaces Pillow's bomb *warning*, which fires below
@@ -206,13 +355,16 @@ def _decode(path: Path, max_pixels: int, min_side: int | None) -> Image.Image:
                 f"decompression bomb: {width}x{height} = {width * height} pixels"
                 f" > limit {max_pixels}"
             )
-        if _orientation(im) in (5, 6, 7, 8):  # EXIF says the picture is turned a quarter
-            width, height = height, width
         if min_side is not None and isinstance(im, JpegImagePlugin.JpegImageFile):
             # draft() picks the largest scale s in {8, 4, 2, 1} with
             # s <= side // min_side for both sides, so neither drops below.
             im.draft(None, (min_side, min_side))
+        # Pixels first: any error the decoder reports must reach the caller. Reading EXIF
+        # before load() is not safe: for PNG, getexif() loads the pixels itself, and the
+        # error it raises there (swallowed as "corrupt EXIF") left a half-decoded image.
         im.load()
+        if _orientation(im) in (5, 6, 7, 8):  # EXIF says the picture is turned a quarter
+            width, height = height, width
         _apply_orientation(im)
         rgb = _to_rgb(im)
         rgb.info["original_size"] = (width, height)  # before any draft() reduction
@@ -220,6 +372,7 @@ def _decode(path: Path, max_pixels: int, min_side: int | None) -> Image.Image:
 
 
 def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag of a loaded image (1, upright, when absent or unreadable)."""
     try:
         return int(im.getexif().get(0x0112, 1))
     except Exception:  # corrupt EXIF: treated as upright, as _apply_orientation does

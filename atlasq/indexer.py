@@ -1,8 +1,11 @@
 """``atlasq index``: bring an index up to date with a folder of images.
 
-Only new or changed files (by size and modification time) are processed; files that have
-disappeared are dropped. Work is committed in chunks (see :mod:`atlasq.store`), so an
-interrupted run, whether by Ctrl-C or ``kill -9``, resumes where the last chunk ended.
+Only new or changed files (by size and modification time) are processed, and every file that
+failed before is tried again; files that have disappeared are dropped (but not those under a
+folder that cannot be listed now, which is reported instead). atlasq homes and index folders
+under the root are never indexed (see :func:`atlasq.images.scan_folder`). Work is committed in
+chunks (see :mod:`atlasq.store`), so an interrupted run, whether by Ctrl-C or ``kill -9``,
+resumes where the last chunk ended.
 Decoding runs in a thread pool a few batches ahead of the network (Pillow and the
 preprocessing release the GIL), so the network is not left waiting for images.
 """
@@ -22,10 +25,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .embed import Decoded, EmbedConfig, decode_file, embed_batch
+from .embed import Decoded, EmbedConfig, decode_file, embed_decoded
 from .errors import IncompatibleError, InvalidOptionError, NotFoundError
 from .home import default_home, mark_home
-from .images import scan_images
+from .images import Scan, scan_folder
 from .index_options import FIXED, INDEX_DEFAULTS, RUN_DEFAULTS, IndexOptions, RunSettings
 from .model import LoadedModel, load_model, relax_maxpool, resolve_device, resolve_precision
 from .progress import progress_bar
@@ -40,6 +43,11 @@ DEFAULTS = INDEX_DEFAULTS  # the name this module used before the options moved 
 
 @dataclass
 class IndexSummary:
+    """What a run did. ``new_errors``: files that failed for the first time; ``retried_errors``:
+    files that had failed before and were tried again (``fixed_errors`` of them are indexed now);
+    ``scan_errors``: folders and symlinks that could not be read (also in the errors table);
+    ``skipped_homes``: atlasq homes and index folders under the root, left out."""
+
     name: str
     folder: str
     root: str
@@ -49,7 +57,9 @@ class IndexSummary:
     removed: int = 0
     changed: int = 0
     new_errors: int = 0
-    skipped_errors: int = 0
+    retried_errors: int = 0
+    fixed_errors: int = 0
+    scan_errors: int = 0
     total_images: int = 0
     total_errors: int = 0
     seconds: float = 0.0
@@ -58,6 +68,7 @@ class IndexSummary:
     model: dict = field(default_factory=dict)
     faiss: dict = field(default_factory=dict)
     error_examples: list = field(default_factory=list)
+    skipped_homes: list = field(default_factory=list)
     repaired: dict = field(default_factory=dict)  # damaged shards forgotten and re-embedded, FAISS files rebuilt
 
     def as_dict(self) -> dict:
@@ -86,25 +97,46 @@ def _settle_options(stored: dict, given: IndexOptions, root: Path, name: str) ->
     return IndexOptions(**settled)
 
 
-def _plan(store: IndexStore, entries) -> tuple[list, list[str], int, int, int]:
-    """(files to process, paths to forget, unchanged, changed, skipped errors)."""
+@dataclass
+class _Plan:
+    todo: list = field(default_factory=list)        # entries to decode and embed
+    forget: list = field(default_factory=list)      # stored paths whose rows go before processing
+    removed: int = 0
+    unchanged: int = 0
+    changed: int = 0
+    retried: set = field(default_factory=set)       # stored paths that had failed before
+
+
+def _plan(store: IndexStore, scan: Scan) -> _Plan:
+    """What this run must do.
+
+    A file that failed before is tried again whatever its size and time say: what made it fail
+    (a permission, a copy still being written) can go away without the file changing. Rows of
+    files under a folder that cannot be listed now are kept: the folder is reported instead.
+    """
     indexed, failed = store.file_states(), store.error_states()
-    current = {e.path: e for e in entries}
-    gone = [p for p in list(indexed) + list(failed) if p not in current]
-    todo, changed, unchanged, skipped = [], [], 0, 0
-    for entry in entries:
+    current = {e.path: e for e in scan.entries}
+    problems = {p.path for p in scan.problems}
+    hidden = tuple(p.path + "/" for p in scan.problems if p.folder)
+    plan = _Plan()
+    gone = [path for path in indexed if path not in current and not path.startswith(hidden)]
+    gone += [path for path in failed if path not in current and path not in problems and path not in indexed
+             and not path.startswith(hidden)]
+    changed = []
+    for entry in scan.entries:
         before = indexed.get(entry.path)
-        state = (before[1], before[2]) if before else failed.get(entry.path)
-        if state is None:
-            todo.append(entry)
-        elif state != (entry.size, entry.mtime):
-            todo.append(entry)
+        if before is None:
+            plan.todo.append(entry)
+            if entry.path in failed:
+                plan.retried.add(entry.path)
+        elif (before[1], before[2]) != (entry.size, entry.mtime):
+            plan.todo.append(entry)
             changed.append(entry.path)
-        elif before:
-            unchanged += 1
         else:
-            skipped += 1
-    return todo, gone + changed, unchanged, len(changed), skipped
+            plan.unchanged += 1
+    plan.forget = gone + changed + sorted(plan.retried)
+    plan.removed, plan.changed = len(gone), len(changed)
+    return plan
 
 
 def _decoded_batches(root: Path, entries: list, model: LoadedModel, batch_size: int, workers: int):
@@ -207,7 +239,7 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
     meta = _stored_meta(folder, run.lock_wait)
     opts = _settle_options(meta, given, root, name)
     model = _load_model(opts, meta, run.device)
-    entries = scan_images(root)
+    scan = scan_folder(root)
 
     _create_folder(folder, home)
     with ExitStack() as held:
@@ -217,19 +249,20 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
         except PermissionError as exc:
             raise InvalidOptionError(f"cannot write the index at {folder} ({exc.strerror}); choose a writable "
                                      f"--home") from exc
-        summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(entries))
+        summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(scan.entries),
+                               skipped_homes=scan.skipped_homes, scan_errors=len(scan.problems))
         meta = store.meta()  # again: another run may have built the index while this one waited
         settled = _settle_options(meta, given, root, name)
         if settled != opts:
             opts, model = settled, _load_model(settled, meta, run.device)
         _check_weights(model, opts, meta)
-        _update(store, root, name, opts, model, entries, run, dev, run_precision, progress, summary)
+        _update(store, root, name, opts, model, scan, run, dev, run_precision, progress, summary)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.images_per_s = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
     return summary
 
 
-def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model: LoadedModel, entries,
+def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model: LoadedModel, scan: Scan,
             run: RunSettings, dev: torch.device, precision: str, progress: bool, summary: IndexSummary) -> None:
     """The writing part of :func:`build_index`, under the writer lock."""
     meta = store.meta()
@@ -257,11 +290,15 @@ def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model:
     if damaged:  # forget their rows: the plan below then embeds those images again
         summary.repaired["shards"] = {str(shard): why for shard, why in damaged.items()}
         summary.repaired["images_embedded_again"] = store.forget_shards(list(damaged))
-    todo, forget, summary.unchanged, summary.changed, summary.skipped_errors = _plan(store, entries)
-    store.remove_paths(forget)
-    summary.removed = len(forget) - summary.changed
+    plan = _plan(store, scan)
+    todo = plan.todo
+    store.remove_paths(plan.forget)
+    summary.removed, summary.unchanged, summary.changed = plan.removed, plan.unchanged, plan.changed
+    summary.retried_errors = len(plan.retried)
+    known = plan.retried | {p.path for p in scan.problems}  # not counted as new errors
 
     builder = _ChunkBuilder(config.layers, store.next_image_id())
+    builder.errors += [(p.path, 0, p.mtime, p.reason) for p in scan.problems]  # recorded anew each run
     last_commit = time.perf_counter()
     workers = run.workers or max(1, (os.cpu_count() or 2) - 1)
     try:
@@ -271,9 +308,9 @@ def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model:
                 builder.add(decoded, embedded)
                 bar.advance(len(decoded))
                 if len(builder) >= run.commit_every or time.perf_counter() - last_commit > 30:
-                    _commit(store, builder, summary)
+                    _commit(store, builder, summary, known)
                     last_commit = time.perf_counter()
-            _commit(store, builder, summary)
+            _commit(store, builder, summary, known)
     except KeyboardInterrupt:
         summary.interrupted = True
     summary.total_images = store.count("images")
@@ -363,11 +400,7 @@ def _threads_per_stream(streams: int):
 def _embedded_batches(decoded_batches, model: LoadedModel, config: EmbedConfig, relaxed, streams: int):
     """``(decoded, embedded)`` per batch, in order, with up to ``streams`` batches in the network."""
     def embed(decoded):
-        ok = [d for d in decoded if d.error is None]
-        if not ok:
-            return None
-        return embed_batch(model, torch.stack([d.tensor for d in ok]), [d.entry.path for d in ok],
-                           config, relaxed)
+        return embed_decoded(model, decoded, config, relaxed)
 
     if streams == 1:
         for decoded in decoded_batches:
@@ -389,14 +422,16 @@ def _embedded_batches(decoded_batches, model: LoadedModel, config: EmbedConfig, 
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary) -> None:
+def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary, known: set) -> None:
+    """Write the builder's chunk; ``known``: paths whose errors are not new (retried, scan problems)."""
     if not len(builder):
         return
     chunk = builder.build()
     store.commit(chunk)
     store.release()  # readers (the app, `atlasq search`) can open the index until the next commit
     summary.indexed += len(chunk.images["id"])
-    summary.new_errors += len(chunk.errors)
+    summary.new_errors += sum(path not in known for path, *_ in chunk.errors)
+    summary.fixed_errors += sum(path in known for path in chunk.images["path"])
     builder.reset()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DamagedError, InvalidOptionError, NotFoundError
+from .images import path_key
 from .index_options import APPROX_THRESHOLD
 from .store import IndexStore
 
@@ -141,17 +142,22 @@ def search(store: IndexStore, query_vector: np.ndarray, k: int = 10, *, mode: st
 
 
 def resolve_query(store: IndexStore, query: str) -> tuple[int | None, Path | None]:
-    """An indexed image's id (from an id or a path relative to the root), or a file to embed."""
+    """An indexed image's id (from an id or a path relative to the root), or a file to embed.
+
+    A path is matched as the file's real name (whatever bytes it holds) or as its stored,
+    escaped form (:func:`atlasq.images.path_key`), which is what atlasq prints.
+    """
     if query.isdigit() and store.images([int(query)]):
         return int(query), None
-    image_id = store.find_path(query)
-    if image_id is not None:
-        return image_id, None
+    for key in dict.fromkeys([path_key(query), *([query] if _is_utf8(query) else [])]):
+        image_id = store.find_path(key)
+        if image_id is not None:
+            return image_id, None
     root = store.meta().get("root")
     if root:
         relative = Path(query).resolve()
         try:
-            image_id = store.find_path(relative.relative_to(root).as_posix())
+            image_id = store.find_path(path_key(relative.relative_to(root).as_posix()))
         except ValueError:
             image_id = None
         if image_id is not None:
@@ -160,6 +166,15 @@ def resolve_query(store: IndexStore, query: str) -> tuple[int | None, Path | Non
     if path.is_file():
         return None, path
     raise NotFoundError(f"{query!r} is neither an image id, an indexed path, nor an image file")
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` holds no undecodable bytes (``surrogateescape``), as stored text must."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_k(k: int) -> int:

@@ -17,11 +17,17 @@ Pixel contents are simple and documented here so tests can check them:
   EXIF orientation 6, so displayed 40x60 with the block at the top-right.
 * ``gif_animated`` / ``webp_animated`` / ``tiff``: frame 1 red, frame 2 green.
 * ``bilevel``: 16x16 checkerboard of 4x4 cells, black at the top-left.
+
+:func:`damaged_image` encodes :func:`damage_source` (200x200) in one format and flips
+:data:`DAMAGED_BYTES` bytes in the middle of the file, inside the pixel data: the file is
+whole, its header intact, only the pixel stream is wrong.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -80,6 +86,49 @@ def write_bad_images(dir: Path) -> dict[str, bool]:
     (dir / HIDDEN_FILE).write_bytes(_encode(_halves(RED, BLUE), "JPEG"))
     (dir / NON_IMAGE_FILE).write_text("not an image\n", encoding="utf-8")
     return {relative: ok for relative, ok in KINDS.values()}
+
+
+DAMAGED_BYTES = 64
+
+
+def damage_source() -> Image.Image:
+    """200x200 RGB: a colour gradient with a little seeded noise (so no encoder finds it trivial)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:200, 0:200]
+    ramp = np.stack([xx, yy, (xx + yy) // 2], -1)
+    return Image.fromarray((ramp + rng.integers(0, 30, ramp.shape)).astype(np.uint8))
+
+
+def damaged_image(fmt: str, **options) -> bytes:
+    """:func:`damage_source` encoded as ``fmt`` with DAMAGED_BYTES bytes inverted mid-file."""
+    data = bytearray(_encode(damage_source(), fmt, **options))
+    middle = len(data) // 2
+    for i in range(middle, middle + DAMAGED_BYTES):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def jpeg_with_marker_in_scan() -> bytes:
+    """:func:`damage_source` as a JPEG whose entropy-coded data holds a stray start-of-image
+    marker mid-file (two bytes overwritten)."""
+    data = bytearray(_encode(damage_source(), "JPEG"))
+    middle = len(data) // 2
+    assert middle > data.index(b"\xff\xda"), "the middle must lie in the scan data"
+    data[middle:middle + 2] = b"\xff\xd8"
+    return bytes(data)
+
+
+def without_root_privileges() -> list[str]:
+    """A command prefix under which even root obeys file modes, so a ``chmod 0`` folder is really
+    unreadable (root's CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped); empty when not root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        import pytest
+
+        pytest.skip("running as root without setpriv (util-linux): cannot make a folder unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
 
 
 def path_of(dir: Path, kind: str) -> Path:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,13 +16,20 @@ import pytest
 from PIL import Image, ImageFile
 
 from atlasq import images
+from atlasq.errors import InvalidOptionError, NotFoundError
+from atlasq.home import mark_home
 from atlasq.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     FileEntry,
     ImageDecodeError,
     content_hash,
+    display_path,
+    key_to_name,
     open_rgb,
+    path_key,
+    real_path,
+    scan_folder,
     scan_images,
 )
 from badimages import (
@@ -27,7 +37,11 @@ from badimages import (
     HIDDEN_FILE,
     KINDS,
     NON_IMAGE_FILE,
+    damage_source,
+    damaged_image,
+    jpeg_with_marker_in_scan,
     path_of,
+    without_root_privileges,
     write_bad_images,
     write_png_bomb,
 )
@@ -355,12 +369,142 @@ def test_scan_filters_hidden_dirs_symlinks_and_case(tmp_path):
     assert paths == ["a.PNG", "b.Tiff", "c.jpeg", "dir.jpg/h.webp", "link.png", "x/y/z/i.gif"]
 
 
-def test_scan_bad_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def test_scan_bad_root_is_a_user_error(tmp_path):
+    with pytest.raises(NotFoundError, match="does not exist"):
         scan_images(tmp_path / "nope")
     (tmp_path / "file.jpg").write_bytes(b"x")
-    with pytest.raises(NotADirectoryError, match="not a directory"):
+    with pytest.raises(InvalidOptionError, match="not a folder"):
         scan_images(tmp_path / "file.jpg")
+
+
+def test_scan_skips_atlasq_homes_and_index_folders_and_says_so(tmp_path):
+    """A home inside the scanned folder (marked, or written before the marker: an index folder
+    or atlases/*/manifest.json) is atlasq's own output, never the user's images."""
+    def image(relative):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), RED).save(tmp_path / relative)
+    image("photos/a.png")
+    mark_home(tmp_path / "photos/indexes")
+    image("photos/indexes/p/histograms/sample/level_10.png")
+    image("photos/indexes/atlases/p/icons/0001.png")
+    image("old_home/atlases/x/mosaic.png")
+    (tmp_path / "old_home/atlases/x/manifest.json").write_text("{}")
+    image("old_home/holiday.jpg")
+    image("old_index/histograms/heat.png")
+    (tmp_path / "old_index/index.duckdb").write_bytes(b"")
+    image("atlases/not_a_home.png")  # a folder merely named like one is scanned
+    scan = scan_folder(tmp_path)
+    assert [e.path for e in scan.entries] == ["atlases/not_a_home.png", "photos/a.png"]
+    assert scan.skipped_homes == ["old_home", "old_index", "photos/indexes"]
+    assert scan.problems == []
+
+
+def test_scan_reports_dangling_and_looping_symlinks(tmp_path):
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "a.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    os.symlink(tmp_path / "loop.jpg", tmp_path / "loop.jpg")
+    os.symlink(tmp_path / "gone", tmp_path / "notes.txt")  # not an image name: not our business
+    scan = scan_folder(tmp_path)
+    assert [e.path for e in scan.entries] == ["a.png"]
+    reasons = {p.path: p.reason for p in scan.problems}
+    assert set(reasons) == {"dangling.png", "loop.jpg"}
+    assert reasons["dangling.png"].startswith("dangling symlink")
+    assert reasons["loop.jpg"].startswith("broken symlink")
+
+
+def test_scan_reports_unreadable_folders(tmp_path):
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "a.png")
+    (tmp_path / "locked" / "inner").mkdir(parents=True)
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "locked" / "b.png")
+    (tmp_path / "locked").chmod(0)
+    try:
+        code = ("import json, sys; from atlasq.images import scan_folder; s = scan_folder(sys.argv[1]); "
+                "print(json.dumps([[e.path for e in s.entries], [[p.path, p.reason] for p in s.problems]]))")
+        out = subprocess.run([*without_root_privileges(), sys.executable, "-c", code, str(tmp_path)],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    entries, problems = json.loads(out)
+    assert entries == ["a.png"]
+    assert problems == [["locked", "unreadable folder: Permission denied"]]
+
+
+# --- stored paths -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, key", [
+    ("plain/café_日本 100%.png", "plain/café_日本 100%.png"),     # stored as it is
+    (os.fsdecode(b"latin1_\xe9t\xe9.jpg"), "latin1_\\xe9t\\xe9.jpg"),    # bytes that are not UTF-8
+    ("two\nlines\t.png", "two\\x0alines\\x09.png"),                   # control characters
+    ("back\\slash\\xe9.png", "back\\\\slash\\\\xe9.png"),                # the escape character itself
+    ("nel\x85\u2028.png", "nel\\u0085\\u2028.png"),                 # C1 control, line separator
+])
+def test_path_key_is_lossless_one_line_text(tmp_path, name, key):
+    assert path_key(name) == key
+    assert key.encode("utf-8").decode("utf-8") == key and "\n" not in key
+    assert key_to_name(key) == name
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes(b"x")
+    assert real_path(tmp_path, key).read_bytes() == b"x"
+    assert display_path(key) == key  # a stored path prints as it is
+
+
+def test_display_path_makes_any_path_one_printable_line():
+    raw = os.fsdecode(b"dir/a\nb\r\xff\x1b[31m.png")
+    shown = display_path(raw)
+    assert shown == "dir/a\\x0ab\\x0d\\xff\\x1b[31m.png"
+    assert shown.isprintable()
+    assert display_path(os.fsencode(raw)) == shown
+    assert display_path(Path("x") / "é\\y") == "x/é\\y"  # display only: backslashes stay
+
+
+# --- damaged pixel data -----------------------------------------------------------
+# Every format the scanner accepts, with DAMAGED_BYTES inverted in the middle of its pixel data.
+# Decoders that check their stream report the damage, and the file must then be an error
+# (before the fix, a damaged PNG decoded as a half image). Others conceal it: the README's
+# `atlasq index` section says which, and the second test keeps that statement true.
+
+REPORTED_DAMAGE = {
+    "png": ("damaged.png", lambda: damaged_image("PNG")),
+    "gif": ("damaged.gif", lambda: damaged_image("GIF")),
+    "tif_lzw": ("damaged_lzw.tif", lambda: damaged_image("TIFF", compression="tiff_lzw")),
+    "jpg_marker": ("stray_marker.jpg", jpeg_with_marker_in_scan),
+}
+CONCEALED_DAMAGE = {
+    "jpg": ("damaged.jpg", "JPEG", {}),
+    "webp": ("damaged.webp", "WEBP", {}),
+    "webp_lossless": ("damaged_lossless.webp", "WEBP", {"lossless": True}),
+    "bmp": ("damaged.bmp", "BMP", {}),
+    "tif": ("damaged.tif", "TIFF", {}),
+    "tif_deflate": ("damaged_deflate.tif", "TIFF", {"compression": "tiff_deflate"}),
+}
+
+
+def test_damage_covers_every_scanned_suffix():
+    names = [n for n, _ in REPORTED_DAMAGE.values()] + [n for n, _, _ in CONCEALED_DAMAGE.values()]
+    assert {os.path.splitext(n)[1] for n in names} == IMAGE_SUFFIXES - {".jpeg", ".tiff"}
+
+
+@pytest.mark.parametrize("kind", sorted(REPORTED_DAMAGE))
+def test_damage_the_decoder_reports_is_an_error(tmp_path, kind):
+    name, make = REPORTED_DAMAGE[kind]
+    (tmp_path / name).write_bytes(make())
+    with pytest.raises(ImageDecodeError) as caught:
+        open_rgb(tmp_path / name)
+    assert caught.value.reason.startswith("unreadable: ")
+
+
+@pytest.mark.parametrize("kind", sorted(CONCEALED_DAMAGE))
+def test_damage_some_decoders_conceal_decodes_with_wrong_pixels(tmp_path, kind):
+    """What the README says: these decoders report nothing, so the image is indexed as decoded."""
+    name, fmt, options = CONCEALED_DAMAGE[kind]
+    (tmp_path / name).write_bytes(damaged_image(fmt, **options))
+    damaged = np.asarray(open_rgb(tmp_path / name), int)
+    whole = tmp_path / ("whole" + os.path.splitext(name)[1])
+    damage_source().save(whole, fmt, **options)
+    intact = np.asarray(open_rgb(whole), int)
+    assert damaged.shape == intact.shape == (200, 200, 3)
+    assert np.abs(damaged - intact).max() > 0
 
 
 def test_image_suffixes():

@@ -30,7 +30,12 @@ from atlasq.images import content_hash
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.search import sync_faiss
 from atlasq.store import IndexStore
-from badimages import HIDDEN_FILE, KINDS, NON_IMAGE_FILE, write_bad_images
+from atlasq.embed import EmbedConfig, process_files
+from atlasq.home import HOME_MARKER
+from atlasq.images import display_path, path_key, scan_folder
+from atlasq.model import load_model
+from badimages import (HIDDEN_FILE, KINDS, NON_IMAGE_FILE, damaged_image, without_root_privileges,
+                       write_bad_images)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
@@ -164,10 +169,10 @@ def test_bad_images_are_recorded_with_reasons_and_good_ones_indexed(tmp_path):
     assert sizes[KINDS["rgb"][0]] == (64, 48)
     assert sizes[KINDS["exif_rotated"][0]] == (40, 60)  # stored 60x40, EXIF orientation 6
 
-    # a second run skips the known bad files rather than retrying them
+    # a second run tries the bad files again (they still fail: not new errors, not fixed)
     again = one_json(cli("index", root, "--name", "bad", "--home", home, "--json"))
-    assert (again["indexed"], again["new_errors"], again["skipped_errors"], again["unchanged"]) == \
-        (0, 0, len(bad), len(good))
+    assert (again["indexed"], again["new_errors"], again["retried_errors"], again["fixed_errors"],
+            again["unchanged"], again["total_errors"]) == (0, 0, len(bad), 0, len(good), len(bad))
     info = one_json(cli("info", "bad", "--home", home, "--json"))
     assert info["errors"] == len(bad) and dict(map(tuple, info["error_list"])) == reasons
 
@@ -194,6 +199,165 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     assert not (home / "x").exists()
     as_json = cli("index", tmp_path / "no_such_folder", "--name", "x", "--home", home, *RANDOM_DEMO, "--json")
     assert as_json.exit_code != 0 and "does not exist" in one_json(as_json)["error"]
+
+
+def test_damaged_png_is_an_error_not_a_half_image(tmp_path):
+    """The issue's file: a 200x200 PNG with 64 bytes inverted mid-pixel-data."""
+    root = tmp_path / "imgs"
+    good = copy_samples(root, 2)
+    (root / "damaged.png").write_bytes(damaged_image("PNG"))
+    summary = build(root, "dmg", tmp_path / "home")
+    assert (summary.indexed, summary.new_errors) == (2, 1)
+    folder = tmp_path / "home" / "dmg"
+    assert {p for (p,) in sql(folder, "SELECT path FROM images")} == set(good)
+    [(reason,)] = sql(folder, "SELECT reason FROM errors WHERE path = 'damaged.png'")
+    assert reason.startswith("unreadable: ") and "data stream" in reason
+
+
+def test_a_home_inside_the_indexed_folder_is_never_indexed(tmp_path, monkeypatch):
+    """`cd photos && atlasq index . --name p`: the default home ./indexes lands inside the folder."""
+    photos = tmp_path / "photos"
+    paths = copy_samples(photos, 4)
+    monkeypatch.chdir(photos)
+    monkeypatch.delenv("ATLASQ_HOME", raising=False)
+    first = one_json(cli("index", ".", "--name", "p", *RANDOM_DEMO, "--json"))
+    assert first["indexed"] == 4 and (photos / "indexes" / HOME_MARKER).is_file()
+    # what atlasq later writes into its home: heat maps in the index folder, atlas icons and mosaics
+    for artefact in ("indexes/p/histograms/a/level_10.png", "indexes/atlases/a/icons/000001.png",
+                     "indexes/atlases/a/mosaic.png"):
+        (photos / artefact).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (200, 0, 0)).save(photos / artefact)
+    (photos / "indexes/atlases/a/manifest.json").write_text("{}")
+
+    again = cli("index", ".", "--name", "p", *RANDOM_DEMO)
+    assert again.exit_code == 0, again.output
+    assert "skipped atlasq home or index: indexes" in again.stderr
+    summary = one_json(cli("index", ".", "--name", "p", "--json"))
+    assert (summary["found"], summary["indexed"], summary["unchanged"]) == (4, 0, 4)
+    assert summary["skipped_homes"] == ["indexes"]
+    assert {p for (p,) in sql(photos / "indexes" / "p", "SELECT path FROM images")} == set(paths)
+
+    # a home written before the marker existed is recognised by its atlases and index folders
+    (photos / "indexes" / HOME_MARKER).unlink()
+    assert scan_folder(photos).skipped_homes == ["indexes"]
+    shutil.rmtree(photos / "indexes" / "atlases")
+    assert scan_folder(photos).skipped_homes == ["indexes/p"]
+    assert [e.path for e in scan_folder(photos).entries] == sorted(paths)
+
+
+def test_errored_files_are_retried_on_every_run(tmp_path):
+    """A file fixed without any change of size or modification time is indexed on the next run."""
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    copy_samples(root, 3)
+    valid = sample_files(1, offset=7)[0].read_bytes()
+    target = root / "later_fixed.jpg"
+    target.write_bytes(bytes(len(valid)))  # same size, but zeros: not an image
+    first = build(root, "retry", home)
+    assert (first.indexed, first.new_errors, first.total_errors) == (3, 1, 1)
+    stat = target.stat()
+    target.write_bytes(valid)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+    second = build(root, "retry", home)
+    assert (second.retried_errors, second.fixed_errors, second.indexed, second.new_errors) == (1, 1, 1, 0)
+    assert (second.unchanged, second.total_images, second.total_errors) == (3, 4, 0)
+    assert sql(home / "retry", "SELECT path FROM images WHERE path = 'later_fixed.jpg'") == [("later_fixed.jpg",)]
+    assert_consistent(home / "retry")
+    third = build(root, "retry", home)
+    assert (third.retried_errors, third.indexed, third.unchanged) == (0, 0, 4)
+
+
+def test_file_names_that_are_not_utf8_are_indexed_and_searchable(tmp_path):
+    """Names are bytes on POSIX: one that is not UTF-8 is stored escaped, found by its real bytes
+    and by its escaped form, and reruns work."""
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    copy_samples(root, 3)
+    latin1 = os.fsdecode(b"caf\xe9_\xff.jpg")
+    newline = "two\nlines.jpg"
+    for name, src in zip((latin1, newline), sample_files(2, offset=5)):
+        shutil.copy2(src, root / name)
+    first = cli("index", root, "--name", "names", "--home", home, *RANDOM_DEMO, "--json")
+    assert first.exit_code == 0, first.output
+    assert (one_json(first)["indexed"], one_json(first)["total_errors"]) == (5, 0)
+    stored = dict(sql(home / "names", "SELECT path, id FROM images"))
+    assert {"caf\\xe9_\\xff.jpg", "two\\x0alines.jpg"} <= set(stored)
+    again = one_json(cli("index", root, "--name", "names", "--home", home, "--json"))
+    assert (again["unchanged"], again["indexed"]) == (5, 0)
+
+    def search(query: str) -> dict:
+        # the command line gets a name's real bytes as Python decodes argv: with surrogateescape
+        return one_json(cli("search", query, "--index", "names", "--home", home, "-k", "2", "--json"))
+    key = "caf\\xe9_\\xff.jpg"
+    for query in (latin1, str(root / latin1), key):  # the real bytes, relative and absolute; the escaped form
+        assert search(query)["query_id"] == stored[key]
+    assert search(newline)["query_id"] == stored["two\\x0alines.jpg"]
+
+
+def test_unreadable_folders_and_dangling_symlinks_are_errors(tmp_path):
+    """Reported in the errors table (so `atlasq info` shows them); images already indexed from a
+    folder that cannot be listed now are kept, not dropped."""
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    copy_samples(root, 2)
+    copy_samples(root / "locked", 2, offset=3)
+    os.symlink(root / "moved_away.jpg", root / "dangling.jpg")
+    first = build(root, "u", home)
+    assert (first.total_images, first.scan_errors) == (4, 1)
+    (root / "locked").chmod(0)
+    try:
+        done = subprocess.run([*without_root_privileges(), sys.executable, "-m", "atlasq.cli", "index", str(root), "--name", "u",
+                               "--home", str(home), "--json"], capture_output=True)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    second = json.loads(done.stdout)
+    assert (second["total_images"], second["removed"], second["scan_errors"]) == (4, 0, 2)
+    info = one_json(cli("info", "u", "--home", home, "--json"))
+    reasons = dict(map(tuple, info["error_list"]))
+    assert reasons["locked"] == "unreadable folder: Permission denied"
+    assert reasons["dangling.jpg"].startswith("dangling symlink")
+    (root / "dangling.jpg").unlink()
+    third = build(root, "u", home)
+    assert (third.total_images, third.total_errors, third.scan_errors) == (4, 0, 0)
+
+
+def test_names_with_newlines_keep_human_output_one_line_per_result(tmp_path):
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    root.mkdir()
+    for name, src in zip(("a\nb.jpg", "c\rd\x1b[2J.jpg", "plain.jpg"), sample_files(3)):
+        shutil.copy2(src, root / name)
+    (root / "bad\nname.png").write_bytes(b"not a png")
+    indexed = cli("index", root, "--name", "nl", "--home", home, *RANDOM_DEMO)
+    assert indexed.exit_code == 0, indexed.output
+    assert "  error: bad\\x0aname.png: not an image\n" in indexed.stderr
+    found = cli("search", "plain.jpg", "--index", "nl", "--home", home, "-k", "2")
+    assert found.exit_code == 0, found.output
+    lines = found.stdout.splitlines()
+    assert len(lines) == 2 and all(len(line.split()) == 3 for line in lines)
+    assert {line.split()[2] for line in lines} == {"a\\x0ab.jpg", "c\\x0dd\\x1b[2J.jpg"}
+    info = cli("info", "nl", "--home", home)
+    assert [line.strip() for line in info.stdout.splitlines() if line.strip().startswith("error:")] == \
+        ["error: bad\\x0aname.png: not an image"]
+    assert display_path(root / "a\nb.jpg").endswith("a\\x0ab.jpg")
+
+
+def test_process_files_gives_the_records_the_indexer_stores(tmp_path):
+    """The per-batch unit (file paths in, records out) is the indexer's own decode and embed step."""
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    copy_samples(root, 3)
+    (root / "broken.png").write_bytes(b"nope")
+    build(root, "pf", home)
+    entries = scan_folder(root).entries
+    model = load_model("demo", "random", seed=0)
+    decoded, embedded = process_files(model, root, entries, EmbedConfig(precision="fp32"))
+    assert [d.entry.path for d in decoded if d.error] == ["broken.png"]
+    ok = [d.entry.path for d in decoded if d.error is None]
+    ids = dict(sql(home / "pf", "SELECT path, id FROM images"))
+    with IndexStore(home / "pf") as store:
+        stored_ids, pooled = store.pooled([ids[p] for p in ok])
+    order = {int(i): n for n, i in enumerate(stored_ids)}
+    np.testing.assert_allclose(embedded.pooled, pooled[[order[ids[p]] for p in ok]], rtol=1e-4, atol=1e-5)
+    assert embedded.positions["mixed4c"].shape == (3, 4, 2)
 
 
 # ----------------------------------------------------------------------------- dimensions
@@ -636,14 +800,19 @@ def test_unwritable_home_is_one_clear_line(tmp_path, home_kind):
         home = tmp_path / "home.txt"
         home.write_text("not a folder")
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders; the sysfs case covers it")
         home = tmp_path / "home"
         home.mkdir()
         home.chmod(0o555)
-    result = cli("index", root, "--name", "x", "--home", home, *RANDOM_DEMO, "--json")
-    assert result.exit_code not in (0, None) and isinstance(result.exception, SystemExit), result.output
-    message = one_json(result)["error"]
+    if home_kind == "read-only folder":  # in a process where even root obeys the folder's mode
+        done = subprocess.run([*without_root_privileges(), sys.executable, "-m", "atlasq.cli", "index", str(root),
+                               "--name", "x", "--home", str(home), *RANDOM_DEMO, "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode not in (0, None) and "Traceback" not in done.stderr, done.stderr
+        message = json.loads(done.stdout)["error"]
+    else:
+        result = cli("index", root, "--name", "x", "--home", home, *RANDOM_DEMO, "--json")
+        assert result.exit_code not in (0, None) and isinstance(result.exception, SystemExit), result.output
+        message = one_json(result)["error"]
     assert "--home" in message and str(home) in message
     assert not (home / "x").exists()
 
