@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from .embed import EmbedConfig, decode_file, embed_batch
+from .errors import DamagedError, IncompatibleError, InvalidOptionError
 from .images import FileEntry, path_key
 from .model import WeightsUnavailableError, load_model
-from .search import resolve_query, search
+from .search import check_k, resolve_query, search
 from .store import IndexStore, index_folder
 
 __all__ = ["open_index", "index_info", "search_index", "run_demo", "embed_image"]
@@ -20,13 +21,28 @@ def open_index(name: str, home: Path | None = None) -> IndexStore:
     return IndexStore(index_folder(name, home), read_only=True)
 
 
+def check_shards(store: IndexStore) -> None:
+    """:class:`DamagedError` listing the damaged shards, which ``atlasq index`` repairs."""
+    problems = store.verify_shards()
+    if problems:
+        listed = "; ".join(f"shard {shard}: {why}" for shard, why in list(problems.items())[:3])
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise DamagedError(f"index {store.folder.name!r} is damaged ({listed}{more}); run `atlasq index "
+                           f"{store.meta().get('root') or 'DIR'} --name {store.folder.name}` to repair it")
+
+
 def model_for_index(meta: dict, device: str | None = None):
-    """Load the network an index was built with (same model and weights)."""
+    """Load the network an index was built with (same model and weights), checking that they
+    still are the same weights (a weights file can change after the index was built)."""
     weights = meta.get("weights")
     if weights and weights.startswith("file:"):
-        raise ValueError(f"this index was built with a local weights file ({weights[5:]}); "
-                         f"embed the query with the same file via the Python API")
-    return load_model(meta["model"], weights, device=device, seed=meta.get("seed", 0))
+        raise IncompatibleError(f"this index was built with a local weights file ({weights[5:]}); "
+                                f"embed the query with the same file via the Python API")
+    model = load_model(meta["model"], weights, device=device, seed=meta.get("seed", 0))
+    if meta.get("weights_sha256") and model.weights_sha256 != meta["weights_sha256"]:
+        raise IncompatibleError(f"the weights {weights or 'default'} are not those this index was built with "
+                                f"(sha256 {model.weights_sha256[:12]}… ≠ {meta['weights_sha256'][:12]}…)")
+    return model
 
 
 def embed_image(path: Path, model, precision: str = "fp32") -> np.ndarray:
@@ -34,14 +50,16 @@ def embed_image(path: Path, model, precision: str = "fp32") -> np.ndarray:
     path = Path(path)
     decoded = decode_file(path.parent, FileEntry(path_key(path.name), 0, 0.0), model)
     if decoded.error:
-        raise ValueError(f"cannot read {path}: {decoded.error}")
+        raise InvalidOptionError(f"cannot read {path}: {decoded.error}")
     config = EmbedConfig(layers=(model.network.pooled_layer,), samples_per_image=1, precision=precision)
     return embed_batch(model, decoded.tensor[None], [path.name], config).pooled[0]
 
 
 def search_index(name: str, query: str, *, k: int = 10, mode: str = "auto", home: Path | None = None) -> dict:
     """Nearest images of ``query`` (an id, an indexed path, or an image file) in index ``name``."""
+    k = check_k(k)
     with open_index(name, home) as store:
+        check_shards(store)
         image_id, file = resolve_query(store, query)
         if image_id is not None:
             _, vectors = store.pooled([image_id])
@@ -59,9 +77,10 @@ def search_index(name: str, query: str, *, k: int = 10, mode: str = "auto", home
 
 
 def index_info(name: str, home: Path | None = None) -> dict:
-    """Counts, settings and errors of index ``name``."""
+    """Counts, settings and errors of index ``name`` (:class:`DamagedError` when shards are damaged)."""
     with open_index(name, home) as store:
         meta = store.meta()
+        check_shards(store)
         return {
             "name": name, "folder": str(store.folder), "root": meta.get("root"),
             "images": store.count("images"), "samples": store.count("samples"),

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from . import serve
 from .errors import AtlasqError
+from .index_options import APPROX_THRESHOLD, INDEX_DEFAULTS as INDEX, RUN_DEFAULTS as RUN
 from .progress import stderr
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -74,24 +75,33 @@ def index(
     directory: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     name: str = typer.Option(..., "--name", help="Name of the index (a folder under --home)."),
     home: Optional[Path] = HomeOption,
-    model: Optional[str] = typer.Option(None, help="Network: inceptionv1 (default) or demo."),
+    model: Optional[str] = typer.Option(None, help="Network: inceptionv1 or demo.", show_default=INDEX.model),
     weights: Optional[str] = typer.Option(
         None, help="imagenet (default for inceptionv1), demo, random (tests/smoke runs only), or a state-dict PATH."),
-    layers: Optional[str] = typer.Option(None, help="Atlas layers to sample, comma-separated [mixed4c]."),
-    samples_per_image: Optional[int] = typer.Option(None, "--samples-per-image", help="Sampled positions per image and layer [4]."),
+    layers: Optional[str] = typer.Option(
+        None, help="Atlas layers to sample, comma-separated.", show_default=",".join(INDEX.layers)),
+    samples_per_image: Optional[int] = typer.Option(
+        None, "--samples-per-image", help="Sampled positions per image and layer.",
+        show_default=str(INDEX.samples_per_image)),
     attributions: Optional[bool] = typer.Option(None, "--attributions/--no-attributions", help="Store each sample's attribution to every class."),
     relaxed_maxpool: Optional[bool] = typer.Option(None, "--relaxed-maxpool/--plain-maxpool", help="Attribute through max-pools with the average-pool gradient (the articles' relaxation)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the sampled positions (and of random weights) [0]."),
-    precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it), fp32 or bf16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
-    batch_size: int = typer.Option(32, help="Images per network batch."),
-    workers: Optional[int] = typer.Option(None, help="Decoding threads [cores - 1]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the sampled positions (and of random weights).",
+                                       show_default=str(INDEX.seed)),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the hardware has it), fp32 or bf16.",
+                                            show_default=RUN.precision),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 …", show_default=RUN.device),
+    batch_size: Optional[int] = typer.Option(None, help="Images per network batch.",
+                                             show_default=str(RUN.batch_size)),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads.", show_default="cores - 1"),
     streams: Optional[int] = typer.Option(
-        None, min=1, help="Batches in the network at once, threads split between them [2 on a multi-core CPU, else 1]."),
-    commit_every: int = typer.Option(
-        256, "--commit-every", min=1,
+        None, help="Batches in the network at once, threads split between them.",
+        show_default="2 on a multi-core CPU, else 1"),
+    commit_every: Optional[int] = typer.Option(
+        None, "--commit-every", show_default=str(RUN.commit_every),
         help="Commit to the index after this many files (an interrupted run resumes from the last commit)."),
-    approx_threshold: Optional[int] = typer.Option(None, help="Build an approximate (HNSW) search index above this many images [50000]."),
+    approx_threshold: Optional[int] = typer.Option(
+        None, help="Build an approximate (HNSW) search index above this many images.",
+        show_default=str(APPROX_THRESHOLD)),
     as_json: bool = JsonOption,
 ):
     """Index the images under DIRECTORY (only new or changed files on later runs).
@@ -127,6 +137,8 @@ def index(
             stderr.print("[yellow]built with RANDOM weights: for tests and smoke runs only[/yellow]")
         for path, reason in s["error_examples"][:10]:
             stderr.print(f"  error: {display_path(path)}: {display_path(reason)}", highlight=False, markup=False)
+        if s["repaired"]:
+            stderr.print(f"[yellow]repaired:[/yellow] {s['repaired']}", highlight=False)
         if s["interrupted"]:
             stderr.print("[yellow]interrupted: run the same command again to resume[/yellow]")
 

@@ -16,7 +16,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -26,32 +26,19 @@ import torch
 
 from . import __version__
 from .embed import Decoded, EmbedConfig, decode_file, embed_decoded
-from .home import mark_home
+from .errors import IncompatibleError, InvalidOptionError, NotFoundError
+from .home import default_home, mark_home
 from .images import Scan, scan_folder
+from .index_options import FIXED, INDEX_DEFAULTS, RUN_DEFAULTS, IndexOptions, RunSettings
 from .model import LoadedModel, load_model, relax_maxpool, resolve_device, resolve_precision
 from .progress import progress_bar
 from .search import sync_faiss
-from .store import Chunk, IndexStore, index_folder
+from .store import DB_FILE, Chunk, IndexStore, index_folder
 
-__all__ = ["IndexOptions", "IndexSummary", "build_index"]
-
-
-@dataclass
-class IndexOptions:
-    """Settings of an index. ``None`` means: what the index already has, else the default."""
-
-    model: str | None = None
-    weights: str | None = None
-    layers: tuple[str, ...] | None = None
-    samples_per_image: int | None = None
-    attributions: bool | None = None
-    relaxed_maxpool: bool | None = None
-    seed: int | None = None
+__all__ = ["IndexOptions", "RunSettings", "INDEX_DEFAULTS", "RUN_DEFAULTS", "IndexSummary", "build_index"]
 
 
-DEFAULTS = IndexOptions(model="inceptionv1", weights=None, layers=("mixed4c",), samples_per_image=4,
-                        attributions=False, relaxed_maxpool=False, seed=0)
-FIXED = ("model", "weights", "layers", "samples_per_image", "attributions", "relaxed_maxpool", "seed")
+DEFAULTS = INDEX_DEFAULTS  # the name this module used before the options moved to index_options
 
 
 @dataclass
@@ -82,14 +69,19 @@ class IndexSummary:
     faiss: dict = field(default_factory=dict)
     error_examples: list = field(default_factory=list)
     skipped_homes: list = field(default_factory=list)
+    repaired: dict = field(default_factory=dict)  # damaged shards forgotten and re-embedded, FAISS files rebuilt
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _settle_options(stored: dict, given: IndexOptions) -> IndexOptions:
-    """Merge the options given now with those the index was built with; refuse contradictions."""
-    settled = IndexOptions()
+def _settle_options(stored: dict, given: IndexOptions, root: Path, name: str) -> IndexOptions:
+    """Merge the options given now with those the index was built with (its ``stored`` meta);
+    refuse contradictions, and another folder under the same name."""
+    if stored.get("root") and stored["root"] != str(root):
+        raise IncompatibleError(f"index {name!r} was built from {stored['root']}, not {root}; "
+                                f"use another --name for another folder")
+    settled = {}
     for key in FIXED:
         now, before = getattr(given, key), stored.get(key)
         if key == "weights" and now is not None and Path(now).is_file():
@@ -97,12 +89,12 @@ def _settle_options(stored: dict, given: IndexOptions) -> IndexOptions:
         if isinstance(before, list):
             before = tuple(before)
         if now is not None and before is not None and now != before:
-            raise ValueError(
+            raise IncompatibleError(
                 f"this index was built with {key}={before!r}; it cannot be extended with {key}={now!r}. "
                 f"Use another --name for a different setting.")
         value = now if now is not None else before
-        setattr(settled, key, value if value is not None else getattr(DEFAULTS, key))
-    return settled
+        settled[key] = value if value is not None else getattr(INDEX_DEFAULTS, key)
+    return IndexOptions(**settled)
 
 
 @dataclass
@@ -216,86 +208,166 @@ class _ChunkBuilder:
 
 
 def build_index(root: Path, name: str, *, home: Path | None = None, options: IndexOptions | None = None,
-                precision: str = "auto", device: str | None = None, batch_size: int = 32,
-                workers: int | None = None, streams: int | None = None, commit_every: int = 256,
-                progress: bool = True,
-                approx_threshold: int | None = None) -> IndexSummary:
-    """Index (or update the index of) the images under ``root`` as index ``name``."""
-    started = time.perf_counter()
-    root = Path(root).resolve()
-    scan = scan_folder(root)
-    folder = index_folder(name, home)
-    mark_home(folder.parent)  # so that no later scan indexes the home's icons and mosaics
-    store = IndexStore.create(folder)
-    summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(scan.entries),
-                           skipped_homes=scan.skipped_homes, scan_errors=len(scan.problems))
-    try:
-        meta = store.meta()
-        if meta.get("root") and meta["root"] != str(root):
-            raise ValueError(f"index {name!r} was built from {meta['root']}, not {root}; "
-                             f"use another --name for another folder")
-        opts = _settle_options(meta, options or IndexOptions())
-        model = load_model(opts.model, opts.weights, device=device, seed=opts.seed)
-        model.network.check_layers(opts.layers)
-        dev = resolve_device(device)
-        config = EmbedConfig(layers=tuple(opts.layers), samples_per_image=opts.samples_per_image,
-                             attributions=opts.attributions, relaxed_maxpool=opts.relaxed_maxpool,
-                             precision=resolve_precision(precision, dev), seed=opts.seed)
-        if config.precision == "bf16" and dev.type == "cpu":
-            model.network.to(memory_format=torch.channels_last)
-        streams = network_streams(dev, streams, attributions=config.attributions)
-        relaxed = relax_maxpool(model.network) if config.attributions and config.relaxed_maxpool else None
-        stored_weights = meta.get("weights")
-        if meta.get("weights_sha256") and model.weights_sha256 != meta["weights_sha256"]:
-            raise ValueError(f"the weights file {opts.weights} has changed since this index was built "
-                             f"(sha256 {model.weights_sha256} != {meta['weights_sha256']}); "
-                             f"use another --name for other weights")
-        # The options' "weights" (what load_model needs to load them again) must win over the
-        # model's description ("file:NAME"), or a later run could not reload the same file.
-        store.set_meta({
-            "root": str(root), "atlasq_version": __version__, **model.describe(),
-            **{k: getattr(opts, k) for k in FIXED},
-            "weights": stored_weights or opts.weights or model.weights,
-            "categories": model.categories, "pooled_layer": model.network.pooled_layer,
-        })
-        summary.model = model.describe()
-        store.set_meta({"layer_dims": _layer_dims(model, config.layers)})
-        if approx_threshold is not None:  # remembered, so later runs and searches use it too
-            store.set_meta({"approx_threshold": int(approx_threshold)})
-        store.remove_orphans()
-        plan = _plan(store, scan)
-        todo = plan.todo
-        store.remove_paths(plan.forget)
-        summary.removed, summary.unchanged, summary.changed = plan.removed, plan.unchanged, plan.changed
-        summary.retried_errors = len(plan.retried)
-        known = plan.retried | {p.path for p in scan.problems}  # not counted as new errors
+                precision: str | None = None, device: str | None = None, batch_size: int | None = None,
+                workers: int | None = None, streams: int | None = None, commit_every: int | None = None,
+                progress: bool = True, approx_threshold: int | None = None,
+                lock_wait: float | None = None) -> IndexSummary:
+    """Index (or update the index of) the images under ``root`` as index ``name``.
 
-        builder = _ChunkBuilder(config.layers, store.next_image_id())
-        builder.errors += [(p.path, 0, p.mtime, p.reason) for p in scan.problems]  # recorded anew each run
-        last_commit = time.perf_counter()
-        workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    ``None`` for any setting means its default (:data:`RUN_DEFAULTS`; for ``options``, what the
+    index already has, else :data:`INDEX_DEFAULTS`). Everything a user can get wrong is refused
+    before anything is written: the settings, the home, contradictions with the index, and the
+    network and its weights, which are loaded first. Then, holding the index's writer lock, the
+    index is created or opened, damaged shards are forgotten so their images are embedded again,
+    new and changed files are embedded, and the FAISS files are checked and rebuilt as needed.
+    """
+    started = time.perf_counter()
+    run = RunSettings.given(precision=precision, device=device, batch_size=batch_size, workers=workers,
+                            streams=streams, commit_every=commit_every, approx_threshold=approx_threshold,
+                            lock_wait=lock_wait)
+    given = options if options is not None else IndexOptions()
+    if not isinstance(given, IndexOptions):
+        raise InvalidOptionError(f"options must be IndexOptions, not {type(given).__name__}")
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise NotFoundError(f"image folder {root} does not exist" if not root.exists()
+                            else f"{root} is not a folder of images")
+    folder = index_folder(name, home)
+    dev = resolve_device(run.device)
+    run_precision = resolve_precision(run.precision, dev)
+    _check_writable(folder)
+    meta = _stored_meta(folder, run.lock_wait)
+    opts = _settle_options(meta, given, root, name)
+    model = _load_model(opts, meta, run.device)
+    scan = scan_folder(root)
+
+    _create_folder(folder, home)
+    with ExitStack() as held:
         try:
-            with progress_bar(len(todo), f"indexing {name}", enabled=progress) as bar:
-                decoded_batches = _decoded_batches(root, todo, model, batch_size, workers)
-                for decoded, embedded in _embedded_batches(decoded_batches, model, config, relaxed, streams):
-                    builder.add(decoded, embedded)
-                    bar.advance(len(decoded))
-                    if len(builder) >= commit_every or time.perf_counter() - last_commit > 30:
-                        _commit(store, builder, summary, known)
-                        last_commit = time.perf_counter()
-                _commit(store, builder, summary, known)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-        summary.total_images = store.count("images")
-        summary.total_errors = store.count("errors")
-        summary.error_examples = [list(e) for e in store.errors()[:20]]
-        if not summary.interrupted:
-            summary.faiss = sync_faiss(store, approx_threshold=approx_threshold)
-    finally:
-        store.close()
+            held.enter_context(IndexStore.writer(folder, wait=run.lock_wait))
+            store = held.enter_context(IndexStore.create(folder, lock_wait=run.lock_wait))
+        except PermissionError as exc:
+            raise InvalidOptionError(f"cannot write the index at {folder} ({exc.strerror}); choose a writable "
+                                     f"--home") from exc
+        summary = IndexSummary(name=name, folder=str(folder), root=str(root), found=len(scan.entries),
+                               skipped_homes=scan.skipped_homes, scan_errors=len(scan.problems))
+        meta = store.meta()  # again: another run may have built the index while this one waited
+        settled = _settle_options(meta, given, root, name)
+        if settled != opts:
+            opts, model = settled, _load_model(settled, meta, run.device)
+        _check_weights(model, opts, meta)
+        _update(store, root, name, opts, model, scan, run, dev, run_precision, progress, summary)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.images_per_s = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
     return summary
+
+
+def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model: LoadedModel, scan: Scan,
+            run: RunSettings, dev: torch.device, precision: str, progress: bool, summary: IndexSummary) -> None:
+    """The writing part of :func:`build_index`, under the writer lock."""
+    meta = store.meta()
+    config = EmbedConfig(layers=tuple(opts.layers), samples_per_image=opts.samples_per_image,
+                         attributions=opts.attributions, relaxed_maxpool=opts.relaxed_maxpool,
+                         precision=precision, seed=opts.seed)
+    if config.precision == "bf16" and dev.type == "cpu":
+        model.network.to(memory_format=torch.channels_last)
+    streams = network_streams(dev, run.streams, attributions=config.attributions)
+    relaxed = relax_maxpool(model.network) if config.attributions and config.relaxed_maxpool else None
+    # The options' "weights" (what load_model needs to load them again) must win over the
+    # model's description ("file:NAME"), or a later run could not reload the same file.
+    store.set_meta({
+        "root": str(root), "atlasq_version": __version__, **model.describe(),
+        **{k: getattr(opts, k) for k in FIXED},
+        "weights": meta.get("weights") or opts.weights or model.weights,
+        "categories": model.categories, "pooled_layer": model.network.pooled_layer,
+    })
+    summary.model = model.describe()
+    store.set_meta({"layer_dims": _layer_dims(model, config.layers)})
+    if run.approx_threshold is not None:  # remembered, so later runs and searches use it too
+        store.set_meta({"approx_threshold": int(run.approx_threshold)})
+    store.remove_orphans()
+    damaged = store.verify_shards()
+    if damaged:  # forget their rows: the plan below then embeds those images again
+        summary.repaired["shards"] = {str(shard): why for shard, why in damaged.items()}
+        summary.repaired["images_embedded_again"] = store.forget_shards(list(damaged))
+    plan = _plan(store, scan)
+    todo = plan.todo
+    store.remove_paths(plan.forget)
+    summary.removed, summary.unchanged, summary.changed = plan.removed, plan.unchanged, plan.changed
+    summary.retried_errors = len(plan.retried)
+    known = plan.retried | {p.path for p in scan.problems}  # not counted as new errors
+
+    builder = _ChunkBuilder(config.layers, store.next_image_id())
+    builder.errors += [(p.path, 0, p.mtime, p.reason) for p in scan.problems]  # recorded anew each run
+    last_commit = time.perf_counter()
+    workers = run.workers or max(1, (os.cpu_count() or 2) - 1)
+    try:
+        with progress_bar(len(todo), f"indexing {name}", enabled=progress) as bar:
+            decoded_batches = _decoded_batches(root, todo, model, run.batch_size, workers)
+            for decoded, embedded in _embedded_batches(decoded_batches, model, config, relaxed, streams):
+                builder.add(decoded, embedded)
+                bar.advance(len(decoded))
+                if len(builder) >= run.commit_every or time.perf_counter() - last_commit > 30:
+                    _commit(store, builder, summary, known)
+                    last_commit = time.perf_counter()
+            _commit(store, builder, summary, known)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    summary.total_images = store.count("images")
+    summary.total_errors = store.count("errors")
+    summary.error_examples = [list(e) for e in store.errors()[:20]]
+    if not summary.interrupted:
+        summary.faiss = sync_faiss(store, approx_threshold=run.approx_threshold)
+        if summary.faiss.get("damaged"):
+            summary.repaired["faiss"] = summary.faiss["damaged"]
+
+
+def _check_writable(folder: Path) -> None:
+    """:class:`InvalidOptionError` when the index folder could not be created or written, found
+    before the network is loaded (the creation itself is checked again, for what this misses)."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    where = "the index folder" if probe == folder else "--home"
+    if not probe.is_dir():
+        raise InvalidOptionError(f"{where}: {probe} exists but is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidOptionError(f"{where}: {probe} is not writable; choose a writable --home")
+
+
+def _create_folder(folder: Path, home: Path | None) -> None:
+    """Create the home (marked as one) and the index folder, or one clear error."""
+    try:
+        mark_home(Path(home or default_home()))
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InvalidOptionError(f"cannot create the index folder {folder} ({exc.strerror or exc}); "
+                                 f"choose a writable --home") from exc
+
+
+def _stored_meta(folder: Path, lock_wait: float) -> dict:
+    """The meta of the index in ``folder`` ({} when there is none yet), read without writing."""
+    if not (folder / DB_FILE).is_file():
+        return {}
+    with IndexStore(folder, read_only=True, lock_wait=lock_wait) as store:
+        return store.meta()
+
+
+def _load_model(opts: IndexOptions, meta: dict, device: str) -> LoadedModel:
+    """The network of ``opts``, with its layers checked and its weights compared with the index's."""
+    model = load_model(opts.model, opts.weights, device=device, seed=opts.seed)
+    model.network.check_layers(opts.layers)
+    _check_weights(model, opts, meta)
+    return model
+
+
+def _check_weights(model: LoadedModel, opts: IndexOptions, meta: dict) -> None:
+    """Refuse to extend an index with weights other than its own (a changed file, a retrained network)."""
+    if meta.get("weights_sha256") and model.weights_sha256 != meta["weights_sha256"]:
+        raise IncompatibleError(
+            f"the weights {opts.weights or model.weights} are not those this index was built with "
+            f"(sha256 {model.weights_sha256[:12]}… ≠ {meta['weights_sha256'][:12]}…); "
+            f"use another --name for other weights")
 
 
 def network_streams(device: torch.device, streams: int | None = None, *, attributions: bool = False) -> int:
@@ -309,7 +381,7 @@ def network_streams(device: torch.device, streams: int | None = None, *, attribu
     """
     if streams is not None:
         if streams < 1:
-            raise ValueError("streams must be at least 1")
+            raise InvalidOptionError(f"--streams must be at least 1, not {streams}")
         return streams
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 and not attributions else 1
 

@@ -16,10 +16,12 @@ InceptionV1 of the same layer structure trained on ``sample_data/`` by :mod:`atl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -33,7 +35,7 @@ from torchvision.models import GoogLeNet, GoogLeNet_Weights
 from torchvision.models.googlenet import BasicConv2d, Inception
 from torchvision.transforms._presets import ImageClassification
 
-from .errors import AtlasqError
+from .errors import AtlasqError, InvalidOptionError
 
 __all__ = [
     "LAYERS",
@@ -44,6 +46,7 @@ __all__ = [
     "model_names",
     "relax_maxpool",
     "resolve_device",
+    "weights_digest",
 ]
 
 #: Layer names as in the Activation Atlas and Building Blocks articles.
@@ -79,11 +82,12 @@ class StagedClassifier(nn.Module):
         return tuple(name for name, _ in self.stages() if name in LAYERS)
 
     def check_layers(self, layers: Iterable[str]) -> list[str]:
-        """Return ``layers`` as a list, raising ``ValueError`` that lists valid names for an unknown one."""
+        """Return ``layers`` as a list, raising :class:`InvalidOptionError` (a ``ValueError``) that
+        lists valid names for an unknown one."""
         layers = list(layers)
         unknown = [name for name in layers if name not in self.layer_names]
         if unknown:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"unknown layer {', '.join(unknown)}; valid layers: {', '.join(self.layer_names)}"
             )
         return layers
@@ -225,7 +229,7 @@ class LoadedModel:
 
     name: str                    # registry name: "inceptionv1" or "demo"
     weights: str                 # "imagenet", "random", "demo", or "file:<name>"
-    weights_sha256: str | None   # of the weights file, when there is one
+    weights_sha256: str          # identity of the weights themselves: see :func:`weights_digest`
     network: StagedClassifier
     transform: Callable          # PIL image → normalised float tensor (3, S, S)
     categories: list[str]
@@ -258,27 +262,77 @@ class LoadedModel:
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """``"auto"``/``None`` → CUDA when available, else CPU."""
+    """``"auto"``/``None`` → CUDA when available, else CPU; a device that torch does not know or
+    this machine lacks is an :class:`InvalidOptionError` naming ``--device``."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidOptionError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise InvalidOptionError(f"--device {device}: this machine has {count} CUDA device(s); use auto or cpu")
+    elif resolved.type not in ("cpu", "mps") or (resolved.type == "mps" and not torch.backends.mps.is_available()):
+        raise InvalidOptionError(f"--device {device} is not available here: use auto, cpu or cuda")
+    return resolved
 
 
-def _sha256(path: Path) -> str:
+def weights_digest(network: nn.Module) -> str:
+    """sha256 of a network's state dict: every entry's name, dtype, shape and bytes, in name order.
+
+    This is the weights' identity, the same for every way of getting them (seeded random
+    initialisation, the demo network, ImageNet, a file) and across loads and machines, so two
+    indexes or an index and an atlas can be compared by what their network computes rather than
+    by how its weights were named. It is computed on the CPU copy, before moving to a device.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name, tensor in sorted(network.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def load_fitting(network: nn.Module, state: dict, what: str, source: str) -> None:
+    """Load ``state`` into ``network``, or raise :class:`WeightsUnavailableError` summarising in a
+    few lines which keys are missing, unexpected or of another shape (torch lists every one)."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} (needs {tuple(v.shape)})" for k, v in expected.items()
+                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        def first(names, n=3):
+            return ", ".join(names[:n]) + (", …" if len(names) > n else "")
+        lines = [f"weights {source} do not fit the {what}:"]
+        for count, label, names in ((len(missing), "missing", missing), (len(unexpected), "unexpected", unexpected),
+                                    (len(mismatched), "of another shape", mismatched)):
+            if count:
+                lines.append(f"  {count} {label}: {first(names)}")
+        raise WeightsUnavailableError("\n".join(lines))
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:  # dtype or other trouble the key check cannot see; keep it short
+        raise WeightsUnavailableError(f"weights {source} do not fit the {what}: "
+                                      f"{str(exc).splitlines()[0]}") from exc
 
 
 def _load_state_dict_file(path: Path) -> dict:
     if not path.is_file():
-        raise WeightsUnavailableError(f"weights file {path} does not exist")
+        raise WeightsUnavailableError(f"--weights {path}: no such file, and not a weights name this model knows "
+                                      f"(imagenet for inceptionv1, demo for demo, random for either)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals …
-        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
+        # torch's weights-only refusal is a page of advice around one line of reason; keep that line
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        if reason.startswith("Weights only load failed"):
+            detail = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+            reason = "not a plain state dict" + (f" ({detail[0][:120]})" if detail else "")
+        raise WeightsUnavailableError(f"cannot read weights file {path}: {reason[:200]}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -300,7 +354,9 @@ def _imagenet_state_dict() -> dict:
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        # torch.hub announces the download on stdout, which must hold nothing but --json's output
+        with contextlib.redirect_stdout(sys.stderr):
+            return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:
         raise WeightsUnavailableError(
             f"the ImageNet weights for InceptionV1 are not cached and could not be downloaded "
@@ -319,16 +375,12 @@ def _googlenet(state: dict | None, seed: int, source: str = "") -> InceptionV1:
                     init_weights=state is None)
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise WeightsUnavailableError(f"weights {source} do not fit GoogLeNet: {exc}") from exc
+        load_fitting(net, state, "GoogLeNet", source)
     return InceptionV1(net)
 
 
 def _load_inceptionv1(weights: str, seed: int) -> LoadedModel:
     spec = GoogLeNet_Weights.IMAGENET1K_V1
-    sha = None
     if weights == "imagenet":
         network = _googlenet(_imagenet_state_dict(), seed, source=str(_imagenet_cache_path()))
     elif weights == "random":
@@ -336,9 +388,9 @@ def _load_inceptionv1(weights: str, seed: int) -> LoadedModel:
     else:
         path = Path(weights)
         network = _googlenet(_load_state_dict_file(path), seed, source=str(path))
-        sha, weights = _sha256(path), f"file:{path.name}"
+        weights = f"file:{path.name}"
     return LoadedModel(
-        name="inceptionv1", weights=weights, weights_sha256=sha, network=network,
+        name="inceptionv1", weights=weights, weights_sha256=weights_digest(network), network=network,
         transform=Preprocess(spec.transforms()), categories=list(spec.meta["categories"]), input_size=224,
     )
 
@@ -349,17 +401,12 @@ def _load_demo(weights: str, seed: int) -> LoadedModel:
     categories = list(demo_model.CATEGORIES)
     torch.manual_seed(seed)
     network = TinyInceptionV1(len(categories))
-    sha = None
     if weights != "random":
         path = demo_model.ensure_trained() if weights in ("demo", "default") else Path(weights)
-        try:
-            network.load_state_dict(_load_state_dict_file(path))
-        except RuntimeError as exc:
-            raise WeightsUnavailableError(f"weights {path} do not fit the demo network: {exc}") from exc
-        sha = _sha256(path)
+        load_fitting(network, _load_state_dict_file(path), "demo network", str(path))
         weights = "demo" if weights in ("demo", "default") else f"file:{path.name}"
     return LoadedModel(
-        name="demo", weights=weights, weights_sha256=sha, network=network,
+        name="demo", weights=weights, weights_sha256=weights_digest(network), network=network,
         transform=demo_transform(), categories=categories, input_size=demo_model.INPUT_SIZE,
     )
 
@@ -446,7 +493,7 @@ def load_model(name: str = "inceptionv1", weights: str | None = None, *, device:
     seed : seed for random weights.
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(model_names())}")
+        raise InvalidOptionError(f"--model: unknown model {name!r}; available: {', '.join(model_names())}")
     loader, default = _REGISTRY[name]
     loaded = loader(weights or default, seed)
     loaded.device = resolve_device(device)
@@ -466,7 +513,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"auto"`` → ``"bf16"`` where it is native (CUDA with bf16, CPUs with AVX512-BF16/AMX), else ``"fp32"``."""
     if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+        raise InvalidOptionError(f"--precision must be auto, fp32 or bf16, not {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DamagedError, InvalidOptionError, NotFoundError
 from .images import path_key
+from .index_options import APPROX_THRESHOLD
 from .store import IndexStore
 
 __all__ = ["APPROX_THRESHOLD", "Hit", "build_faiss_index", "normalise", "search_vectors", "sync_faiss",
-           "search"]
+           "search", "check_k"]
 
-APPROX_THRESHOLD = 50_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
@@ -58,7 +59,7 @@ def build_faiss_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "exact")
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         inner.hnsw.efSearch = HNSW_EF_SEARCH
     else:
-        raise ValueError(f"kind must be 'exact' or 'approx', not {kind!r}")
+        raise InvalidOptionError(f"kind must be 'exact' or 'approx', not {kind!r}")
     index = faiss.IndexIDMap2(inner)
     if len(ids):
         index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
@@ -72,14 +73,24 @@ def search_vectors(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 
 def sync_faiss(store: IndexStore, *, approx_threshold: int | None = None) -> dict:
-    """Rebuild whichever FAISS files disagree with DuckDB; return what is there now."""
+    """Rebuild whichever FAISS files disagree with DuckDB or do not load with the recorded count;
+    return what is there now (``damaged``: the files found unreadable, then rebuilt)."""
     threshold = _threshold(store) if approx_threshold is None else approx_threshold
     count = store.count("images")
     kinds = ["exact"] + (["approx"] if count > threshold else [])
-    out = {"count": count, "rebuilt": [], "files": {}}
+    out = {"count": count, "rebuilt": [], "damaged": [], "files": {}}
     vectors = None
     for kind in kinds:
-        if not store.faiss_is_current(kind):
+        state = store.faiss_state(kind)
+        if state == "current":
+            try:
+                store.load_faiss(kind)  # a file of the right size may still be garbage
+            except DamagedError:
+                state = "damaged"
+        current = state == "current"
+        if state == "damaged":
+            out["damaged"].append(kind)
+        if not current:
             if vectors is None:
                 ids, vectors = store.pooled()
             store.save_faiss(build_faiss_index(ids, vectors, kind), kind, ids, {"threshold": threshold})
@@ -108,9 +119,12 @@ def _load_for_search(store: IndexStore, mode: str):
     threshold = _threshold(store)
     kind = ("approx" if count > threshold else "exact") if mode == "auto" else mode
     if kind not in ("exact", "approx"):
-        raise ValueError(f"mode must be auto, exact or approx, not {mode!r}")
+        raise InvalidOptionError(f"--mode must be auto, exact or approx, not {mode!r}")
     if store.faiss_is_current(kind):
-        return store.load_faiss(kind), kind
+        try:
+            return store.load_faiss(kind), kind
+        except DamagedError:
+            pass  # unreadable on disk: rebuilt below, and on disk by the next `atlasq index`
     ids, vectors = store.pooled()  # stale or missing on disk (e.g. a run was killed): rebuild
     return build_faiss_index(ids, vectors, kind), kind
 
@@ -118,6 +132,7 @@ def _load_for_search(store: IndexStore, mode: str):
 def search(store: IndexStore, query_vector: np.ndarray, k: int = 10, *, mode: str = "auto",
            exclude: int | None = None) -> tuple[list[Hit], str]:
     """The ``k`` images most similar (cosine) to ``query_vector``; ``exclude`` drops one id."""
+    check_k(k)
     index, kind = _load_for_search(store, mode)
     index = _to_gpu(index)
     scores, ids = search_vectors(index, query_vector[None, :], k + (exclude is not None))
@@ -150,7 +165,7 @@ def resolve_query(store: IndexStore, query: str) -> tuple[int | None, Path | Non
     path = Path(query)
     if path.is_file():
         return None, path
-    raise FileNotFoundError(f"{query!r} is neither an image id, an indexed path, nor an image file")
+    raise NotFoundError(f"{query!r} is neither an image id, an indexed path, nor an image file")
 
 
 def _is_utf8(text: str) -> bool:
@@ -160,3 +175,10 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def check_k(k: int) -> int:
+    """``k`` if it is a usable number of neighbours, else :class:`InvalidOptionError` naming ``-k``."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidOptionError(f"-k must be a whole number of at least 1, not {k!r}")
+    return int(k)

@@ -8,12 +8,17 @@ Layout of ``<home>/<name>/``::
         mixed4c.act.npy     (n*K, C) float16 sampled activations, row = samples.row
         mixed4c.attr.npy    (n*K, classes) float16 attributions (indexes built with them)
     pooled.faiss        FAISS index of the pooled vectors, ids = images.id
-    pooled.faiss.json   which ids that file holds (so it is rebuilt when it disagrees)
+    pooled.faiss.json   which ids that file holds and its size (so it is rebuilt when it disagrees)
+    writer.lock         held (flock) by the one process writing the index, see :meth:`IndexStore.writer`
+    writer.json         who holds it: pid and start time, for the message of a second writer
 
 A chunk is made durable in two steps: its shard folder is written under a temporary name and
 renamed, then its rows are inserted in one DuckDB transaction. A crash between the two leaves
 a shard no row points to; :meth:`IndexStore.remove_orphans` deletes it on the next run. So a
 row never points to a missing array, and an interrupted run loses at most one chunk of work.
+Arrays damaged or deleted afterwards (by hand, a disk error) are found by
+:meth:`IndexStore.verify_shards`; ``atlasq index`` forgets their rows so it embeds those images
+again, and readers report them as :class:`DamagedError`.
 
 No other module writes SQL against an index.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -32,13 +38,15 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .errors import BusyError, NotFoundError
+from .errors import BusyError, DamagedError, IncompatibleError, NotFoundError
 from .fileio import replaced
 from .home import default_home, index_folder
 
 __all__ = ["IndexStore", "IndexNotFoundError", "Chunk", "index_folder", "default_home"]
 
 DB_FILE = "index.duckdb"
+LOCK_FILE = "writer.lock"
+OWNER_FILE = "writer.json"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS images (
@@ -129,7 +137,7 @@ class IndexStore:
         self.read_only = read_only
         self.lock_wait = lock_wait
         self._con = None
-        self.con  # open now, so a missing or locked database is reported here
+        self.con  # open now, so a missing, locked or damaged database is reported here
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -137,7 +145,8 @@ class IndexStore:
 
         DuckDB lets one process write a database file or several processes read it, never both
         at once. So a writer that releases the file between its commits lets readers (the app)
-        in, and both sides wait up to ``lock_wait`` seconds for the other to let go.
+        in, and both sides wait up to ``lock_wait`` seconds for the other to let go. Only a lock
+        is waited for: a file DuckDB cannot read is reported at once as :class:`DamagedError`.
         """
         if self._con is None:
             db = self.folder / DB_FILE
@@ -147,10 +156,20 @@ class IndexStore:
                     self._con = duckdb.connect(str(db), read_only=self.read_only)
                     break
                 except duckdb.IOException as exc:
+                    if "permission denied" in str(exc).lower():
+                        raise NotFoundError(f"cannot open {db}: permission denied") from exc
+                    if not _is_lock_conflict(exc):
+                        raise _damaged_database(db, exc) from exc
                     if time.monotonic() >= deadline:
-                        raise BusyError(f"cannot open {db}: {exc} (another process has been writing to it for "
-                                           f"over {self.lock_wait:.0f} s)") from exc
+                        raise BusyError(f"cannot open {db}: another process has held it for over "
+                                        f"{self.lock_wait:.0f} s ({_holder(exc)}); try again when it is done") from exc
                     time.sleep(0.05)
+                except duckdb.ConnectionException:
+                    raise  # this process already has the file open otherwise: a bug, not the file's fault
+                except duckdb.Error as exc:  # a valid header over damaged content, and the like
+                    raise _damaged_database(db, exc) from exc
+                except PermissionError as exc:
+                    raise NotFoundError(f"cannot open {db}: {exc.strerror}") from exc
         return self._con
 
     def release(self) -> None:
@@ -160,14 +179,47 @@ class IndexStore:
             self._con = None
 
     @classmethod
-    def create(cls, folder: Path) -> "IndexStore":
-        """Open the index in ``folder`` for writing, creating it when new."""
+    def create(cls, folder: Path, *, lock_wait: float = 20.0) -> "IndexStore":
+        """Open the index in ``folder`` for writing, creating it when new (the caller holds
+        :meth:`writer`, so nobody else creates or writes it meanwhile)."""
         folder = Path(folder)
         (folder / "shards").mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(folder / DB_FILE))
-        con.execute(SCHEMA)
-        con.close()
-        return cls(folder, read_only=False)
+        store = cls.__new__(cls)
+        store.folder, store.read_only, store.lock_wait, store._con = folder, False, lock_wait, None
+        try:
+            store.con.execute(SCHEMA)  # waits for readers like every later open
+        except duckdb.Error as exc:
+            store.release()
+            raise _damaged_database(folder / DB_FILE, exc) from exc
+        return store
+
+    @staticmethod
+    @contextmanager
+    def writer(folder: Path, *, wait: float = 20.0):
+        """Hold the index's writer lock for the block: one writer per index at a time.
+
+        The DuckDB file alone cannot guard a whole run, since the writer releases it between
+        commits so readers get in; two runs would then interleave their plans and commits. This
+        lock (``writer.lock``, an flock the kernel releases when its process dies, even by
+        ``kill -9``; through the ``filelock`` library) is held from before the run plans its work
+        (it reads the index's settings again once it holds the lock) until it is done. A second writer waits up to ``wait`` seconds, then gets a
+        :class:`BusyError` naming the holder's pid from ``writer.json``.
+        """
+        from filelock import FileLock, Timeout
+
+        folder = Path(folder)
+        lock = FileLock(str(folder / LOCK_FILE), timeout=wait)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise BusyError(f"index {folder.name!r} is being written by another run ({_owner(folder)}); "
+                            f"waited {wait:.0f} s. Run again when it has finished.") from None
+        try:
+            with replaced(folder / OWNER_FILE) as tmp:
+                tmp.write_text(json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            yield
+        finally:
+            lock.release()
 
     def close(self) -> None:
         self.release()
@@ -180,7 +232,12 @@ class IndexStore:
 
     # ------------------------------------------------------------------ meta
     def meta(self) -> dict:
-        return {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta").fetchall()}
+        try:
+            rows = self.con.execute("SELECT key, value FROM meta").fetchall()
+        except duckdb.CatalogException as exc:
+            raise DamagedError(f"{self.folder / DB_FILE} has no meta table, so it is not an atlasq index (or "
+                               f"its first run was stopped early); run `atlasq index` again to build it") from exc
+        return {k: json.loads(v) for k, v in rows}
 
     def set_meta(self, values: dict) -> None:
         for key, value in values.items():
@@ -443,14 +500,93 @@ class IndexStore:
         out = None
         for shard in np.unique(shards):
             path = self.folder / "shards" / f"{int(shard):06d}" / filename
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing; this index was built without it")
-            array = np.load(path, mmap_mode="r")
+            if not path.is_file() and filename.endswith(".attr.npy") and not self.meta().get("attributions"):
+                raise IncompatibleError(f"index {self.folder.name!r} was built without attributions; "
+                                        f"build another with --attributions")
+            where = np.flatnonzero(shards == shard)
+            array = self._open_array(path, int(rows[where].max()) + 1)
             if out is None:
                 out = np.empty((len(rows), array.shape[1]), dtype)
-            where = np.flatnonzero(shards == shard)
             out[where] = array[rows[where]]
         return out
+
+    def _open_array(self, path: Path, rows: int) -> np.ndarray:
+        """A shard array memory-mapped, or :class:`DamagedError` when it is missing, unreadable or
+        shorter than the rows the database points to."""
+        try:
+            array = np.load(path, mmap_mode="r")
+            problem = None if array.ndim == 2 and len(array) >= rows else f"holds {array.shape}, needs {rows} rows"
+        except FileNotFoundError:
+            problem = "is missing"
+        except (OSError, ValueError, EOFError) as exc:
+            problem = f"cannot be read ({exc})"
+        if problem:
+            raise DamagedError(f"{path} {problem}: index {self.folder.name!r} is damaged; run `atlasq index "
+                               f"{self.meta().get('root') or 'DIR'} --name {self.folder.name}` to repair it")
+        return array
+
+    # ------------------------------------------------------------------ verification and repair
+    def verify_shards(self) -> dict[int, str]:
+        """shard id → what is wrong with it, for every committed shard whose arrays do not match
+        the database (folder or file missing, unreadable, too few rows, another width).
+
+        Only array headers are read (memory-mapped), so this is cheap enough for every run and
+        every ``info``.
+        """
+        meta = self.meta()
+        dims = meta.get("layer_dims") or {}
+        files = {"pooled.npy": None}
+        for layer in meta.get("layers") or ():
+            files[f"{layer}.act.npy"] = layer
+            if meta.get("attributions"):
+                files[f"{layer}.attr.npy"] = layer
+        needed = {}  # (shard, file) → rows the database points to
+        for shard, rows in self.con.execute("SELECT shard, max(row) + 1 FROM images GROUP BY shard").fetchall():
+            needed[(int(shard), "pooled.npy")] = int(rows)
+        for shard, layer, rows in self.con.execute(
+                "SELECT shard, layer, max(row) + 1 FROM samples GROUP BY shard, layer").fetchall():
+            for name, of in files.items():
+                if of == layer:
+                    needed[(int(shard), name)] = int(rows)
+        recorded = dict(self.con.execute("SELECT id, images FROM shards").fetchall())
+        problems: dict[int, str] = {}
+        for (shard, name), rows in sorted(needed.items()):
+            if shard in problems:
+                continue
+            folder = self.folder / "shards" / f"{shard:06d}"
+            if not folder.is_dir():
+                problems[shard] = "shard folder missing"
+                continue
+            try:
+                array = np.load(folder / name, mmap_mode="r")
+            except FileNotFoundError:
+                problems[shard] = f"{name} missing"
+                continue
+            except (OSError, ValueError, EOFError):
+                problems[shard] = f"{name} unreadable"
+                continue
+            width = dims.get(files[name]) if name.endswith(".act.npy") else None
+            if array.ndim != 2 or len(array) < rows or (name == "pooled.npy" and len(array) != recorded.get(shard)):
+                problems[shard] = f"{name} holds {array.shape[0] if array.ndim else 0} rows, the database {rows}"
+            elif width is not None and array.shape[1] != width:
+                problems[shard] = f"{name} is {array.shape[1]} wide, the layer {width}"
+        return problems
+
+    def forget_shards(self, shards: list[int]) -> int:
+        """Forget every image (with its samples) stored in ``shards`` and delete their folders, so
+        the next plan sees those files as new and embeds them again; return how many images."""
+        if not shards:
+            return 0
+        shards = list(map(int, shards))
+        n = self.con.execute("SELECT count(*) FROM images WHERE shard IN (SELECT unnest(?))", [shards]).fetchone()[0]
+        with self._transaction():
+            self.con.execute("DELETE FROM samples WHERE image_id IN "
+                             "(SELECT id FROM images WHERE shard IN (SELECT unnest($s)))", {"s": shards})
+            self.con.execute("DELETE FROM images WHERE shard IN (SELECT unnest(?))", [shards])
+            self.con.execute("DELETE FROM shards WHERE id IN (SELECT unnest(?))", [shards])
+        for shard in shards:
+            shutil.rmtree(self.folder / "shards" / f"{shard:06d}", ignore_errors=True)
+        return int(n)
 
     # ------------------------------------------------------------------ FAISS
     def ids_digest(self, ids: np.ndarray | None = None) -> str:
@@ -461,14 +597,27 @@ class IndexStore:
         return self.folder / ("pooled.faiss" if kind == "exact" else f"pooled.{kind}.faiss")
 
     def faiss_is_current(self, kind: str) -> bool:
-        info = self.faiss_path(kind).with_suffix(".faiss.json")
-        if not self.faiss_path(kind).is_file() or not info.is_file():
-            return False
+        return self.faiss_state(kind) == "current"
+
+    def faiss_state(self, kind: str) -> str:
+        """``current``, ``missing`` (file or record), ``stale`` (its ids are not DuckDB's: a run
+        stopped before rewriting it) or ``damaged`` (torn record, or not the size recorded).
+
+        Cheap (no FAISS load), so ``info`` can ask; a file of the right size but garbage content
+        is caught by :meth:`load_faiss`, which every user of the file goes through.
+        """
+        path = self.faiss_path(kind)
+        info = path.with_suffix(".faiss.json")
+        if not path.is_file() or not info.is_file():
+            return "missing"
         try:
-            recorded = json.loads(info.read_text()).get("ids_sha1")
-        except (ValueError, AttributeError):  # torn or foreign record: not current, rebuild
-            return False
-        return recorded == self.ids_digest()
+            record = json.loads(info.read_text())
+            recorded, size = record.get("ids_sha1"), record.get("bytes")
+        except (ValueError, AttributeError):  # torn or foreign record: rebuild
+            return "damaged"
+        if recorded != self.ids_digest() or size is None:  # no size: a record from before sizes were kept
+            return "stale"
+        return "current" if size == path.stat().st_size else "damaged"
 
     def save_faiss(self, index, kind: str, ids: np.ndarray, extra: dict | None = None) -> Path:
         """Write a FAISS index atomically, with a record of which ids it holds."""
@@ -477,15 +626,54 @@ class IndexStore:
         path = self.faiss_path(kind)
         with replaced(path) as tmp:
             faiss.write_index(index, str(tmp))
-        info = {"ids_sha1": self.ids_digest(ids), "count": int(len(ids)), "kind": kind, **(extra or {})}
+        info = {"ids_sha1": self.ids_digest(ids), "count": int(len(ids)), "bytes": path.stat().st_size,
+                "kind": kind, **(extra or {})}
         with replaced(path.with_suffix(".faiss.json")) as tmp:
             tmp.write_text(json.dumps(info))
         return path
 
     def load_faiss(self, kind: str):
+        """The FAISS index on disk, or :class:`DamagedError` when it cannot be read or does not
+        hold as many vectors as its record says (callers rebuild it from the shards)."""
         import faiss
 
-        return faiss.read_index(str(self.faiss_path(kind)))
+        path = self.faiss_path(kind)
+        try:
+            index = faiss.read_index(str(path))
+            count = json.loads(path.with_suffix(".faiss.json").read_text()).get("count")
+        except (RuntimeError, OSError, ValueError, AttributeError) as exc:
+            raise DamagedError(f"{path} cannot be read ({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
+        if index.ntotal != count:
+            raise DamagedError(f"{path} holds {index.ntotal} vectors, its record {count}")
+        return index
+
+
+def _is_lock_conflict(exc: Exception) -> bool:
+    """Whether DuckDB refused a file because another process holds it (as opposed to damage)."""
+    text = str(exc).lower()  # DuckDB: 'Could not set lock on file "…": Conflicting lock is held in … (PID n)'
+    return "could not set lock" in text or "conflicting lock" in text
+
+
+def _holder(exc: Exception) -> str:
+    """The holder as DuckDB names it ("Conflicting lock is held in … (PID n)"), else a plain phrase."""
+    text = str(exc)
+    at = text.find("PID ")
+    return f"pid {text[at + 4:].split(')')[0]}" if at >= 0 else "another process"
+
+
+def _owner(folder: Path) -> str:
+    """Who holds an index's writer lock, from the record it wrote."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        return f"pid {owner['pid']}, since {owner['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"
+
+
+def _damaged_database(db: Path, exc: Exception) -> DamagedError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DamagedError(f"{db} cannot be read as an index database ({first}). Move the index folder "
+                        f"aside and build it again with `atlasq index DIR --name {db.parent.name}`")
 
 
 def _dicts(cursor) -> list[dict]:

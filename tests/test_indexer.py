@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import dataclasses
+
 import duckdb
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from typer.testing import CliRunner
 
 from atlasq.api import index_info, search_index
 from atlasq.cli import app
+from atlasq.errors import BusyError, DamagedError, IncompatibleError, InvalidOptionError
 from atlasq.images import content_hash
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.search import sync_faiss
@@ -68,7 +71,9 @@ def copy_samples(dest: Path, n: int, offset: int = 0) -> list[str]:
 def build(root: Path, name: str, home: Path, **kwargs):
     kwargs.setdefault("options", IndexOptions(model="demo", weights="random"))
     kwargs.setdefault("batch_size", 16)
-    return build_index(root, name, home=home, precision="fp32", progress=False, workers=1, **kwargs)
+    kwargs.setdefault("precision", "fp32")
+    kwargs.setdefault("workers", 1)
+    return build_index(root, name, home=home, progress=False, **kwargs)
 
 
 def cli(*args):
@@ -188,7 +193,8 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     result = cli("index", tmp_path / "no_such_folder", "--name", "x", "--home", home, *RANDOM_DEMO)
     assert result.exit_code not in (0, None)
     assert isinstance(result.exception, SystemExit)  # typer.Exit, not an uncaught exception
-    assert "does not exist" in result.stderr and "no_such_folder" in result.stderr
+    message = " ".join(result.stderr.split())  # rich wraps long lines on stderr
+    assert "does not exist" in message and "no_such_folder" in message
     assert "Traceback" not in result.output
     assert not (home / "x").exists()
     as_json = cli("index", tmp_path / "no_such_folder", "--name", "x", "--home", home, *RANDOM_DEMO, "--json")
@@ -677,3 +683,330 @@ def test_index_can_be_read_while_another_process_is_writing_it(tmp_path):
     mid_run = [n for n in seen if 0 < n < total]
     print(f"{len(seen)} reads during the run, {len(mid_run)} of them mid-run")
     assert len(mid_run) >= 2 and seen == sorted(seen)
+
+
+# ----------------------------------------------------------------------------- nothing written on failure
+
+def tiny_images(root: Path, n: int) -> list[str]:
+    """``n`` small seeded random PNGs (fast to decode and embed) in two subfolders."""
+    rng = np.random.default_rng(n)
+    paths = []
+    for i in range(n):
+        rel = f"{'ab'[i % 2]}/img{i:03d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / rel)
+        paths.append(rel)
+    return paths
+
+
+def garbage_file(path: Path) -> Path:
+    path.write_bytes(b"\x00not a checkpoint\xff" * 50)
+    return path
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """torch.hub with an empty cache and every download failing as it does offline."""
+    import urllib.error
+
+    import torch
+
+    def fail(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)  # restored on teardown
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--layers", "mixed9z"), ["unknown layer mixed9z", "mixed4c"]),
+    (("--layers", ","), ["--layers"]),
+    (("--device", "cuda:7"), ["--device"]),
+    (("--device", "toaster"), ["--device"]),
+    (("--precision", "fp16"), ["--precision"]),
+    (("--weights", "{tmp}/missing.pt"), ["--weights", "missing.pt"]),
+    (("--weights", "{garbage}"), ["cannot read weights file", "garbage.pt"]),
+    (("--batch-size", "0"), ["--batch-size"]),
+    (("--commit-every", "0"), ["--commit-every"]),
+    (("--workers", "0"), ["--workers"]),
+    (("--streams", "0"), ["--streams"]),
+    (("--samples-per-image", "0"), ["--samples-per-image"]),
+    (("--seed", "-1"), ["--seed"]),
+    (("--approx-threshold", "-5"), ["--approx-threshold"]),
+    (("--model", "resnet"), ["--model", "resnet"]),
+    (("--model", "inceptionv1", "--weights", "imagenet"), ["ImageNet weights", "not cached"]),
+])
+def test_failed_index_run_writes_nothing_and_says_why_in_one_line(tmp_path, offline_hub, args, words):
+    """Bad options, devices and weights are refused before the home or the index folder exist
+    (an empty index folder used to be left behind, which the app then picked and crashed on)."""
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    tiny_images(root, 2)
+    garbage = garbage_file(tmp_path / "garbage.pt")
+    given = dict(zip(RANDOM_DEMO[::2], RANDOM_DEMO[1::2]))
+    given.update((flag, value.format(tmp=tmp_path, garbage=garbage)) for flag, value in zip(args[::2], args[1::2]))
+    result = cli("index", root, "--name", "x", "--home", home, *[x for pair in given.items() for x in pair], "--json")
+    assert result.exit_code not in (0, None) and isinstance(result.exception, SystemExit), result.output
+    message = one_json(result)["error"]
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in message, message
+    assert len(message.splitlines()) <= 4
+    assert not home.exists(), sorted(p.relative_to(tmp_path).as_posix() for p in home.rglob("*"))
+
+
+def test_bad_options_are_refused_by_the_library_before_anything_is_written(tmp_path):
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    tiny_images(root, 2)
+    for bad in (dict(samples_per_image=0), dict(layers=()), dict(layers=("mixed4c", "mixed4c")),
+                dict(seed=-1), dict(attributions="yes")):
+        with pytest.raises(InvalidOptionError):
+            IndexOptions(model="demo", weights="random", **bad)
+    for bad in (dict(batch_size=0), dict(commit_every=0), dict(workers=0), dict(streams=-1),
+                dict(precision="fp16"), dict(batch_size=2.5), dict(approx_threshold=-1)):
+        with pytest.raises(InvalidOptionError):
+            build(root, "x", home, **bad)
+    assert not home.exists()
+    options = IndexOptions(model="demo", layers=["mixed4c"])
+    assert options.layers == ("mixed4c",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 3  # options objects are frozen
+
+
+def test_cli_index_defaults_come_from_the_library(tmp_path):
+    """The CLI passes only what was given; the library fills in the rest, and --help shows it."""
+    from atlasq.indexer import INDEX_DEFAULTS, RUN_DEFAULTS
+
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    tiny_images(root, 3)
+    result = cli("index", root, "--name", "d", "--home", home, "--model", "demo", "--weights", "random", "--json")
+    assert result.exit_code == 0, result.output
+    info = index_info("d", home=home)
+    assert info["layers"] == list(INDEX_DEFAULTS.layers) and info["samples_per_image"] == INDEX_DEFAULTS.samples_per_image
+    assert info["seed"] == INDEX_DEFAULTS.seed
+    text = " ".join(CliRunner().invoke(app, ["index", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    for shown in (f"[default: ({RUN_DEFAULTS.batch_size})]", f"[default: ({RUN_DEFAULTS.commit_every})]",
+                  f"[default: ({','.join(INDEX_DEFAULTS.layers)})]", f"[default: ({RUN_DEFAULTS.device})]"):
+        assert shown in text
+
+
+@pytest.mark.parametrize("home_kind", ["sysfs", "file", "read-only folder"])
+def test_unwritable_home_is_one_clear_line(tmp_path, home_kind):
+    root = tmp_path / "imgs"
+    tiny_images(root, 2)
+    if home_kind == "sysfs":  # a folder nobody, root included, can create anything in
+        home = Path("/sys/atlasq-test-home")
+    elif home_kind == "file":
+        home = tmp_path / "home.txt"
+        home.write_text("not a folder")
+    else:
+        home = tmp_path / "home"
+        home.mkdir()
+        home.chmod(0o555)
+    if home_kind == "read-only folder":  # in a process where even root obeys the folder's mode
+        done = subprocess.run([*without_root_privileges(), sys.executable, "-m", "atlasq.cli", "index", str(root),
+                               "--name", "x", "--home", str(home), *RANDOM_DEMO, "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode not in (0, None) and "Traceback" not in done.stderr, done.stderr
+        message = json.loads(done.stdout)["error"]
+    else:
+        result = cli("index", root, "--name", "x", "--home", home, *RANDOM_DEMO, "--json")
+        assert result.exit_code not in (0, None) and isinstance(result.exception, SystemExit), result.output
+        message = one_json(result)["error"]
+    assert "--home" in message and str(home) in message
+    assert not (home / "x").exists()
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+def _damaged_blocks(db: Path) -> bytes:
+    """A real DuckDB file whose data blocks (not its header) were overwritten."""
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE meta AS SELECT 'k' || i AS key, repeat('x', 100) AS value FROM range(20000) t(i)")
+    con.close()
+    data = bytearray(db.read_bytes())
+    for offset in range(8192, len(data) - 400, 4096):
+        data[offset + 100:offset + 400] = bytes(300)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["text", "garbage", "damaged blocks"])
+def test_corrupt_database_is_reported_at_once_as_damaged(tmp_path, kind):
+    """Not as a lock held by another process (which used to be waited for, then reported as busy)."""
+    folder = tmp_path / "home" / "bad"
+    folder.mkdir(parents=True)
+    content = {"text": lambda: b"this is not a database\n" * 200, "garbage": lambda: bytes(range(256)) * 64,
+               "damaged blocks": lambda: _damaged_blocks(tmp_path / "real.duckdb")}[kind]()
+    (folder / "index.duckdb").write_bytes(content)
+    with pytest.raises(DamagedError, match="cannot be read as an index database"):
+        IndexStore(folder, lock_wait=600)
+    root = tmp_path / "imgs"
+    tiny_images(root, 2)
+    for args in (("info", "bad"), ("search", "1", "--index", "bad"),
+                 ("index", root, "--name", "bad", *RANDOM_DEMO)):
+        result = cli(*args, "--home", tmp_path / "home", "--json")
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert "cannot be read as an index database" in one_json(result)["error"]
+    assert (folder / "index.duckdb").read_bytes() == content  # left for the user to look at
+
+
+@pytest.fixture
+def sharded(tmp_path) -> tuple[Path, Path, Path, list[str]]:
+    """(root, home, folder, paths): 24 tiny images in 3 shards of 8."""
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    paths = tiny_images(root, 24)
+    assert build(root, "sh", home, commit_every=8, batch_size=8).total_images == 24
+    folder = home / "sh"
+    assert sorted(p.name for p in (folder / "shards").iterdir()) == ["000001", "000002", "000003"]
+    return root, home, folder, paths
+
+
+@pytest.mark.parametrize("damage", ["folder deleted", "array deleted", "array garbage", "array truncated"])
+def test_damaged_shard_is_reported_by_readers_and_repaired_by_index(sharded, damage):
+    root, home, folder, paths = sharded
+    shard = folder / "shards" / "000002"
+    in_shard = {p for (p,) in sql(folder, "SELECT path FROM images WHERE shard = 2")}
+    assert len(in_shard) == 8
+    if damage == "folder deleted":
+        shutil.rmtree(shard)
+    elif damage == "array deleted":
+        (shard / "mixed4c.act.npy").unlink()
+    elif damage == "array garbage":
+        (shard / "pooled.npy").write_bytes(b"garbage" * 100)
+    else:
+        np.save(shard / "mixed4c.act.npy", np.load(shard / "mixed4c.act.npy")[:5])
+    for args in (("info", "sh"), ("search", paths[0], "--index", "sh")):
+        result = cli(*args, "--home", home, "--json")
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        message = one_json(result)["error"]
+        assert "damaged" in message and "shard 2" in message and f"atlasq index {root.resolve()} --name sh" in message
+
+    result = cli("index", root, "--name", "sh", "--home", home, "--json")
+    assert result.exit_code == 0, result.output
+    summary = one_json(result)
+    assert list(summary["repaired"]["shards"]) == ["2"] and summary["repaired"]["images_embedded_again"] == 8
+    assert summary["indexed"] == 8 and summary["unchanged"] == 16 and summary["total_images"] == 24
+    assert {p for (p,) in sql(folder, "SELECT path FROM images WHERE shard > 3")} == in_shard
+    assert sql(folder, "SELECT count(*) FROM images WHERE shard = 2") == [(0,)] and not shard.exists()
+    assert sql(folder, "SELECT count(*) FROM samples") == [(24 * 4,)]
+    assert_consistent(folder)
+    assert index_info("sh", home=home)["images"] == 24
+    assert len(search_index("sh", paths[0], k=30, home=home)["hits"]) == 23
+    assert one_json(cli("index", root, "--name", "sh", "--home", home, "--json"))["repaired"] == {}
+
+
+@pytest.mark.parametrize("garbage", ["text", "same size"])
+def test_garbage_faiss_file_is_not_trusted_and_is_rebuilt(sharded, garbage):
+    root, home, folder, paths = sharded
+    faiss_file = folder / "pooled.faiss"
+    size = faiss_file.stat().st_size
+    if garbage == "text":
+        faiss_file.write_text("not a FAISS index\n")
+    else:  # only loading it can tell
+        faiss_file.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    expected = search_index("sh", paths[0], k=5, home=home, mode="exact")  # answered from the shards
+    assert len(expected["hits"]) == 5
+    if garbage == "text":
+        assert index_info("sh", home=home)["faiss_current"] is False
+    summary = build(root, "sh", home)
+    assert summary.faiss["rebuilt"] == ["exact"] and summary.repaired == {"faiss": ["exact"]}
+    assert summary.indexed == 0 and summary.unchanged == 24
+    assert_consistent(folder)
+    assert search_index("sh", paths[0], k=5, home=home)["hits"] == expected["hits"]
+
+
+# ----------------------------------------------------------------------------- concurrent writers
+
+def test_two_concurrent_index_runs_of_one_name_neither_corrupt_nor_duplicate(tmp_path):
+    """Two real processes index the same name at once: one waits for the other's writer lock, then
+    finds everything indexed (or, after waiting too long, fails with one clear line)."""
+    root, home = tmp_path / "imgs", tmp_path / "home"
+    total = len(tiny_images(root, 40))
+    cmd = [sys.executable, "-m", "atlasq.cli", "index", str(root), "--name", "both", "--home", str(home),
+           *RANDOM_DEMO, "--batch-size", "4", "--commit-every", "4", "--workers", "1", "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        results.append((proc.returncode, out, err))
+    finished = [json.loads(out) for rc, out, _ in results if rc == 0]
+    failed = [(out, err) for rc, out, err in results if rc != 0]
+    assert finished, results
+    assert sum(s["indexed"] for s in finished) == total  # nothing embedded twice
+    for out, err in failed:
+        assert "Traceback" not in err, err
+        message = json.loads(out)["error"]
+        assert "being written by another run" in message and "pid" in message
+    if len(finished) == 2:
+        assert sorted(s["unchanged"] for s in finished) == [0, total]
+    folder = home / "both"
+    assert sql(folder, "SELECT count(*), count(DISTINCT id), count(DISTINCT path) FROM images") == [(total,) * 3]
+    assert sql(folder, "SELECT count(*) FROM samples") == [(total * 4,)]
+    assert sql(folder, "SELECT count(*), count(DISTINCT image_id || '-' || layer || '-' || k) FROM samples") == \
+        [(total * 4, total * 4)]
+    assert_consistent(folder)
+
+
+def _hold(code: str, *args) -> subprocess.Popen:
+    """A helper process running ``code``; returns once it printed "held"."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_writer_waits_for_another_then_fails_with_a_clear_message(sharded):
+    root, home, folder, _ = sharded
+    before = snapshot(folder)
+    holder = _hold("import sys, time\nfrom atlasq.store import IndexStore\n"
+                   "with IndexStore.writer(__import__('pathlib').Path(sys.argv[1])):\n"
+                   "    print('held', flush=True); time.sleep(600)", folder)
+    try:
+        with pytest.raises(BusyError, match=f"being written by another run \\(pid {holder.pid}, since"):
+            build(root, "sh", home, lock_wait=0.2)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert snapshot(folder) == before
+    assert build(root, "sh", home, lock_wait=0.2).unchanged == 24  # the lock died with its holder
+
+
+def test_a_reader_holding_the_database_makes_the_writer_wait_then_fail_clearly(sharded):
+    root, home, folder, _ = sharded
+    holder = _hold("import sys, time, duckdb\nc = duckdb.connect(sys.argv[1], read_only=True)\n"
+                   "print('held', flush=True); time.sleep(600)", folder / "index.duckdb")
+    try:
+        with pytest.raises(BusyError, match=f"pid {holder.pid}"):
+            build(root, "sh", home, lock_wait=0.2)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_index_records_the_weights_identity_and_refuses_other_weights(tmp_path):
+    """Every index records the hash of its weights' tensors (random ones too), so other random
+    weights (another --seed) or a rewritten weights file are told apart from its own."""
+    import torch
+
+    from atlasq.model import load_model
+
+    root = tmp_path / "imgs"
+    tiny_images(root, 3)
+    for seed in (0, 1):
+        build(root, f"seed{seed}", tmp_path / "home", options=IndexOptions(model="demo", weights="random", seed=seed))
+    infos = [index_info(f"seed{seed}", home=tmp_path / "home") for seed in (0, 1)]
+    assert infos[0]["weights_sha256"] == load_model("demo", "random", seed=0).weights_sha256
+    assert infos[1]["weights_sha256"] == load_model("demo", "random", seed=1).weights_sha256
+    assert infos[0]["weights_sha256"] != infos[1]["weights_sha256"]
+
+    weights = tmp_path / "w.pt"
+    torch.save(load_model("demo", "random", seed=0).network.state_dict(), weights)
+    build(root, "file", tmp_path / "home", options=IndexOptions(model="demo", weights=str(weights)))
+    assert index_info("file", home=tmp_path / "home")["weights_sha256"] == infos[0]["weights_sha256"]
+    torch.save(load_model("demo", "random", seed=2).network.state_dict(), weights)  # other weights, same file
+    copy_samples(root, 1)
+    result = cli("index", root, "--name", "file", "--home", tmp_path / "home", "--json")
+    assert result.exit_code == 1 and "not those this index was built with" in one_json(result)["error"]
+    outside = tmp_path / "query.png"  # a query by external file is embedded with the index's weights
+    Image.open(root / "a" / "img000.png").save(outside)
+    with pytest.raises(IncompatibleError, match="not those this index was built with"):
+        search_index("file", str(outside), home=tmp_path / "home")

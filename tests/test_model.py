@@ -35,6 +35,7 @@ from atlasq.model import (
     WeightsUnavailableError,
     load_model,
     relax_maxpool,
+    weights_digest,
 )
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
@@ -231,7 +232,7 @@ def _states_equal(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("name", ["inceptionv1", "demo"])
-def test_random_weights_are_seeded(name):
+def test_random_weights_are_seeded_and_identified_by_their_content(name, tmp_path):
     a = load_model(name, "random", device="cpu", seed=0)
     b = load_model(name, "random", device="cpu", seed=0)
     c = load_model(name, "random", device="cpu", seed=1)
@@ -240,8 +241,15 @@ def test_random_weights_are_seeded(name):
     conv_weights = [k for k in sa if k.endswith("conv.weight")]
     assert all(not torch.equal(sa[k], sc[k]) for k in conv_weights)
     d = a.describe()
-    assert d["random_weights"] is True and d["weights"] == "random" and d["weights_sha256"] is None
-    assert d["model"] == name
+    assert d["random_weights"] is True and d["weights"] == "random" and d["model"] == name
+    # the weights' identity: same seed, same hash; another seed, another hash (an index of other
+    # random weights must not pass for this one); the same tensors reloaded from a file, same hash
+    assert len(d["weights_sha256"]) == 64 and d["weights_sha256"] == weights_digest(a.network)
+    assert b.weights_sha256 == a.weights_sha256 and c.weights_sha256 != a.weights_sha256
+    path = tmp_path / "same.pt"
+    torch.save(a.network.net.state_dict() if name == "inceptionv1" else a.network.state_dict(), path)
+    reloaded = load_model(name, str(path), device="cpu", seed=7)
+    assert reloaded.weights == "file:same.pt" and reloaded.weights_sha256 == a.weights_sha256
 
 
 def test_demo_default_uses_cached_trained_weights(demo, demo_random, demo_weights):
@@ -250,7 +258,8 @@ def test_demo_default_uses_cached_trained_weights(demo, demo_random, demo_weight
     assert not _states_equal(demo_random.network.state_dict(), trained)
     d = demo.describe()
     assert d["weights"] == "demo" and d["random_weights"] is False
-    assert d["weights_sha256"] == hashlib.sha256(demo_weights.read_bytes()).hexdigest()
+    assert d["weights_sha256"] == weights_digest(demo.network)
+    assert load_model("demo", str(demo_weights), device="cpu").weights_sha256 == d["weights_sha256"]
     assert d["num_classes"] == len(demo_model.CATEGORIES) and d["input_size"] == 128
 
 
@@ -268,7 +277,7 @@ def test_weights_file_loads_googlenet_state_dict(tmp_path, x128):
     assert (expected[0] - expected[1]).abs().max() > 1e-2
     d = loaded.describe()
     assert d["weights"] == "file:my-googlenet.pth" and d["random_weights"] is False
-    assert d["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert d["weights_sha256"] == weights_digest(loaded.network) != load_model("inceptionv1", "random").weights_sha256
 
 
 def _bad_file(kind: str, path: Path) -> None:
@@ -303,7 +312,15 @@ def test_demo_weights_file_that_does_not_fit_raises_naming_it(tmp_path):
     torch.save(googlenet(weights=None, aux_logits=False, init_weights=False).state_dict(), path)
     with pytest.raises(WeightsUnavailableError) as info:
         load_model("demo", str(path), device="cpu")
-    assert str(path) in str(info.value)
+    message = str(info.value)
+    assert str(path) in message
+    # a summary, not torch's list of every one of the hundreds of keys
+    lines = message.splitlines()
+    assert len(lines) <= 4, message
+    expected = TinyInceptionV1(len(demo_model.CATEGORIES)).state_dict()
+    assert f"{len(expected) - 2} missing: stem.0.conv.weight, " in message  # all but fc.weight, fc.bias
+    assert "unexpected: conv1.conv.weight, " in message
+    assert f"2 of another shape: fc.weight (1000, 1024) (needs {tuple(expected['fc.weight'].shape)})" in message
 
 
 @pytest.fixture

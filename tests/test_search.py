@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from atlasq import demo_model
 from atlasq.api import search_index
 from atlasq.cli import app
+from atlasq.errors import InvalidOptionError, NotFoundError
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.search import build_faiss_index, search, search_vectors
 from atlasq.store import IndexStore
@@ -115,7 +116,7 @@ def test_query_by_external_file_finds_the_original_and_its_neighbours(sample_hom
 
 @pytest.mark.parametrize("query", ["99999999", "no/such/image.jpg", "red_discs/red_discs_999.jpg"])
 def test_unknown_query_is_a_clear_error(sample_home, query):
-    with pytest.raises(FileNotFoundError, match="neither an image id, an indexed path, nor an image file"):
+    with pytest.raises(NotFoundError, match="neither an image id, an indexed path, nor an image file"):
         search_index("sample", query, home=sample_home)
     result = cli("search", query, "--index", "sample", "--home", sample_home, "--json")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
@@ -126,7 +127,17 @@ def test_unreadable_external_query_is_a_clear_error(sample_home, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("not a picture")
     result = cli("search", bad, "--index", "sample", "--home", sample_home, "--json")
-    assert result.exit_code == 1 and "not an image" in one_json(result)["error"]
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # an InvalidOptionError
+    assert "not an image" in one_json(result)["error"]
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_k_below_one_is_refused(sample_home, query_image, k):
+    with pytest.raises(InvalidOptionError, match="-k must be"):
+        search_index("sample", query_image[0], k=k, home=sample_home)
+    result = cli("search", query_image[0], "--index", "sample", "--home", sample_home, "-k", k, "--json")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert "-k must be a whole number of at least 1" in one_json(result)["error"]
 
 
 def test_search_in_missing_index(tmp_path):
@@ -202,7 +213,7 @@ def test_auto_mode_uses_approx_above_the_threshold(tmp_path):
     result = cli("search", kept, "--index", "ap", "--home", home, "--mode", "exact", "--json")
     assert result.exit_code == 0 and one_json(result)["search"] == "exact"
     bad = cli("search", kept, "--index", "ap", "--home", home, "--mode", "fast", "--json")
-    assert bad.exit_code == 1 and "mode" in one_json(bad)["error"]
+    assert bad.exit_code == 2 and "--mode" in one_json(bad)["error"]  # an InvalidOptionError
 
 
 # ----------------------------------------------------------------------------- CLI
