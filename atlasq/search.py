@@ -17,21 +17,15 @@ import numpy as np
 from .errors import DamagedError, InvalidOptionError, NotFoundError
 from .images import path_key
 from .index_options import APPROX_THRESHOLD
+from .layout import unit_rows
 from .store import IndexStore
 
-__all__ = ["APPROX_THRESHOLD", "Hit", "build_faiss_index", "normalise", "search_vectors", "sync_faiss",
+__all__ = ["APPROX_THRESHOLD", "Hit", "build_faiss_index", "search_vectors", "sync_faiss",
            "search", "check_k"]
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), float32, C-contiguous."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
 
 
 def _to_gpu(index):
@@ -50,7 +44,7 @@ def build_faiss_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "exact")
     """
     import faiss
 
-    vectors = normalise(vectors)
+    vectors = unit_rows(vectors)
     dim = vectors.shape[1]
     if kind == "exact":
         inner = faiss.IndexFlatIP(dim)
@@ -69,7 +63,7 @@ def build_faiss_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "exact")
 def search_vectors(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each (Q, k); missing neighbours have id -1."""
     k = max(1, min(k, index.ntotal))
-    return index.search(normalise(queries), k)
+    return index.search(unit_rows(queries), k)
 
 
 def sync_faiss(store: IndexStore, *, approx_threshold: int | None = None) -> dict:
