@@ -301,9 +301,10 @@ def atlas_build(
                  min_count=min_count, n_neighbors=n_neighbors, min_dist=min_dist, fit_size=fit_size, steps=steps,
                  icon_size=icon_size, icon_batch=icon_batch, settle=settle, icons=icons, whiten=whiten,
                  objective=objective, cossim_pow=cossim_pow, lr=lr, precision=precision, seed=seed)
-    if max_activations is not None:  # 0 on the command line: every activation
+    given = {key: value for key, value in given.items() if value is not None}  # unset: AtlasOptions' default
+    if max_activations is not None:  # 0 on the command line: every activation (None in AtlasOptions)
         given["max_activations"] = max_activations or None
-    options = AtlasOptions(**{key: value for key, value in given.items() if value is not None})
+    options = AtlasOptions(**given)
     summary = build_atlas(index_name, name, home=home, options=options, device=device,
                           overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
 
