@@ -434,29 +434,38 @@ def test_options_are_checked_before_anything_is_written(small_home):
 
 
 def test_cli_defaults_come_from_the_options_dataclass(small_home, monkeypatch):
+    """The command line passes only what was given: change a default in the dataclass and the
+    command follows (it used to repeat every default)."""
+    from dataclasses import dataclass as frozen_dataclass
+
+    @frozen_dataclass(frozen=True)
+    class Changed(AtlasOptions):
+        min_count: int = 7
+        grids: tuple = (5,)
+
     seen = {}
 
     def record(index, name, *, options, **kwargs):
         seen["options"] = options
         raise AtlasError("recorded")
 
+    monkeypatch.setattr(atlas_module, "AtlasOptions", Changed)
     monkeypatch.setattr(atlas_module, "build_atlas", record)
     code, _ = _cli("atlas", "build", "--index", "small", "--name", "x", "--home", small_home)
-    assert code == 1 and seen["options"] == AtlasOptions()
+    assert code == 1 and seen["options"] == Changed() and seen["options"].min_count == 7
     code, _ = _cli("atlas", "build", "--index", "small", "--name", "x", "--max-activations", 0, "--seed", 4,
-                   "--home", small_home)
-    assert seen["options"] == AtlasOptions(max_activations=None, seed=4)
+                   "--grids", "3,6", "--home", small_home)
+    assert seen["options"] == Changed(max_activations=None, seed=4, grids=(3, 6))
 
 
 def test_overwrite_deletes_only_an_atlas_folder(small_home):
-    from atlasq.atlasdir import AtlasFolder
-
     stranger = small_home / "atlases" / "stranger"
     (stranger / "shards").mkdir(parents=True)
     (stranger / "shards" / "precious.npy").write_bytes(b"data")
     with pytest.raises(AtlasError, match="not an atlas folder"):
         build_atlas("small", "stranger", home=small_home, options=AtlasOptions(**SMALL), overwrite=True,
                     progress=False)
+    from atlasq.atlasdir import AtlasFolder
     with pytest.raises(AtlasError, match="not an atlas folder"):
         AtlasFolder(stranger).remove()
     assert (stranger / "shards" / "precious.npy").read_bytes() == b"data"

@@ -247,7 +247,7 @@ def test_histogram_cell_and_compare_commands(world, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["over_represented_in_b"][0]["top_label"] == ENRICHED
     bad = runner.invoke(app, ["cell", "--atlas", "ref", "--index", "two", "--cell", "99,0", *home])
-    assert bad.exit_code == 1 and "outside" in json.loads(bad.stdout.splitlines()[-1])["error"]
+    assert bad.exit_code == 2 and "outside" in json.loads(bad.stdout.splitlines()[-1])["error"]  # a bad option
     bad = runner.invoke(app, ["histogram", "--atlas", "nothing", "--index", "two", *home])
     assert bad.exit_code == 1
 
