@@ -39,7 +39,7 @@ from .progress import stderr
 from .store import IndexStore, index_folder
 
 __all__ = ["PlacementError", "IncompatibleIndexError", "ReferenceSearch", "reference_index", "nearest",
-           "place_activations", "place_index", "placement_state", "histogram", "cell_images", "compare",
+           "place_activations", "place_index", "placement_state", "record_placed", "histogram", "cell_images", "compare",
            "Histogram", "HistogramCell", "Totals", "CellImages", "CellImage", "Comparison", "ComparedCell",
            "PlaceSummary", "OFF_ATLAS_QUANTILE"]
 
@@ -223,6 +223,12 @@ def atlas_key(atlas: Atlas) -> str:
 def _ids_key(atlas_name: str) -> str:
     """The index's meta key holding the digest of its image ids when it was last placed on the atlas."""
     return f"placed_ids:{atlas_name}"
+
+
+def record_placed(store: IndexStore, atlas_name: str) -> None:
+    """Record that every image now in ``store`` is placed on ``atlas_name`` (what
+    :func:`placement_state` compares with); for writers of placements other than :func:`place_index`."""
+    store.set_meta({_ids_key(atlas_name): store.ids_digest()})
 
 
 def _same_weights(meta: dict, m: dict) -> bool:
