@@ -104,7 +104,8 @@ DEMO_ATLAS = {"inceptionv1": dict(layer="mixed4c", grids=(10, 20), steps=512),
 def run_demo(home: Path | None = None, name: str = "sample", progress: bool = True) -> dict:
     """Index ``sample_data/`` and build its atlas: ImageNet InceptionV1 when its weights load, else
     the demo network. A finished demo atlas is reused."""
-    from .atlas import AtlasOptions, atlas_folder, atlas_summary, build_atlas
+    from .atlas import AtlasOptions, atlas_summary, build_atlas
+    from .atlasdir import AtlasFolder
     from .demo_model import sample_data_dir
     from .indexer import IndexOptions, build_index
 
@@ -123,7 +124,7 @@ def run_demo(home: Path | None = None, name: str = "sample", progress: bool = Tr
     summary = build_index(root, name_used, home=home, options=options, progress=progress)
     first = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png", ".webp"))[0]
     example = search_index(name_used, first.relative_to(root).as_posix(), k=5, home=home)
-    if (atlas_folder(name_used, home) / "manifest.json").is_file():
+    if AtlasFolder.named(name_used, home).is_complete():
         atlas = {**atlas_summary(name_used, home), "reused": True}
     else:
         atlas = {**build_atlas(name_used, name_used, home=home, options=atlas_options, progress=progress).to_dict(),

@@ -19,17 +19,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atlas import Atlas, position_box
+from .atlasdir import list_atlases
 from .errors import AtlasqError
 from .heatmap import colour_bar, paint_cells, scale
-from .histogram import atlas_key, cell_images, compare, histogram
+from .histogram import CellImages, Comparison, cell_images, compare, histogram, placement_state
 from .home import RESERVED, check_name
 from .images import ImageDecodeError, open_rgb
 from .store import DB_FILE, IndexStore, default_home, index_folder
 
-__all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class",
-           "overlay_compare", "overlay_search", "atlas_picture", "cell_page", "safe_image_path",
-           "index_root", "index_source", "index_stamp", "thumbnail", "image_details", "search_upload", "search_indexed", "placement_state",
-           "overlay_legend"]
+__all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile",
+           "list_atlases", "CellOverlay", "overlay_counts", "overlay_class", "overlay_compare", "overlay_search",
+           "atlas_picture", "cell_page", "safe_image_path", "index_root", "index_source", "index_stamp", "thumbnail",
+           "image_details", "search_upload", "search_indexed", "placement_state", "overlay_legend"]
 
 VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
 
@@ -122,14 +123,6 @@ def _index_problem(folder: Path) -> str | None:
     return None
 
 
-def list_atlases(home: Path | None = None) -> list[str]:
-    """Names of the complete atlases under ``home`` (unfinished builds are left out)."""
-    folder = Path(home or default_home()) / "atlases"
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if (p / "manifest.json").is_file())
-
-
 @dataclass
 class CellOverlay:
     """One value per kept cell of a level, and how to colour it."""
@@ -157,11 +150,11 @@ def overlay_counts(atlas: Atlas, index: str | None, level: int, *, home: Path | 
                 for i, j, n, t in zip(cells["i"], cells["j"], cells["count"], cells["top_labels"])]
         return CellOverlay(rows, log=log, legend="reference activations per cell")
     result = histogram(atlas, index, level=level, home=home, place=False)
-    rows = [{"i": c["i"], "j": c["j"], "value": float(c["activations"]), "count": c["activations"],
-             "images": c["images"], "top_labels": c["top_labels"]} for c in result["cells"]]
-    t = result["totals"]
-    return CellOverlay(rows, log=log, legend=f"{index}: activations per cell; {t['off_atlas_share']:.1%} of "
-                                              f"{t['activations']:,} off-atlas")
+    rows = [{"i": c.i, "j": c.j, "value": float(c.activations), "count": c.activations,
+             "images": c.images, "top_labels": c.top_labels} for c in result.cells]
+    t = result.totals
+    return CellOverlay(rows, log=log, legend=f"{index}: activations per cell; {t.off_atlas_share:.1%} of "
+                                              f"{t.activations:,} off-atlas")
 
 
 def overlay_class(atlas: Atlas, level: int, class_name: str) -> CellOverlay:
@@ -183,17 +176,17 @@ def overlay_class(atlas: Atlas, level: int, class_name: str) -> CellOverlay:
 
 
 def overlay_compare(atlas: Atlas, index_a: str, index_b: str, level: int, *, home: Path | None = None,
-                    alpha: float = 0.05) -> tuple[CellOverlay, dict]:
+                    alpha: float = 0.05) -> tuple[CellOverlay, Comparison]:
     """Diverging log2 share ratio of B over A (significant cells only) and the comparison itself."""
     result = compare(atlas, index_a, index_b, level=level, home=home, alpha=alpha, top=10_000,
                      place=False, write=False)
     rows = []
-    table = histogram(atlas, index_b, level=level, home=home, place=False)["cells"]
-    significant = {(c["i"], c["j"]): c for c in result["over_represented_in_b"] + result["under_represented_in_b"]}
+    table = histogram(atlas, index_b, level=level, home=home, place=False).cells
+    significant = {(c.i, c.j): c for c in result.over_represented_in_b + result.under_represented_in_b}
     for c in table:
-        hit = significant.get((c["i"], c["j"]))
-        rows.append({"i": c["i"], "j": c["j"], "value": hit["log2_ratio"] if hit else float("nan"),
-                     "count": c["activations"], "top_labels": c["top_labels"]})
+        hit = significant.get((c.i, c.j))
+        rows.append({"i": c.i, "j": c.j, "value": hit.log2_ratio if hit else float("nan"),
+                     "count": c.activations, "top_labels": c.top_labels})
     return CellOverlay(rows, diverging=True, legend=f"log2 share ratio {index_b} / {index_a} (q < {alpha})"), result
 
 
@@ -209,10 +202,7 @@ def atlas_picture(atlas: Atlas, level: int, overlay: CellOverlay | None, *, tile
                   selected: tuple[int, int] | None = None, side: int = VIEW_SIDE) -> Image.Image:
     """The mosaic (icons or exemplar crops) at ``side`` pixels with the overlay drawn in and the
     selected cell outlined."""
-    name = f"mosaic_{level}.png" if tiles == "icons" else f"exemplars_{level}.png"
-    path = atlas.folder / name
-    if not path.is_file():
-        path = atlas.folder / f"exemplars_{level}.png"  # an atlas built with --no-icons
+    path = atlas.tiles_path(level, tiles)  # exemplar crops for an atlas built with --no-icons
     mosaic = np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS), np.float32)
     canvas = mosaic.copy()
     if overlay is not None and overlay.cells:
@@ -267,18 +257,10 @@ def safe_image_path(root: Path, relative: str) -> Path:
 
 
 def cell_page(atlas: Atlas, index: str, level: int, i: int, j: int, *, page: int = 0, per_page: int = 12,
-              home: Path | None = None) -> dict:
-    """One page of the images of ``index`` in cell (i, j), with the cell's labels and scores."""
-    result = cell_images(atlas, index, i, j, level=level, k=per_page + 1, offset=page * per_page, home=home)
-    cells = atlas.cells_at(level)
-    scores = next(([round(float(s), 4) for s in sc] for ci, cj, sc in zip(cells["i"], cells["j"], cells["top_scores"])
-                   if (ci, cj) == (i, j)), [])
-    with IndexStore(index_folder(index, home)) as store:
-        counts = store.cell_counts(atlas.manifest["name"], level)
-    total = next((int(n) for a, b, n in zip(counts["i"], counts["j"], counts["images"]) if (a, b) == (i, j)), 0)
-    return {"cell": (i, j), "level": level, "top_labels": result["top_labels"], "top_scores": scores,
-            "images": result["images"][:per_page], "has_next": len(result["images"]) > per_page,
-            "page": page, "total_images": total}
+              home: Path | None = None) -> CellImages:
+    """One page of the images of ``index`` in cell (i, j), with the cell's labels and scores
+    (``has_more``: there is a next page)."""
+    return cell_images(atlas, index, i, j, level=level, k=per_page, offset=page * per_page, home=home)
 
 
 def index_root(index: str, home: Path | None = None) -> Path:
@@ -399,16 +381,3 @@ def _search_result(store: IndexStore, atlas: Atlas, hits: list, kind: str) -> di
     """Search hits, and the cells (per level) their activations occupy on ``atlas``."""
     return {"hits": [{"id": h.id, "path": h.path, "score": round(h.score, 4)} for h in hits], "search": kind,
             "cells": store.cells_of_images(atlas.manifest["name"], [h.id for h in hits])}
-
-
-def placement_state(atlas: Atlas, index: str, home: Path | None = None) -> str:
-    """``"current"``, ``"missing"`` (never placed on this atlas) or ``"stale"`` (the index has
-    activations not placed yet, or the atlas was rebuilt since)."""
-    with IndexStore(index_folder(index, home)) as store:
-        placed = store.placed_atlases().get(atlas.manifest["name"])
-        if placed is None:
-            return "missing"
-        if placed != atlas_key(atlas):
-            return "stale"
-        totals = store.placement_totals(atlas.manifest["name"], min(atlas.levels))
-        return "current" if totals["activations"] == store.count_samples(atlas.manifest["layer"]) else "stale"

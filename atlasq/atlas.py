@@ -4,24 +4,16 @@ From an index built with attributions, :func:`build_atlas` takes the sampled act
 layer, lays them out in 2-D (:class:`atlasq.layout.Layout`), bins the layout at several grid sizes
 (:class:`atlasq.layout.Grid`), summarises every kept cell (count, mean activation, mean
 attribution → top classes, nearest real exemplars) and renders one feature-visualization icon per
-cell (:mod:`atlasq.featurevis`). The result is a self-describing folder::
+cell (:mod:`atlasq.featurevis`). Each stage is one function with a typed result
+(:func:`plan_build` → :class:`BuildPlan`, :func:`lay_out` → :class:`AtlasLayout`,
+:func:`bin_cells` → :class:`AtlasCells`, :func:`write_exemplars` → :class:`CellTable`,
+:func:`render_icons` → :class:`IconResult`, :func:`write_manifest`); :func:`build_atlas` runs
+them in order. The files are written and read by :class:`atlasq.atlasdir.AtlasFolder`, which
+also describes them.
 
-    <home>/atlases/<name>/
-        manifest.json        model, weights, layer, every parameter, seed, counts, versions
-        cells.parquet        one row per kept cell and level (columns: see the README)
-        reference.parquet    one row per reference activation: image, k, y, x, position, cell per level
-        activations.npy      (N, C) float16 reference activations, rows as in reference.parquet
-        positions.npy        (N, 2) float32 positions in [0, 1]² (x, y)
-        whitening.npy        (C, C) float32, when icons were rendered with --whiten
-        icons/<G>/<i>_<j>.png  one icon per kept cell
-        mosaic_<G>.png       icons on the grid (empty cells blank)
-        exemplars_<G>.png    the best exemplar's image crop on the grid
-        attributions_<G>.npy (cells, classes) float16 mean attribution per kept cell
-        placement.json/.faiss  written later by `atlasq histogram`: the reference search index and
-                             the off-atlas threshold (see atlasq.histogram)
-
-Building is resumable: the layout and cells are saved before the icons, each finished icon
-batch is written at once, and ``manifest.json`` (``"complete": true``) is written last. Running
+Nothing is written until every option, the index and the network have been checked and every
+grid level keeps at least one cell. Building is resumable: the layout and cells are saved before
+the icons, each finished icon batch is written at once, and the manifest is written last. Running
 the same build again picks up where it stopped; different parameters are refused.
 """
 
@@ -29,10 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +36,8 @@ from PIL import Image
 from . import __version__
 from .featurevis import render_directions
 from .featurevis.objectives import OBJECTIVES
-from .errors import AtlasqError
-from .fileio import replaced
+from .atlasdir import AtlasError, AtlasFolder, AtlasOptionError
+from .errors import AtlasqError, IncompatibleError
 from .home import atlas_folder
 from .images import ImageDecodeError, open_rgb
 from .layout import Grid, Layout, unit_rows
@@ -54,16 +46,13 @@ from .progress import progress_bar, stderr
 from .store import IndexStore, index_folder
 
 __all__ = ["AtlasOptions", "AtlasError", "Atlas", "build_atlas", "load_atlas", "atlas_folder", "atlas_summary",
-           "whitening_matrices", "cell_summaries", "default_icon_size"]
+           "whitening_matrices", "cell_summaries", "default_icon_size", "layer_shapes", "option_default",
+           "BuildPlan", "AtlasLayout", "AtlasCells", "CellTable", "IconResult", "AtlasSummary"]
 
 TOP_CLASSES = 5
 
 
-class AtlasError(AtlasqError, ValueError):
-    """An atlas cannot be built from these inputs (the message says what to do)."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class AtlasOptions:
     """Every parameter of an atlas build (all recorded in the manifest).
 
@@ -96,6 +85,10 @@ class AtlasOptions:
         mean eigenvalue added to the diagonal (the article's plain inverse is ill-conditioned).
     precision : icons in ``fp32``/``bf16``; ``auto`` is bf16 where the CPU supports it natively.
     seed : seeds the subsample, UMAP and the icons.
+
+    Frozen: a build's options are recorded (and hashed) as given; :func:`dataclasses.replace`
+    makes a changed copy. These field defaults are the only ones: the command line reads them
+    (:func:`option_default`) instead of repeating them.
     """
 
     layer: str = "mixed4c"
@@ -121,32 +114,60 @@ class AtlasOptions:
     precision: str = "auto"
     seed: int = 0
 
+    def __post_init__(self):
+        if not isinstance(self.grids, tuple):  # a list from JSON or a caller: the same grids, hashable
+            object.__setattr__(self, "grids", tuple(self.grids))
+
     def validate(self) -> None:
-        grids = tuple(self.grids)
-        if not grids or any(int(g) != g or g < 1 for g in grids):
-            raise AtlasError(f"grids must be positive integers, not {self.grids!r}")
+        """Raise :class:`AtlasError` (an :class:`InvalidOptionError` family member) naming the first
+        option that cannot work; the command line's flag is the name with ``-`` for ``_``."""
+        grids = self.grids
+        if not grids or any(not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 1 for g in grids):
+            raise AtlasOptionError(f"grids must be positive integers, not {self.grids!r}")
         if len(set(grids)) != len(grids):
-            raise AtlasError(f"grid sizes repeat: {self.grids!r}")
+            raise AtlasOptionError(f"grid sizes repeat: {self.grids!r}")
         if self.min_count < 1:
-            raise AtlasError("min_count must be at least 1")
+            raise AtlasOptionError("min_count must be at least 1")
         if self.max_activations is not None and self.max_activations < 4:
-            raise AtlasError("max_activations must be at least 4")
-        if self.steps < 1 or self.icon_batch < 1 or self.exemplars < 1 or self.attempts < 1:
-            raise AtlasError("steps, icon_batch, exemplars and attempts must be at least 1")
+            raise AtlasOptionError("max_activations must be at least 4")
+        if self.n_neighbors < 2:
+            raise AtlasOptionError(f"n_neighbors must be at least 2, not {self.n_neighbors}")
+        if not 0.0 <= self.min_dist <= 1.0:
+            raise AtlasOptionError(f"min_dist must be between 0 and 1, not {self.min_dist}")
+        if self.fit_size < 0:
+            raise AtlasOptionError("fit_size must be 0 (fit every activation) or positive")
+        if self.n_epochs is not None and self.n_epochs < 1:
+            raise AtlasOptionError("n_epochs must be at least 1")
+        for name in ("steps", "icon_batch", "exemplars", "attempts"):
+            if getattr(self, name) < 1:
+                raise AtlasOptionError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.icon_size is not None and self.icon_size < 16:
-            raise AtlasError("icon_size must be at least 16 pixels")
+            raise AtlasOptionError("icon_size must be at least 16 pixels")
         if self.objective not in OBJECTIVES:
-            raise AtlasError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+            raise AtlasOptionError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if not self.cossim_pow >= 0:
+            raise AtlasOptionError("cossim_pow must be non-negative")
         if not self.lr > 0:
-            raise AtlasError("lr must be positive")
+            raise AtlasOptionError("lr must be positive")
         if not 0 <= self.settle < 1:
-            raise AtlasError("settle must be a fraction of the steps in [0, 1)")
+            raise AtlasOptionError("settle must be a fraction of the steps in [0, 1)")
         if self.whiten_shrinkage < 0:
-            raise AtlasError("whiten_shrinkage must be non-negative")
+            raise AtlasOptionError("whiten_shrinkage must be non-negative")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise AtlasOptionError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+
+    def to_dict(self) -> dict:
+        """As recorded in the manifest (grids as a list)."""
+        return {**asdict(self), "grids": list(self.grids)}
 
     def layout(self) -> Layout:
         return Layout(n_neighbors=self.n_neighbors, min_dist=self.min_dist, metric="cosine",
                       fit_size=self.fit_size, n_epochs=self.n_epochs, random_state=self.seed)
+
+
+def option_default(name: str):
+    """The default of :class:`AtlasOptions` field ``name`` (for help texts)."""
+    return next(f.default for f in fields(AtlasOptions) if f.name == name)
 
 
 # ----------------------------------------------------------------------------- the science
@@ -221,52 +242,81 @@ def cell_summaries(positions: np.ndarray, activations: np.ndarray, attributions:
 
 @dataclass
 class Atlas:
-    """A built atlas, read back from its folder."""
+    """A built atlas, read back from its folder (files through :attr:`files`)."""
 
     folder: Path
     manifest: dict
     cells: "pa.Table"
     reference: "pa.Table"
+    _rows: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def files(self) -> AtlasFolder:
+        return AtlasFolder(self.folder)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
 
     @property
     def levels(self) -> list[int]:
         return list(self.manifest["options"]["grids"])
 
     def activations(self) -> np.ndarray:
-        return np.load(self.folder / "activations.npy", mmap_mode="r")
+        return self.files.activations()
 
     def positions(self) -> np.ndarray:
-        return np.load(self.folder / "positions.npy")
+        return self.files.positions()
 
     def cells_at(self, level: int) -> dict[str, np.ndarray | list]:
         table = self.cells.filter(pa.compute.equal(self.cells["level"], level))
         return table.to_pydict()
 
+    def row_of_cell(self, level: int) -> np.ndarray:
+        """(G·G,) flat cell id i·G + j → its row in :meth:`cells_at` order, -1 for a cell not kept.
+        The one lookup from a cell to its row (vectorised, so it also serves many cells at once)."""
+        if level not in self._rows:
+            cells = self.cells_at(level)
+            rows = np.full(level * level, -1, np.int64)
+            rows[np.asarray(cells["i"], np.int64) * level + np.asarray(cells["j"], np.int64)] = \
+                np.arange(len(cells["i"]))
+            self._rows[level] = rows
+        return self._rows[level]
+
+    def cell_row(self, level: int, i: int, j: int) -> int | None:
+        """Row of cell (i, j) in :meth:`cells_at` order (None: outside the grid or not kept)."""
+        if not (0 <= i < level and 0 <= j < level):
+            return None
+        row = int(self.row_of_cell(level)[i * level + j])
+        return row if row >= 0 else None
+
     def mean_attributions(self, level: int) -> np.ndarray | None:
         """(cells, classes) mean attribution of every kept cell of ``level``, rows in
         :meth:`cells_at` order (None for an atlas built before this file existed)."""
-        path = self.folder / f"attributions_{level}.npy"
-        return np.load(path).astype(np.float32) if path.is_file() else None
+        return self.files.mean_attributions(level)
 
     def icon_path(self, level: int, i: int, j: int) -> Path:
-        return self.folder / "icons" / str(level) / f"{i}_{j}.png"
+        return self.files.icon_path(level, i, j)
+
+    def tiles_path(self, level: int, tiles: str = "icons") -> Path:
+        """The mosaic of ``level`` (icons, or exemplar crops for ``tiles="exemplars"`` or an atlas
+        without icons)."""
+        return self.files.tiles_path(level, tiles)
 
 
 def load_atlas(name_or_folder: str | Path, home: Path | None = None) -> Atlas:
-    """Open an atlas by name (under ``home/atlases``) or by folder."""
-    folder = Path(name_or_folder)
-    if not (folder / "manifest.json").is_file():
-        folder = atlas_folder(str(name_or_folder), home)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        if (folder / "build.json").is_file():
-            raise AtlasError(f"the atlas at {folder} is unfinished; run the same `atlasq atlas build` again to "
-                             f"finish it")
-        raise FileNotFoundError(f"no atlas at {folder}; build one with `atlasq atlas build --index NAME "
-                                f"--name {folder.name}`")
-    manifest = json.loads(manifest_path.read_text())
-    return Atlas(folder, manifest, pq.read_table(folder / "cells.parquet"),
-                 pq.read_table(folder / "reference.parquet"))
+    """Open an atlas by name (under the home's atlas folder) or by folder.
+
+    Raises :class:`~atlasq.errors.NotFoundError` when there is none, :class:`AtlasError` for an
+    unfinished build (with how to finish it) or one that keeps no cell at some level (made by an
+    older atlasq), :class:`~atlasq.errors.IncompatibleError` for a newer format."""
+    files = AtlasFolder.find(name_or_folder, home)
+    manifest = files.read_manifest()
+    empty = [g for g, facts in (manifest.get("levels") or {}).items() if not facts.get("cells")]
+    if empty:
+        raise AtlasError(f"atlas {files.name!r} keeps no cell at level {', '.join(empty)}; rebuild it with "
+                         f"`atlasq atlas build ... --overwrite` and a lower --min-count or without that grid")
+    return Atlas(files.folder, manifest, files.read_cells(), files.read_reference())
 
 
 def atlas_summary(name: str | Path, home: Path | None = None) -> dict:
@@ -281,11 +331,21 @@ def atlas_summary(name: str | Path, home: Path | None = None) -> dict:
         order = np.argsort(-counts, kind="stable")
         levels.append({"size": g, "cells": len(cells["i"]), "activations": int(sum(cells["count"])),
                        "top_labels": [(str(labels[o]), int(counts[o])) for o in order],
-                       "mosaic": str(atlas.folder / f"mosaic_{g}.png") if m["options"]["icons"] else None,
-                       "exemplars": str(atlas.folder / f"exemplars_{g}.png")})
+                       "mosaic": str(atlas.files.mosaic_path(g)) if m["options"]["icons"] else None,
+                       "exemplars": str(atlas.files.exemplars_path(g))})
     keys = ("index", "model", "weights", "random_weights", "layer", "activations", "index_activations",
-            "icon_size", "icon_precision", "atlasq_version", "created", "options", "seconds")
-    return {"name": m["name"], "folder": str(atlas.folder), **{k: m.get(k) for k in keys}, "levels": levels}
+            "icon_size", "icon_precision", "atlasq_version", "created", "options", "seconds", "format")
+    return {"name": m["name"], "folder": str(atlas.folder), **{k: m.get(k, 1 if k == "format" else None) for k in keys},
+            "levels": levels}
+
+
+def layer_shapes(model: LoadedModel, layers) -> dict[str, tuple[int, int, int]]:
+    """(channels, height, width) of each of ``layers`` at the network's input size, from one
+    forward pass of a blank image (only as deep as the deepest layer asked for)."""
+    probe = torch.zeros(1, 3, model.input_size, model.input_size, device=model.device)
+    with torch.no_grad():
+        acts = model.network.forward_layers(probe, list(layers))
+    return {name: (int(a.shape[1]), int(a.shape[2]), int(a.shape[3])) for name, a in acts.items()}
 
 
 # ----------------------------------------------------------------------------- building
@@ -294,8 +354,9 @@ def _read_index(store: IndexStore, options: AtlasOptions) -> tuple[dict, dict]:
     meta = store.meta()
     layers = meta.get("layers") or []
     if options.layer not in layers:
-        raise AtlasError(f"index {store.folder.name!r} has no sampled activations of {options.layer!r} "
-                         f"(it has {', '.join(layers) or 'none'}); index with `--layers {options.layer}`")
+        raise IncompatibleError(f"index {store.folder.name!r} has no sampled activations of {options.layer!r} "
+                                f"(it has {', '.join(layers) or 'none'}); choose --layer {' or '.join(layers) or '…'}, "
+                                f"or index with `--layers {options.layer}`")
     if not meta.get("attributions"):
         raise AtlasError(
             f"index {store.folder.name!r} was built without attributions, which the atlas needs to label "
@@ -312,26 +373,6 @@ def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or n <= limit:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, 1]).choice(n, limit, replace=False))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with replaced(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _save_png(image: np.ndarray | Image.Image, path: Path) -> None:
-    with replaced(path) as tmp:
-        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")
-
-
-def _save_npy(array: np.ndarray, path: Path) -> None:
-    with replaced(path) as tmp, open(tmp, "wb") as file:
-        np.save(file, array)
-
-
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    with replaced(path) as tmp:
-        pq.write_table(table, tmp)
 
 
 @dataclass
@@ -352,6 +393,264 @@ class AtlasSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything a build needs, checked before anything is written: the options (grids as
+    ints), the index's chosen samples, the network, and whether an unfinished build of the same
+    parameters is there to resume."""
+
+    index: str
+    name: str
+    home: Path | None
+    options: AtlasOptions
+    files: AtlasFolder
+    meta: dict
+    samples: dict               # the chosen samples: image_id, k, y, x, activations, attributions
+    index_activations: int      # all of the index's activations of the layer
+    images: dict                # image id → its row (path, width, height …)
+    root: Path
+    model: LoadedModel
+    layer_hw: tuple[int, int]
+    icon_size: int
+    precision: str
+    params_hash: str
+    resume: bool
+    categories: list
+
+
+def plan_build(index: str, name: str, *, home: Path | None = None, options: AtlasOptions | None = None,
+               device: str | None = None, overwrite: bool = False) -> BuildPlan:
+    """Check every option, the index, the network and the atlas folder; write nothing."""
+    options = options or AtlasOptions()
+    options.validate()
+    options = replace(options, grids=tuple(int(g) for g in options.grids))
+    files = AtlasFolder.named(name, home)
+    with IndexStore(index_folder(index, home)) as store:
+        meta, samples = _read_index(store, options)
+        images = {r["id"]: r for r in store.images()}
+    chosen = _subsample(len(samples["activations"]), options.max_activations, options.seed)
+    try:
+        options.layout()._validate(len(chosen))
+    except ValueError as exc:
+        raise AtlasOptionError(f"layout: {exc}") from exc
+    model = load_model(meta["model"], meta["weights"], device=device, seed=meta.get("seed", 0))
+    if meta.get("weights_sha256") and model.weights_sha256 != meta["weights_sha256"]:
+        raise IncompatibleError(f"the weights of index {index!r} have changed since it was built")
+    _, *layer_hw = layer_shapes(model, [options.layer])[options.layer]
+    layer_hw = tuple(layer_hw)
+    icon_size = options.icon_size or default_icon_size(model.input_size, layer_hw)
+    precision = resolve_precision(options.precision, model.device)
+    params = {"index": index, "options": options.to_dict(), "icon_size": icon_size, "precision": precision}
+    params_hash = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    resume = files.check_start(params_hash, overwrite=overwrite)
+    chosen_samples = {key: samples[key][chosen] for key in ("image_id", "k", "y", "x", "attributions")}
+    chosen_samples["activations"] = np.asarray(samples["activations"][chosen], np.float32)
+    return BuildPlan(index=index, name=name, home=home, options=options, files=files, meta=meta,
+                     samples=chosen_samples, index_activations=int(len(samples["activations"])), images=images,
+                     root=Path(meta["root"]), model=model, layer_hw=layer_hw, icon_size=icon_size,
+                     precision=precision, params_hash=params_hash, resume=resume,
+                     categories=list(meta.get("categories") or model.categories))
+
+
+@dataclass(frozen=True)
+class AtlasLayout:
+    """Positions in [0, 1]² of the chosen activations (from UMAP, or from the unfinished build)."""
+
+    positions: np.ndarray   # (N, 2) float32
+    from_disk: bool
+
+
+def lay_out(plan: BuildPlan, *, progress: bool = False) -> AtlasLayout:
+    """The 2-D layout of the plan's activations; a resumed build reads the one it saved."""
+    if plan.resume and plan.files.has_layout():
+        return AtlasLayout(plan.files.positions(), from_disk=True)
+    activations = plan.samples["activations"]
+    with stderr.status(f"laying out {len(activations):,} activations (UMAP, cosine)…") if progress else nullcontext():
+        positions = plan.options.layout().fit_transform(activations)
+    return AtlasLayout(np.asarray(positions), from_disk=False)
+
+
+@dataclass(frozen=True)
+class AtlasCells:
+    """Every grid level's kept cells, and the reference table's columns (one row per activation)."""
+
+    levels: dict            # grid size → CellSummary
+    reference: dict         # column → array
+
+
+def bin_cells(plan: BuildPlan, layout: AtlasLayout) -> AtlasCells:
+    """Bin the layout at every grid size and summarise the kept cells. A level that keeps no cell
+    would leave an atlas nothing can be placed on: refused, naming the level and what to change."""
+    options, s = plan.options, plan.samples
+    positions = layout.positions
+    levels = {g: cell_summaries(positions, s["activations"], s["attributions"], g, min_count=options.min_count,
+                                exemplars=options.exemplars) for g in options.grids}
+    empty = [g for g, level in levels.items() if not len(level.cells)]
+    if empty:
+        g = empty[0]
+        fullest = int(np.bincount(levels[g].cell_of[:, 0] * g + levels[g].cell_of[:, 1]).max())
+        others = [str(k) for k in options.grids if k not in empty]
+        raise AtlasOptionError(
+            f"no cell of the {g}×{g} grid holds --min-count {options.min_count} of the {len(positions):,} "
+            f"activations (the fullest holds {fullest}), so that level would be empty"
+            + (f" while grids {', '.join(others)} keep cells" if others else "")
+            + f"; lower --min-count to at most {fullest}, or leave grid {g} out of --grids"
+            + ("" if others else " (or index more images)"))
+    reference = {"image_id": s["image_id"].astype(np.int64), "k": s["k"].astype(np.int16),
+                 "y": s["y"].astype(np.int16), "x": s["x"].astype(np.int16),
+                 "px": positions[:, 0].astype(np.float32), "py": positions[:, 1].astype(np.float32)}
+    for g, level in levels.items():
+        reference[f"cell_{g}_i"] = level.cell_of[:, 0].astype(np.int16)
+        reference[f"cell_{g}_j"] = level.cell_of[:, 1].astype(np.int16)
+        reference[f"kept_{g}"] = level.kept
+    return AtlasCells(levels=levels, reference=reference)
+
+
+@dataclass(frozen=True)
+class CellTable:
+    """The cells table (one row per kept cell and level) as written, and its rows' keys."""
+
+    table: "pa.Table"
+    keys: list              # "<G>/<i>_<j>" per row, in table order
+
+
+def write_exemplars(plan: BuildPlan, cells: AtlasCells, *, progress: bool = False) -> CellTable:
+    """Per kept cell: its exemplars (with the region of their image each one sees) and labels;
+    the best exemplar's crops as one mosaic per level; the cells table and every class's mean
+    attribution (the table keeps the top 5)."""
+    options, files, reference = plan.options, plan.files, cells.reference
+    rows = []
+    for g, level in cells.levels.items():
+        crops = {}
+        with progress_bar(len(level.cells), f"exemplars {g}×{g}", unit="cell", enabled=progress) as bar:
+            for c, (i, j) in enumerate(level.cells):
+                ex = []
+                for rank, (ref, cos) in enumerate(zip(level.exemplars[c], level.exemplar_cosines[c])):
+                    image = plan.images[int(reference["image_id"][ref])]
+                    box = position_box(plan.model, image["width"], image["height"], int(reference["y"][ref]),
+                                       int(reference["x"][ref]), plan.layer_hw, plan.icon_size)
+                    ex.append({"image_id": int(reference["image_id"][ref]), "path": image["path"],
+                               "y": int(reference["y"][ref]), "x": int(reference["x"][ref]),
+                               "cosine": float(cos), "box": [round(v, 1) for v in box]})
+                    if rank == 0:
+                        crop = _exemplar_crop(plan.root, image["path"], box, plan.icon_size)
+                        if crop is not None:
+                            crops[(int(i), int(j))] = crop
+                x0, y0, x1, y1 = Grid(g).bounds(int(i), int(j))
+                rows.append({
+                    "level": g, "i": int(i), "j": int(j), "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+                    "count": int(level.counts[c]),
+                    "top_classes": level.top_classes[c].tolist(),
+                    "top_labels": [plan.categories[k] if k < len(plan.categories) else str(k)
+                                   for k in level.top_classes[c]],
+                    "top_scores": level.top_scores[c].astype(float).tolist(),
+                    "icon": files.icon_name(g, i, j) if options.icons else None,
+                    "exemplars": json.dumps(ex),
+                })
+                bar.advance()
+        files.save_exemplars(g, _mosaic(crops, g, plan.icon_size))
+    table = pa.Table.from_pylist(rows)
+    mean_acts = np.concatenate([cells.levels[g].mean_activation for g in options.grids])
+    table = table.append_column(
+        "mean_activation", pa.array(mean_acts.astype(np.float32).tolist(), type=pa.list_(pa.float32())))
+    files.write_cells(table)
+    for g in options.grids:
+        files.save_attributions(g, cells.levels[g].mean_attribution)
+    return CellTable(table, [f"{row['level']}/{row['i']}_{row['j']}" for row in rows])
+
+
+@dataclass(frozen=True)
+class IconResult:
+    """What the icon stage did: icons rendered and reused, the cells table with each icon's
+    objective before and after, and per level the share of icons closest to their own cell."""
+
+    rendered: int
+    reused: int
+    table: "pa.Table"
+    fidelity: dict          # grid size → fraction
+
+
+def render_icons(plan: BuildPlan, cells: AtlasCells, table: CellTable, *, progress: bool = False) -> IconResult:
+    """Render every kept cell's icon (resuming batch by batch), the icon mosaics, and the
+    objectives in the cells table."""
+    options, files = plan.options, plan.files
+    whitening = None
+    if options.whiten:
+        zca, inverse = whitening_matrices(plan.samples["activations"], options.whiten_shrinkage)
+        whitening = inverse if options.objective == "article" else zca
+        files.save_whitening(whitening)
+    rendered, reused = _render_icon_batches(plan, cells.levels, whitening, progress)
+    for g in options.grids:
+        tiles = {(int(i), int(j)): files.read_icon(g, i, j) for i, j in cells.levels[g].cells}
+        files.save_mosaic(g, _mosaic(tiles, g, plan.icon_size))
+    record = files.load_icon_record()
+    out = table.table.append_column(
+        "objective_start", pa.array([record[k]["objective_start"] for k in table.keys], pa.float32()))
+    out = out.append_column(
+        "objective_end", pa.array([record[k]["objective_end"] for k in table.keys], pa.float32()))
+    files.write_cells(out)
+    return IconResult(rendered, reused, out, icon_fidelity(cells.levels, record))
+
+
+def write_manifest(plan: BuildPlan, summary: AtlasSummary) -> dict:
+    """The manifest, written last (its presence marks the atlas complete)."""
+    m = plan.meta
+    manifest = {
+        "complete": True, "atlasq_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "name": plan.name, "index": plan.index, "index_folder": str(index_folder(plan.index, plan.home)),
+        "index_root": str(plan.root), "model": m["model"], "weights": m["weights"],
+        "weights_sha256": m.get("weights_sha256"), "random_weights": bool(m.get("random_weights")),
+        "index_seed": m.get("seed", 0),
+        "categories": plan.categories, "input_size": plan.model.input_size, "layer": plan.options.layer,
+        "layer_shape": list(plan.layer_hw), "channels": int(plan.samples["activations"].shape[1]),
+        "options": plan.options.to_dict(), "icon_size": plan.icon_size,
+        "icon_precision": plan.precision, "activations": summary.activations,
+        "index_activations": plan.index_activations, "levels": summary.levels,
+        "params_hash": plan.params_hash, "seconds": summary.seconds, "icon_fidelity": summary.icon_fidelity,
+    }
+    plan.files.finish(manifest)
+    return manifest
+
+
+def build_atlas(index: str, name: str, *, home: Path | None = None, options: AtlasOptions | None = None,
+                device: str | None = None, overwrite: bool = False, progress: bool = True) -> AtlasSummary:
+    """Build atlas ``name`` from index ``index``: plan (check everything), lay out, bin into cells
+    (refusing a level without cells), and only then write: layout, reference, exemplars and
+    cells, icons, manifest (see :mod:`atlasq.atlasdir` for the files)."""
+    clock = time.perf_counter()
+    plan = plan_build(index, name, home=home, options=options, device=device, overwrite=overwrite)
+    options, files = plan.options, plan.files
+    layout = lay_out(plan, progress=progress)
+    cells = bin_cells(plan, layout)
+    files.start(plan.params_hash, resume=plan.resume)
+    if not layout.from_disk:
+        files.save_layout(plan.samples["activations"], layout.positions)
+    summary = AtlasSummary(name=name, folder=str(files.folder), index=index, layer=options.layer,
+                           activations=len(layout.positions), resumed=plan.resume,
+                           random_weights=bool(plan.meta.get("random_weights")))
+    files.write_reference(pa.table(cells.reference))
+    summary.seconds["layout"] = round(time.perf_counter() - clock, 2)
+
+    clock = time.perf_counter()
+    table = write_exemplars(plan, cells, progress=progress)
+    summary.seconds["cells"] = round(time.perf_counter() - clock, 2)
+
+    clock = time.perf_counter()
+    if options.icons:
+        icons = render_icons(plan, cells, table, progress=progress)
+        summary.icons_rendered, summary.icons_reused = icons.rendered, icons.reused
+        summary.icon_fidelity = {str(g): round(v, 4) for g, v in icons.fidelity.items()}
+    summary.seconds["icons"] = round(time.perf_counter() - clock, 2)
+
+    for g, level in cells.levels.items():
+        summary.levels[str(g)] = {"cells": int(len(level.cells)), "activations_in_kept_cells": int(level.kept.sum()),
+                                  "dropped_cells": int(len(np.unique(level.cell_of[:, 0] * g + level.cell_of[:, 1]))
+                                                       - len(level.cells))}
+    write_manifest(plan, summary)
+    summary.files = files.files(list(options.grids), options.icons)
+    return summary
 
 
 def position_box(model: LoadedModel, width: int, height: int, y: int, x: int, layer_hw: tuple[int, int],
@@ -393,194 +692,6 @@ def _mosaic(tiles: dict[tuple[int, int], np.ndarray], size: int, icon: int) -> I
     return Image.fromarray(canvas)
 
 
-def build_atlas(index: str, name: str, *, home: Path | None = None, options: AtlasOptions | None = None,
-                device: str | None = None, overwrite: bool = False, progress: bool = True) -> AtlasSummary:
-    """Build atlas ``name`` from index ``index`` (see the module docstring for what is written)."""
-    options = options or AtlasOptions()
-    options.validate()
-    options.grids = tuple(int(g) for g in options.grids)
-    folder = atlas_folder(name, home)
-    clock = time.perf_counter()
-    with IndexStore(index_folder(index, home)) as store:
-        meta, samples = _read_index(store, options)
-        images = {r["id"]: r for r in store.images()}
-    root = Path(meta["root"])
-    model = load_model(meta["model"], meta["weights"], device=device, seed=meta.get("seed", 0))
-    if meta.get("weights_sha256") and model.weights_sha256 != meta["weights_sha256"]:
-        raise AtlasError(f"the weights of index {index!r} have changed since it was built")
-    layer_hw = _layer_hw(model, options.layer)
-    icon_size = options.icon_size or default_icon_size(model.input_size, layer_hw)
-    precision = resolve_precision(options.precision, model.device)
-    params = {"index": index, "options": {**asdict(options), "grids": list(options.grids)},
-              "icon_size": icon_size, "precision": precision}
-    params_hash = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-
-    resumed = _prepare_folder(folder, params_hash, overwrite)
-    summary = AtlasSummary(name=name, folder=str(folder), index=index, layer=options.layer,
-                           activations=0, resumed=resumed, random_weights=bool(meta.get("random_weights")))
-
-    chosen = _subsample(len(samples["activations"]), options.max_activations, options.seed)
-    activations = np.asarray(samples["activations"][chosen], np.float32)
-    attributions = samples["attributions"][chosen]  # float16: (N, classes) is the big one
-    summary.activations = len(chosen)
-
-    # 1. layout (saved, so a resumed build does not redo it)
-    positions_file = folder / "positions.npy"
-    if resumed and positions_file.is_file():
-        positions = np.load(positions_file)
-    else:
-        with stderr.status(f"laying out {len(chosen):,} activations (UMAP, cosine)…") if progress else nullcontext():
-            positions = options.layout().fit_transform(activations)
-        _save_npy(activations.astype(np.float16), folder / "activations.npy")
-        _save_npy(positions.astype(np.float32), positions_file)
-    summary.seconds["layout"] = round(time.perf_counter() - clock, 2)
-
-    # 2. cells per level
-    clock = time.perf_counter()
-    levels = {g: cell_summaries(positions, activations, attributions, g, min_count=options.min_count,
-                                exemplars=options.exemplars) for g in options.grids}
-    reference = {"image_id": samples["image_id"][chosen].astype(np.int64), "k": samples["k"][chosen].astype(np.int16),
-                 "y": samples["y"][chosen].astype(np.int16), "x": samples["x"][chosen].astype(np.int16),
-                 "px": positions[:, 0].astype(np.float32), "py": positions[:, 1].astype(np.float32)}
-    for g, level in levels.items():
-        reference[f"cell_{g}_i"] = level.cell_of[:, 0].astype(np.int16)
-        reference[f"cell_{g}_j"] = level.cell_of[:, 1].astype(np.int16)
-        reference[f"kept_{g}"] = level.kept
-    _write_parquet(pa.table(reference), folder / "reference.parquet")
-
-    whitening = None
-    if options.icons and options.whiten:
-        zca, inverse = whitening_matrices(activations, options.whiten_shrinkage)
-        whitening = inverse if options.objective == "article" else zca
-        _save_npy(whitening, folder / "whitening.npy")
-
-    # 3. exemplar crops (the best exemplar of each cell) and the cells table
-    categories = list(meta.get("categories") or model.categories)
-    rows = []
-    for g, level in levels.items():
-        crops = {}
-        with progress_bar(len(level.cells), f"exemplars {g}×{g}", unit="cell", enabled=progress) as bar:
-            for c, (i, j) in enumerate(level.cells):
-                ex = []
-                for rank, (ref, cos) in enumerate(zip(level.exemplars[c], level.exemplar_cosines[c])):
-                    image = images[int(reference["image_id"][ref])]
-                    box = position_box(model, image["width"], image["height"], int(reference["y"][ref]),
-                                    int(reference["x"][ref]), layer_hw, icon_size)
-                    ex.append({"image_id": int(reference["image_id"][ref]), "path": image["path"],
-                               "y": int(reference["y"][ref]), "x": int(reference["x"][ref]),
-                               "cosine": float(cos), "box": [round(v, 1) for v in box]})
-                    if rank == 0:
-                        crop = _exemplar_crop(root, image["path"], box, icon_size)
-                        if crop is not None:
-                            crops[(int(i), int(j))] = crop
-                x0, y0, x1, y1 = Grid(g).bounds(int(i), int(j))
-                rows.append({
-                    "level": g, "i": int(i), "j": int(j), "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-                    "count": int(level.counts[c]),
-                    "top_classes": level.top_classes[c].tolist(),
-                    "top_labels": [categories[k] if k < len(categories) else str(k) for k in level.top_classes[c]],
-                    "top_scores": level.top_scores[c].astype(float).tolist(),
-                    "icon": f"icons/{g}/{int(i)}_{int(j)}.png" if options.icons else None,
-                    "exemplars": json.dumps(ex),
-                })
-                bar.advance()
-        _save_png(_mosaic(crops, g, icon_size), folder / f"exemplars_{g}.png")
-        summary.files[f"exemplars_{g}"] = str(folder / f"exemplars_{g}.png")
-    cells_table = pa.Table.from_pylist(rows)
-    mean_acts = np.concatenate([levels[g].mean_activation for g in options.grids])
-    cells_table = cells_table.append_column(
-        "mean_activation", pa.array(mean_acts.astype(np.float32).tolist(), type=pa.list_(pa.float32())))
-    _write_parquet(cells_table, folder / "cells.parquet")
-    for g in options.grids:  # every class's mean attribution, for the class view (the table keeps the top 5)
-        _save_npy(levels[g].mean_attribution.astype(np.float16), folder / f"attributions_{g}.npy")
-    summary.seconds["cells"] = round(time.perf_counter() - clock, 2)
-
-    # 4. icons, batch by batch, skipping those already on disk
-    clock = time.perf_counter()
-    if options.icons:
-        _render_icons(model, options, levels, folder, icon_size, precision, whitening, summary, progress)
-        for g in options.grids:
-            tiles = {}
-            for i, j in levels[g].cells:
-                tiles[(int(i), int(j))] = np.asarray(Image.open(folder / "icons" / str(g) / f"{i}_{j}.png").convert("RGB"))
-            _save_png(_mosaic(tiles, g, icon_size), folder / f"mosaic_{g}.png")
-            summary.files[f"mosaic_{g}"] = str(folder / f"mosaic_{g}.png")
-    summary.seconds["icons"] = round(time.perf_counter() - clock, 2)
-    if options.icons:
-        record = _load_icon_record(folder)
-        keys = [f"{row['level']}/{row['i']}_{row['j']}" for row in rows]
-        cells_table = cells_table.append_column(
-            "objective_start", pa.array([record[k]["objective_start"] for k in keys], pa.float32()))
-        cells_table = cells_table.append_column(
-            "objective_end", pa.array([record[k]["objective_end"] for k in keys], pa.float32()))
-        _write_parquet(cells_table, folder / "cells.parquet")
-        summary.icon_fidelity = {str(g): round(v, 4) for g, v in icon_fidelity(levels, record).items()}
-
-    for g, level in levels.items():
-        summary.levels[str(g)] = {"cells": int(len(level.cells)), "activations_in_kept_cells": int(level.kept.sum()),
-                                  "dropped_cells": int(len(np.unique(level.cell_of[:, 0] * g + level.cell_of[:, 1]))
-                                                       - len(level.cells))}
-    manifest = {
-        "complete": True, "atlasq_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "name": name, "index": index, "index_folder": str(index_folder(index, home)),
-        "index_root": str(root), "model": meta["model"], "weights": meta["weights"],
-        "weights_sha256": meta.get("weights_sha256"), "random_weights": bool(meta.get("random_weights")),
-        "categories": categories, "input_size": model.input_size, "layer": options.layer,
-        "layer_shape": list(layer_hw), "channels": int(activations.shape[1]),
-        "options": {**asdict(options), "grids": list(options.grids)}, "icon_size": icon_size,
-        "icon_precision": precision, "activations": summary.activations,
-        "index_activations": int(len(samples["activations"])), "levels": summary.levels,
-        "params_hash": params_hash, "seconds": summary.seconds, "icon_fidelity": summary.icon_fidelity,
-    }
-    _atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
-    (folder / "build.json").unlink(missing_ok=True)
-    summary.files.update({"manifest": str(folder / "manifest.json"), "cells": str(folder / "cells.parquet"),
-                          "reference": str(folder / "reference.parquet")})
-    return summary
-
-
-def _prepare_folder(folder: Path, params_hash: str, overwrite: bool) -> bool:
-    """Create the atlas folder, or find an unfinished build of the same parameters to resume."""
-    build_record = folder / "build.json"
-    if folder.exists():
-        finished = (folder / "manifest.json").is_file()
-        same = build_record.is_file() and json.loads(build_record.read_text()).get("params_hash") == params_hash
-        if overwrite:
-            shutil.rmtree(folder)
-        elif finished:
-            raise AtlasError(f"atlas {folder.name!r} already exists at {folder}; pass --overwrite to rebuild it")
-        elif same:
-            return True
-        elif any(folder.iterdir()):
-            raise AtlasError(f"{folder} holds an unfinished atlas built with other parameters; pass "
-                             f"--overwrite to start again")
-    (folder / "icons").mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(build_record, json.dumps({"params_hash": params_hash}).encode())
-    return False
-
-
-ICON_RECORD = "icons/record.npz"
-
-
-def _load_icon_record(folder: Path) -> dict:
-    """Per icon: objective before and after optimisation, and the icon's centre activation."""
-    path = folder / ICON_RECORD
-    if not path.is_file():
-        return {}
-    with np.load(path) as data:
-        keys = [str(k) for k in data["keys"]]
-        return {k: {"objective_start": float(a), "objective_end": float(b), "centre": c}
-                for k, a, b, c in zip(keys, data["start"], data["end"], data["centre"])}
-
-
-def _save_icon_record(folder: Path, record: dict) -> None:
-    keys = sorted(record)
-    with replaced(folder / ICON_RECORD) as tmp, open(tmp, "wb") as file:
-        np.savez(file, keys=np.array(keys), start=np.array([record[k]["objective_start"] for k in keys], np.float32),
-                 end=np.array([record[k]["objective_end"] for k in keys], np.float32),
-                 centre=np.stack([record[k]["centre"] for k in keys]))
-
-
 def icon_fidelity(levels: dict[int, "CellSummary"], record: dict) -> dict[int, float]:
     """Per level: the fraction of icons whose centre activation is closer (cosine) to their own
     cell's mean activation than to any other cell's of that level."""
@@ -605,42 +716,33 @@ def default_icon_size(input_size: int, layer_hw: tuple[int, int]) -> int:
     return max(16, round(80 * input_size / 224), 3 * stride)
 
 
-def _layer_hw(model: LoadedModel, layer: str) -> tuple[int, int]:
-    probe = torch.zeros(1, 3, model.input_size, model.input_size, device=model.device)
-    with torch.no_grad():
-        h = model.network.forward_layers(probe, [layer])[layer]
-    return int(h.shape[2]), int(h.shape[3])
-
-
-def _render_icons(model: LoadedModel, options: AtlasOptions, levels: dict[int, CellSummary], folder: Path,
-                  icon_size: int, precision: str, whitening: np.ndarray | None, summary: AtlasSummary,
-                  progress: bool) -> None:
-    """Render every kept cell's icon, ``icon_batch`` cells at a time, in a fixed order.
+def _render_icon_batches(plan: BuildPlan, levels: dict[int, CellSummary], whitening: np.ndarray | None,
+                         progress: bool) -> tuple[int, int]:
+    """Render every kept cell's icon, ``icon_batch`` cells at a time, in a fixed order; returns
+    (rendered, reused).
 
     Batches are cut from the full list of cells (not from what is left to do) and seeded by
     their number, so a resumed build renders exactly the icons an uninterrupted one would.
     """
+    options, files, model = plan.options, plan.files, plan.model
     cells = [(g, c, int(i), int(j)) for g in options.grids for c, (i, j) in enumerate(levels[g].cells)]
-    for g in options.grids:
-        (folder / "icons" / str(g)).mkdir(parents=True, exist_ok=True)
-    icon = lambda g, i, j: folder / "icons" / str(g) / f"{i}_{j}.png"
     batches = [cells[s:s + options.icon_batch] for s in range(0, len(cells), options.icon_batch)]
-    todo = []
+    todo, reused, rendered_count = [], 0, 0
     for number, batch in enumerate(batches):
-        if all(icon(g, i, j).is_file() for g, _, i, j in batch):
-            summary.icons_reused += len(batch)
+        if all(files.icon_path(g, i, j).is_file() for g, _, i, j in batch):
+            reused += len(batch)
         else:
             todo.append((number, batch))
-    record = _load_icon_record(folder)
-    if precision == "bf16" and model.device.type == "cpu":
+    record = files.load_icon_record()
+    if plan.precision == "bf16" and model.device.type == "cpu":
         model.network.to(memory_format=torch.channels_last)
     white = torch.from_numpy(whitening).to(model.device) if whitening is not None else None
     with progress_bar(sum(len(b) for _, b in todo), "icons", unit="icon", enabled=progress) as bar:
         for number, batch in todo:
             directions = torch.from_numpy(np.stack([levels[g].mean_activation[c] for g, c, _, _ in batch]))
             render = lambda d, attempt: render_directions(
-                model.network, options.layer, d, size=icon_size, steps=options.steps, lr=options.lr,
-                cossim_pow=options.cossim_pow, whitening=white, variant=options.objective, precision=precision,
+                model.network, options.layer, d, size=plan.icon_size, steps=options.steps, lr=options.lr,
+                cossim_pow=options.cossim_pow, whitening=white, variant=options.objective, precision=plan.precision,
                 seed=(options.seed * 1_000_003 + number) * 16 + attempt, init_sd=0.01 * 8 ** attempt,
                 settle_steps=round(options.settle * options.steps))
             rendered = render(directions, 0)
@@ -658,9 +760,10 @@ def _render_icons(model: LoadedModel, options: AtlasOptions, levels: dict[int, C
                             getattr(rendered, name)[w] = getattr(retry, name)[n]
             for (g, c, i, j), image, start, end, centre in zip(
                     batch, rendered.images, rendered.initial_objective, rendered.final_objective, rendered.final_activation):
-                _save_png(image, icon(g, i, j))
+                files.save_icon(g, i, j, image)
                 record[f"{g}/{i}_{j}"] = {"objective_start": float(start), "objective_end": float(end),
                                           "centre": centre.astype(np.float32)}
-            _save_icon_record(folder, record)
-            summary.icons_rendered += len(batch)
+            files.save_icon_record(record)
+            rendered_count += len(batch)
             bar.advance(len(batch))
+    return rendered_count, reused

@@ -18,7 +18,7 @@ import typer
 from rich.text import Text
 
 from . import serve
-from .errors import AtlasqError
+from .errors import AtlasqError, InvalidOptionError
 from .index_options import APPROX_THRESHOLD, INDEX_DEFAULTS as INDEX, RUN_DEFAULTS as RUN
 from .progress import stderr
 
@@ -259,32 +259,58 @@ def _split_ints(value: str, what: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"{what} must be comma-separated integers, not {value!r}")
 
 
+def _atlas_default(name: str) -> str:
+    """``[default]`` for a help text, read from :class:`atlasq.atlas.AtlasOptions` (the one source)."""
+    from rich.markup import escape
+
+    from .atlas import option_default
+
+    value = option_default(name)
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return " " + escape(f"[{'none' if value is None else value}]")  # rich would take [word] for markup
+
+
 @atlas_app.command("build")
 @user_errors
 def atlas_build(
     index_name: str = typer.Option(..., "--index", help="Index to build from (made with --attributions)."),
     name: str = typer.Option(..., "--name", help="Name of the atlas (a folder under HOME/atlases)."),
-    layer: str = typer.Option("mixed4c", help="The index's sampled layer to lay out."),
-    grids: str = typer.Option("20,40,80", help="Grid sizes, comma-separated, all from one layout."),
-    min_count: int = typer.Option(3, "--min-count", help="Drop cells with fewer activations."),
+    layer: Optional[str] = typer.Option(None, help="The index's sampled layer to lay out." + _atlas_default("layer")),
+    grids: Optional[str] = typer.Option(
+        None, help="Grid sizes, comma-separated, all from one layout." + _atlas_default("grids")),
+    min_count: Optional[int] = typer.Option(
+        None, "--min-count", help="Drop cells with fewer activations." + _atlas_default("min_count")),
     max_activations: Optional[int] = typer.Option(
-        100_000, "--max-activations", help="Seeded subsample of the index's activations (0: all)."),
-    n_neighbors: int = typer.Option(50, "--n-neighbors", help="UMAP neighbourhood size."),
-    min_dist: float = typer.Option(0.05, "--min-dist", help="UMAP minimum distance."),
-    fit_size: int = typer.Option(20_000, "--fit-size",
-                                 help="Activations UMAP optimises; the rest are placed by k-NN (0: all)."),
-    steps: int = typer.Option(512, help="Optimisation steps per icon."),
+        None, "--max-activations",
+        help="Seeded subsample of the index's activations (0: all)." + _atlas_default("max_activations")),
+    n_neighbors: Optional[int] = typer.Option(
+        None, "--n-neighbors", help="UMAP neighbourhood size." + _atlas_default("n_neighbors")),
+    min_dist: Optional[float] = typer.Option(
+        None, "--min-dist", help="UMAP minimum distance." + _atlas_default("min_dist")),
+    fit_size: Optional[int] = typer.Option(
+        None, "--fit-size",
+        help="Activations UMAP optimises; the rest are placed by k-NN (0: all)." + _atlas_default("fit_size")),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps per icon." + _atlas_default("steps")),
     icon_size: Optional[int] = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input]."),
-    icon_batch: int = typer.Option(32, "--icon-batch", help="Cells optimised together."),
-    settle: float = typer.Option(0.125, help="Fraction of the steps, at the end, without random transforms."),
-    icons: bool = typer.Option(True, "--icons/--no-icons", help="Render feature-visualization icons."),
-    whiten: bool = typer.Option(False, "--whiten", help="Compare directions in whitened activation space."),
-    objective: str = typer.Option("cosine", help="cosine (plain cosine to the cell's mean), dot-cosine "
-                                                 "(dot × cosine^n, the articles' formula) or article (Lucid's code)."),
-    cossim_pow: float = typer.Option(3.0, "--cossim-pow", help="n in dot × cosine^n (dot-cosine and article)."),
-    lr: float = typer.Option(0.05, help="Adam's learning rate for the icons."),
-    precision: str = typer.Option("auto", help="Icons in auto, fp32 or bf16."),
-    seed: int = typer.Option(0, help="Seeds the subsample, the layout and the icons."),
+    icon_batch: Optional[int] = typer.Option(
+        None, "--icon-batch", help="Cells optimised together." + _atlas_default("icon_batch")),
+    settle: Optional[float] = typer.Option(
+        None, help="Fraction of the steps, at the end, without random transforms." + _atlas_default("settle")),
+    icons: Optional[bool] = typer.Option(
+        None, "--icons/--no-icons", help="Render feature-visualization icons." + _atlas_default("icons"),
+        show_default=False),
+    whiten: Optional[bool] = typer.Option(
+        None, "--whiten", help="Compare directions in whitened activation space.", show_default=False),
+    objective: Optional[str] = typer.Option(
+        None, help="cosine (plain cosine to the cell's mean), dot-cosine (dot × cosine^n, the articles' formula) "
+                   "or article (Lucid's code)." + _atlas_default("objective")),
+    cossim_pow: Optional[float] = typer.Option(
+        None, "--cossim-pow", help="n in dot × cosine^n (dot-cosine and article)." + _atlas_default("cossim_pow")),
+    lr: Optional[float] = typer.Option(None, help="Adam's learning rate for the icons." + _atlas_default("lr")),
+    precision: Optional[str] = typer.Option(None, help="Icons in auto, fp32 or bf16." + _atlas_default("precision")),
+    seed: Optional[int] = typer.Option(
+        None, help="Seeds the subsample, the layout and the icons." + _atlas_default("seed")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
     device: str = typer.Option("auto", help="auto, cpu, cuda …"),
     home: Optional[Path] = HomeOption,
@@ -297,11 +323,14 @@ def atlas_build(
     """
     from .atlas import AtlasOptions, build_atlas
 
-    options = AtlasOptions(layer=layer, grids=_split_ints(grids, "--grids"), min_count=min_count,
-                           max_activations=max_activations or None, n_neighbors=n_neighbors,
-                           min_dist=min_dist, fit_size=fit_size, steps=steps, icon_size=icon_size,
-                           icon_batch=icon_batch, settle=settle, icons=icons, whiten=whiten, objective=objective,
-                           cossim_pow=cossim_pow, lr=lr, precision=precision, seed=seed)
+    given = dict(layer=layer, grids=_split_ints(grids, "--grids") if grids is not None else None,
+                 min_count=min_count, n_neighbors=n_neighbors, min_dist=min_dist, fit_size=fit_size, steps=steps,
+                 icon_size=icon_size, icon_batch=icon_batch, settle=settle, icons=icons, whiten=whiten,
+                 objective=objective, cossim_pow=cossim_pow, lr=lr, precision=precision, seed=seed)
+    given = {key: value for key, value in given.items() if value is not None}  # unset: AtlasOptions' default
+    if max_activations is not None:  # 0 on the command line: every activation (None in AtlasOptions)
+        given["max_activations"] = max_activations or None
+    options = AtlasOptions(**given)
     summary = build_atlas(index_name, name, home=home, options=options, device=device,
                           overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
 
@@ -364,22 +393,24 @@ def histogram_command(
     """
     from .histogram import histogram_with_picture
 
+    if top < 0:
+        raise InvalidOptionError(f"--top must be 0 or more, not {top}")
     result = histogram_with_picture(atlas, index_name, level=level, home=home,
                                     progress=not as_json or sys.stderr.isatty())
 
-    def human(r):
-        t, placed = r["totals"], r["placed"]
-        stderr.print(f"placed {placed['placed']:,} new activations ({placed['already_placed']:,} already placed) "
-                     f"of index {r['index']} on atlas {r['atlas']}", highlight=False)
-        print(f"{t['activations']:,} activations of {t['images']:,} images at level {r['level']}: "
-              f"{t['off_atlas']:,} off-atlas ({t['off_atlas_share']:.1%}), {t['outside_kept_cells']:,} outside kept cells")
-        for c in sorted(r["cells"], key=lambda c: -c["activations"])[:top]:
-            if c["activations"]:
-                print(f"  cell {c['i']:>3},{c['j']:<3} {c['activations']:>8,} activations {c['images']:>7,} images  "
-                      f"{', '.join(c['top_labels'])}")
-        stderr.print(f"heat map: {r['picture']}", highlight=False)
+    def human(_):
+        t, placed = result.totals, result.placed
+        stderr.print(f"placed {placed.placed:,} new activations ({placed.already_placed:,} already placed) "
+                     f"of index {result.index} on atlas {result.atlas}", highlight=False)
+        print(f"{t.activations:,} activations of {t.images:,} images at level {result.level}: "
+              f"{t.off_atlas:,} off-atlas ({t.off_atlas_share:.1%}), {t.outside_kept_cells:,} outside kept cells")
+        for c in sorted(result.cells, key=lambda c: -c.activations)[:top]:
+            if c.activations:
+                print(f"  cell {c.i:>3},{c.j:<3} {c.activations:>8,} activations {c.images:>7,} images  "
+                      f"{', '.join(c.top_labels)}")
+        stderr.print(f"heat map: {result.picture}", highlight=False)
 
-    _emit(as_json, result, human)
+    _emit(as_json, result.to_dict(), human)
 
 
 @app.command("cell")
@@ -400,15 +431,16 @@ def cell_command(
     i, j = _cell(cell)
     result = cell_images(atlas, index_name, i, j, level=level, k=k, offset=offset, home=home)
 
-    def human(r):
-        stderr.print(f"cell {i},{j} of level {r['level']} ({', '.join(r['top_labels'][:3])}):", highlight=False)
+    def human(_):
         from .images import display_path
 
-        for m in r["images"]:
-            where = " ".join(f"({p['y']},{p['x']})" for p in m["positions"])
-            print(f"{m['cell_distance']:.4f}  {display_path(m['path'])}  at {where}")
+        stderr.print(f"cell {i},{j} of level {result.level} ({', '.join(result.top_labels[:3])}): "
+                     f"{len(result.images)} of {result.total_images} images from {result.offset}", highlight=False)
+        for m in result.images:
+            where = " ".join(f"({p['y']},{p['x']})" for p in m.positions)
+            print(f"{m.cell_distance:.4f}  {display_path(m.path)}  at {where}")
 
-    _emit(as_json, result, human)
+    _emit(as_json, result.to_dict(), human)
 
 
 @app.command("compare")
@@ -427,22 +459,23 @@ def compare_command(
     from .histogram import compare
 
     if len(indexes) != 2:
-        _fail("give exactly two indexes: --index A --index B", as_json)
+        raise InvalidOptionError("give exactly two indexes: --index A --index B")
     result = compare(atlas, indexes[0], indexes[1], level=level, home=home, alpha=alpha, top=top, out=out)
 
-    def human(r):
-        print(f"{r['b']} vs {r['a']} on {r['atlas']} level {r['level']}: Jensen–Shannon divergence "
-              f"{r['jensen_shannon_bits']:.4f} bits; {r['significant_cells']} of {r['cells']} cells differ "
-              f"(q < {r['alpha']}); off-atlas {r['off_atlas_share']['a']:.1%} vs {r['off_atlas_share']['b']:.1%}")
-        for title, rows in (("more in " + r["b"], r["over_represented_in_b"]),
-                            ("less in " + r["b"], r["under_represented_in_b"])):
+    def human(_):
+        r = result
+        print(f"{r.b} vs {r.a} on {r.atlas} level {r.level}: Jensen–Shannon divergence "
+              f"{r.jensen_shannon_bits:.4f} bits; {r.significant_cells} of {r.cells} cells differ "
+              f"(q < {r.alpha}); off-atlas {r.off_atlas_share['a']:.1%} vs {r.off_atlas_share['b']:.1%}")
+        for title, rows in (("more in " + r.b, r.over_represented_in_b),
+                            ("less in " + r.b, r.under_represented_in_b)):
             print(title + ":")
             for c in rows:
-                print(f"  cell {c['i']:>3},{c['j']:<3} {c['share_a']:.2%} -> {c['share_b']:.2%} "
-                      f"(log2 {c['log2_ratio']:+.2f}, q {c['q']:.2g})  {', '.join(c['top_labels'])}")
-        stderr.print(f"written: {', '.join(r['files'].values())}", highlight=False)
+                print(f"  cell {c.i:>3},{c.j:<3} {c.share_a:.2%} -> {c.share_b:.2%} "
+                      f"(log2 {c.log2_ratio:+.2f}, q {c.q:.2g})  {', '.join(c.top_labels)}")
+        stderr.print(f"written: {', '.join(r.files.values())}", highlight=False)
 
-    _emit(as_json, result, human)
+    _emit(as_json, result.to_dict(), human)
 
 
 @app.command("app")

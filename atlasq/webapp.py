@@ -22,7 +22,8 @@ import pandas as pd
 import streamlit as st
 
 from atlasq import appdata
-from atlasq.atlas import AtlasError, load_atlas
+from atlasq.atlas import load_atlas
+from atlasq.atlasdir import AtlasFolder
 from atlasq.errors import AtlasqError
 from atlasq.histogram import place_index
 
@@ -81,8 +82,7 @@ def model_of(index: str):
 
 
 def atlas_by_name(name: str):
-    manifest = HOME / "atlases" / name / "manifest.json"
-    return cached_atlas(name, manifest.stat().st_mtime if manifest.is_file() else 0.0)
+    return cached_atlas(name, AtlasFolder.named(name, HOME).modified())
 
 
 def _choose(label: str, options: list[str], wanted: str | None, key: str) -> str | None:
@@ -120,7 +120,7 @@ if unreadable:
             st.caption(f"**{name}**: {problem}")
 try:
     atlas = atlas_by_name(atlas_name)
-except (AtlasError, FileNotFoundError, OSError) as exc:
+except (AtlasqError, OSError) as exc:
     st.error(f"Cannot open atlas {atlas_name!r}: {exc}")
     st.stop()
 level = st.sidebar.selectbox("Grid level", atlas.levels, key="level", on_change=reset_selection,
@@ -225,16 +225,16 @@ with left:
                  key=f"cell_picker_{level}")
 
     if comparison is not None:
-        st.markdown(f"**{comparison['b']} vs {comparison['a']}**: Jensen–Shannon divergence "
-                    f"{comparison['jensen_shannon_bits']:.4f} bits; {comparison['significant_cells']} of "
-                    f"{comparison['cells']} cells differ (q < {comparison['alpha']}).")
-        for title, rows in (("More in " + comparison["b"], comparison["over_represented_in_b"][:8]),
-                            ("Less in " + comparison["b"], comparison["under_represented_in_b"][:8])):
+        st.markdown(f"**{comparison.b} vs {comparison.a}**: Jensen–Shannon divergence "
+                    f"{comparison.jensen_shannon_bits:.4f} bits; {comparison.significant_cells} of "
+                    f"{comparison.cells} cells differ (q < {comparison.alpha}).")
+        for title, rows in (("More in " + comparison.b, comparison.over_represented_in_b[:8]),
+                            ("Less in " + comparison.b, comparison.under_represented_in_b[:8])):
             st.markdown(f"*{title}*")
             for c in rows:
-                if st.button(f"cell {c['i']},{c['j']} · {c['top_label']} · {c['share_a']:.1%} → {c['share_b']:.1%}",
-                             key=f"cmp_{title}_{c['i']}_{c['j']}"):
-                    st.session_state["cell"], st.session_state["page"] = (c["i"], c["j"]), 0
+                if st.button(f"cell {c.i},{c.j} · {c.top_label} · {c.share_a:.1%} → {c.share_b:.1%}",
+                             key=f"cmp_{title}_{c.i}_{c.j}"):
+                    st.session_state["cell"], st.session_state["page"] = (c.i, c.j), 0
                     st.rerun()
 
     with st.expander("Search by image (or press ≈ under any image)",
@@ -285,28 +285,28 @@ with right:
             st.stop()
         st.subheader(f"Cell {i},{j}")
         st.markdown(" · ".join(f"{label} ({score:.3g})" for label, score in
-                               zip(result["top_labels"], result["top_scores"])) or "no labels")
-        st.caption(f"{result['total_images']} images of {index_name} here; most typical first; "
+                               zip(result.top_labels, result.top_scores)) or "no labels")
+        st.caption(f"{result.total_images} images of {index_name} here; most typical first; "
                    f"red squares: the sampled positions")
-        for n, member in enumerate(result["images"]):
+        for n, member in enumerate(result.images):
             if n % 3 == 0:  # one row of columns per three images, so rows line up (and read in order)
                 columns = st.columns(3)
             with columns[n % 3]:
-                tile = appdata.image_tile(atlas, root, member["path"], member["positions"], model=model)
-                st.image(tile.image, caption=member["path"] + _unavailable(tile), output_format="JPEG")
+                tile = appdata.image_tile(atlas, root, member.path, member.positions, model=model)
+                st.image(tile.image, caption=member.path + _unavailable(tile), output_format="JPEG")
                 opened, similar = st.columns(2)
-                if opened.button("⤢", key=f"open_{member['image_id']}", help="open: predictions and cells"):
-                    st.session_state["image"] = member["image_id"]
+                if opened.button("⤢", key=f"open_{member.image_id}", help="open: predictions and cells"):
+                    st.session_state["image"] = member.image_id
                     st.rerun()
-                if similar.button("≈", key=f"similar_{member['image_id']}", help="similar images"):
-                    st.session_state["search"] = appdata.search_indexed(atlas, index_name, member["image_id"],
+                if similar.button("≈", key=f"similar_{member.image_id}", help="similar images"):
+                    st.session_state["search"] = appdata.search_indexed(atlas, index_name, member.image_id,
                                                                         home=HOME)
                     st.rerun()
         previous, _, following = st.columns([1, 2, 1])
         if page > 0 and previous.button("◀ previous", key="prev"):
             st.session_state["page"] = page - 1
             st.rerun()
-        if result["has_next"] and following.button("next ▶", key="next"):
+        if result.has_more and following.button("next ▶", key="next"):
             st.session_state["page"] = page + 1
             st.rerun()
 

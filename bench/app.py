@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from bigindex import make_placed_index  # noqa: E402
 
 from atlasq.atlas import AtlasOptions, build_atlas  # noqa: E402
+from atlasq.atlasdir import AtlasFolder  # noqa: E402
 from atlasq.histogram import cell_images, histogram  # noqa: E402
 from atlasq.indexer import IndexOptions, build_index  # noqa: E402
 
@@ -41,7 +42,7 @@ def prepare(images: int) -> str:
     if not (WORK / "sample").exists():
         build_index(SAMPLE_DATA, "sample", home=WORK, progress=False,
                     options=IndexOptions(model="demo", attributions=True, layers=("mixed5a",)))
-    if not (WORK / "atlases" / "bench" / "manifest.json").is_file():
+    if not AtlasFolder.named("bench", WORK).is_complete():
         build_atlas("sample", "bench", home=WORK, progress=False,
                     options=AtlasOptions(layer="mixed5a", grids=(10, 20), steps=64))
     name = f"big{images}"
@@ -58,8 +59,8 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     index = prepare(args.images)
-    cells = sorted(histogram("bench", index, home=WORK, level=10, place=False)["cells"], key=lambda c: -c["images"])
-    expected = {(c["i"], c["j"]): [m["path"] for m in cell_images("bench", index, c["i"], c["j"], home=WORK, k=12)["images"]]
+    cells = sorted(histogram("bench", index, home=WORK, level=10, place=False).cells, key=lambda c: -c.images)
+    expected = {(c.i, c.j): [m.path for m in cell_images("bench", index, c.i, c.j, home=WORK, k=12).images]
                 for c in cells[:args.clicks]}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,15 +88,15 @@ def main() -> None:
             for cell in cells[:args.clicks]:
                 frame = frame_locator.bounding_box()
                 started = time.perf_counter()
-                page.mouse.click(frame["x"] + (cell["j"] + 0.5) * frame["width"] / 10,
-                                 frame["y"] + (cell["i"] + 0.5) * frame["height"] / 10)
+                page.mouse.click(frame["x"] + (cell.j + 0.5) * frame["width"] / 10,
+                                 frame["y"] + (cell.i + 0.5) * frame["height"] / 10)
                 # done when the first 12 captions are exactly this cell's first page (not the last cell's)
                 page.wait_for_function(
                     "want => JSON.stringify([...document.querySelectorAll(\"[data-testid='stImageCaption']\")]"
-                    ".slice(0, 12).map(e => e.innerText)) === JSON.stringify(want)", arg=expected[cell["i"], cell["j"]],
+                    ".slice(0, 12).map(e => e.innerText)) === JSON.stringify(want)", arg=expected[cell.i, cell.j],
                     timeout=60_000)
                 timings.append(time.perf_counter() - started)
-                print(f"cell {cell['i']},{cell['j']} ({cell['images']:,} images): {timings[-1]:.2f} s", flush=True)
+                print(f"cell {cell.i},{cell.j} ({cell.images:,} images): {timings[-1]:.2f} s", flush=True)
             browser.close()
     finally:
         server.terminate()

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from atlasq.atlas import load_atlas
-from atlasq.histogram import atlas_key
+from atlasq.histogram import atlas_key, record_placed
 from atlasq.images import scan_images
 from atlasq.store import IndexStore, index_folder
 
@@ -61,6 +61,7 @@ def make_placed_index(home: Path, name: str, atlas_name: str, root: Path, images
                 "distance": rng.random(n, dtype=np.float32) * 0.2, "cell_distance": rng.random(n, dtype=np.float32),
                 "off_atlas": np.zeros(n, bool)}))
         store.write_placements(manifest["name"], atlas_key(atlas), pa.concat_tables(parts), replace=True, gone=[])
+        record_placed(store, manifest["name"])
     finally:
         store.close()
     (folder / "SYNTHETIC.json").write_text(json.dumps({"images": images, "atlas": atlas_name}))

@@ -84,7 +84,7 @@ def _captions(at: AppTest) -> list[str]:
 
 def _fullest_cell(home: Path, index: str = "sample", level: int = 10) -> dict:
     result = histogram("app", index, home=home, level=level, place=False)
-    return max(result["cells"], key=lambda c: c["images"])
+    return max(result.cells, key=lambda c: c.images)
 
 
 # ----------------------------------------------------------------------------- app logic (AppTest)
@@ -100,17 +100,17 @@ def test_app_starts_on_the_atlas_with_counts_and_no_cell(app_home, monkeypatch):
 def test_choosing_a_cell_shows_its_images_and_pages_through_them(app_home, monkeypatch):
     cell = _fullest_cell(app_home)
     at = _app(app_home, monkeypatch)
-    at.selectbox(key="cell_picker_10").set_value(f"{cell['i']},{cell['j']}").run()
-    assert at.session_state["cell"] == (cell["i"], cell["j"])
-    assert at.subheader[0].value == f"Cell {cell['i']},{cell['j']}"
-    expected = [m["path"] for m in cell_images("app", "sample", cell["i"], cell["j"], home=app_home, k=1000)["images"]]
+    at.selectbox(key="cell_picker_10").set_value(f"{cell.i},{cell.j}").run()
+    assert at.session_state["cell"] == (cell.i, cell.j)
+    assert at.subheader[0].value == f"Cell {cell.i},{cell.j}"
+    expected = [m.path for m in cell_images("app", "sample", cell.i, cell.j, home=app_home, k=1000).images]
     assert len(expected) > 12  # the fullest cell needs a second page
     assert _captions(at) == expected[:12]
     at.button(key="next").click().run()
     assert at.session_state["page"] == 1 and _captions(at) == expected[12:24]
     at.button(key="prev").click().run()
     assert at.session_state["page"] == 0 and _captions(at) == expected[:12]
-    first_id = cell_images("app", "sample", cell["i"], cell["j"], home=app_home, k=1)["images"][0]["image_id"]
+    first_id = cell_images("app", "sample", cell.i, cell.j, home=app_home, k=1).images[0].image_id
     at.button(key=f"open_{first_id}").click().run()
     assert at.session_state["image"] == first_id
     assert any(expected[0] in m.value for m in at.markdown)
@@ -316,10 +316,10 @@ def test_browser_click_on_a_cell_shows_that_cells_images(browser_page, app_home)
     cell = _fullest_cell(app_home)
     frame = page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
     started = time.perf_counter()
-    page.mouse.click(frame["x"] + (cell["j"] + 0.5) * frame["width"] / 10,
-                     frame["y"] + (cell["i"] + 0.5) * frame["height"] / 10)
-    expected = [m["path"] for m in cell_images("app", "sample", cell["i"], cell["j"], home=app_home, k=12)["images"]]
-    page.get_by_text(f"Cell {cell['i']},{cell['j']}").wait_for(timeout=60_000)
+    page.mouse.click(frame["x"] + (cell.j + 0.5) * frame["width"] / 10,
+                     frame["y"] + (cell.i + 0.5) * frame["height"] / 10)
+    expected = [m.path for m in cell_images("app", "sample", cell.i, cell.j, home=app_home, k=12).images]
+    page.get_by_text(f"Cell {cell.i},{cell.j}").wait_for(timeout=60_000)
     captions = page.locator("[data-testid='stImageCaption']")
     page.wait_for_function(f"() => document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= {len(expected)}",
                            timeout=60_000)
@@ -359,16 +359,16 @@ def test_browser_click_on_a_100k_image_index(browser_page, served_app, app_home,
     page.goto(f"{served_app}/?index={big_index}")
     page.wait_for_selector("[data-testid='stVegaLiteChart'] path.background", timeout=120_000)
     cell = _fullest_cell(app_home, big_index)
-    assert cell["images"] > 5_000
+    assert cell.images > 5_000
     frame = page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
     started = time.perf_counter()
-    page.mouse.click(frame["x"] + (cell["j"] + 0.5) * frame["width"] / 10,
-                     frame["y"] + (cell["i"] + 0.5) * frame["height"] / 10)
+    page.mouse.click(frame["x"] + (cell.j + 0.5) * frame["width"] / 10,
+                     frame["y"] + (cell.i + 0.5) * frame["height"] / 10)
     page.get_by_text(f"{cell['images']} images of {big_index} here").wait_for(timeout=60_000)
     page.wait_for_function("() => document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= 12",
                            timeout=60_000)
     print(f"100k-image index: click to 12 images {time.perf_counter() - started:.2f} s")
-    expected = [m["path"] for m in cell_images("app", big_index, cell["i"], cell["j"], home=app_home, k=12)["images"]]
+    expected = [m.path for m in cell_images("app", big_index, cell.i, cell.j, home=app_home, k=12).images]
     assert page.locator("[data-testid='stImageCaption']").all_inner_texts()[:12] == expected
 
 

@@ -22,6 +22,7 @@ from atlasq import atlas as atlas_module
 from atlasq.atlas import (AtlasError, AtlasOptions, build_atlas, cell_summaries, default_icon_size, load_atlas,
                           whitening_matrices)
 from atlasq.cli import app
+from atlasq.errors import InvalidOptionError
 from atlasq.featurevis import direction_objective
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.layout import Grid
@@ -302,3 +303,186 @@ def test_atlas_info_cli(built, sample_home):
     assert all(lv["cells"] > 0 and lv["top_labels"] for lv in info["levels"])
     missing = CliRunner().invoke(app, ["atlas", "info", "nothing", "--home", str(sample_home)])
     assert missing.exit_code == 1
+
+
+# ----------------------------------------------------------------------------- the atlas folder and its owner
+
+SMALL = dict(layer="mixed5a", grids=(2, 4), min_count=1, icons=False, n_neighbors=8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_home(tmp_path_factory):
+    """Index ``small``: 16 sample images, demo network with random weights (seed 0), attributions
+    at mixed5a; fast to lay out, and enough for everything here that does not judge meaning."""
+    home = tmp_path_factory.mktemp("small")
+    root = home.parent / f"{home.name}_images"
+    root.mkdir()
+    for p in sorted(SAMPLE_DATA.rglob("*.png"))[::30][:16]:
+        (root / p.name).write_bytes(p.read_bytes())
+    build_index(root, "small", home=home, progress=False, precision="fp32",
+                options=IndexOptions(model="demo", weights="random", attributions=True, layers=("mixed5a",)))
+    return home
+
+
+def _cli(*args) -> tuple[int, dict | None]:
+    """Exit code and the JSON object printed (None when nothing was)."""
+    result = CliRunner().invoke(app, [*map(str, args), "--json"])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, json.loads(lines[-1]) if lines else None
+
+
+def test_only_the_atlas_folder_spells_the_atlas_file_names():
+    """Every atlas file name lives in atlasq/atlasdir.py; other modules (and the app) ask it."""
+    names = ("manifest.json", "build.json", "cells.parquet", "reference.parquet", "activations.npy",
+             "positions.npy", "whitening.npy", "record.npz", "placement.json", "placement.faiss", '"mosaic_',
+             "'mosaic_", '"exemplars_', 'f"mosaic_', 'f"exemplars_', 'f"attributions_', '"atlases"')
+    sources = [*sorted((REPO / "atlasq").rglob("*.py")), REPO / "app.py"]
+    spelled = [(path.relative_to(REPO).as_posix(), name) for path in sources if path.name not in ("atlasdir.py",
+                                                                                                  "home.py")
+               for name in names if name in path.read_text()]
+    assert spelled == []
+
+
+def test_manifest_carries_its_format_and_a_newer_one_is_refused(small_home, tmp_path):
+    from atlasq.atlasdir import FORMAT, AtlasFolder
+    from atlasq.errors import IncompatibleError, NotFoundError
+
+    build_atlas("small", "fmt", home=small_home, options=AtlasOptions(**SMALL), progress=False)
+    folder = AtlasFolder.named("fmt", small_home)
+    manifest = json.loads((folder.folder / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT and folder.is_complete() and folder.modified() > 0
+    copy = tmp_path / "atlases" / "newer"
+    import shutil
+    shutil.copytree(folder.folder, copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": FORMAT + 1}))
+    with pytest.raises(IncompatibleError, match="newer atlasq"):
+        load_atlas("newer", tmp_path)
+    code, out = _cli("atlas", "info", "newer", "--home", tmp_path)
+    assert code != 0 and "newer atlasq" in out["error"]
+    del manifest["format"]  # an atlas written before the field existed is format 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_atlas("newer", tmp_path).levels == [2, 4]
+    with pytest.raises(NotFoundError):
+        load_atlas("nothing", tmp_path)
+
+
+def test_stages_have_typed_results_and_layer_shapes_come_from_one_probe(small_home):
+    from atlasq.atlas import AtlasCells, AtlasLayout, bin_cells, lay_out, layer_shapes, plan_build
+
+    plan = plan_build("small", "staged", home=small_home, options=AtlasOptions(**SMALL))
+    assert not plan.files.folder.exists()  # planning writes nothing
+    layout = lay_out(plan)
+    cells = bin_cells(plan, layout)
+    assert isinstance(layout, AtlasLayout) and isinstance(cells, AtlasCells)
+    assert sorted(cells.levels) == [2, 4] and len(cells.reference["image_id"]) == len(layout.positions)
+    channels, *hw = layer_shapes(plan.model, ["mixed5a"])["mixed5a"]
+    assert tuple(hw) == plan.layer_hw and channels == plan.samples["activations"].shape[1]
+    with pytest.raises(Exception):
+        plan.options.min_count = 5  # frozen: a build's options are what it recorded
+
+
+def test_cell_lookup_agrees_with_the_cells_table(small_home):
+    build_atlas("small", "lookup", home=small_home, options=AtlasOptions(**SMALL), progress=False)
+    atlas = load_atlas("lookup", small_home)
+    for g in atlas.levels:
+        cells = atlas.cells_at(g)
+        for row, (i, j) in enumerate(zip(cells["i"], cells["j"])):
+            assert atlas.cell_row(g, i, j) == row
+        kept = set(zip(cells["i"], cells["j"]))
+        empty = [(i, j) for i in range(g) for j in range(g) if (i, j) not in kept]
+        assert all(atlas.cell_row(g, i, j) is None for i, j in empty)
+        assert atlas.cell_row(g, g, 0) is None and atlas.cell_row(g, -1, 0) is None
+
+
+def test_a_build_that_keeps_no_cell_is_refused_and_leaves_nothing(small_home):
+    with IndexStore(small_home / "small") as store:
+        n = store.count_samples("mixed5a")
+    everything = dict(SMALL, grids=(20,), min_count=n)  # no 20×20 cell can hold every activation
+    with pytest.raises(AtlasError, match=r"20×20 grid.*--min-count") as refused:
+        build_atlas("small", "empty", home=small_home, options=AtlasOptions(**everything), progress=False)
+    assert isinstance(refused.value, InvalidOptionError)
+    assert not (small_home / "atlases" / "empty").exists()
+    code, out = _cli("atlas", "build", "--index", "small", "--name", "empty", "--layer", "mixed5a", "--grids", "20",
+                     "--min-count", n, "--no-icons", "--n-neighbors", 8, "--home", small_home)
+    assert code == 2 and "lower --min-count" in out["error"] and "\n" not in out["error"]
+    assert not (small_home / "atlases" / "empty").exists()
+    # one level empty while another keeps its one cell: refused, naming the empty level
+    one_empty = dict(SMALL, grids=(1, 80), min_count=n)
+    with pytest.raises(AtlasError, match=r"80×80 grid.*grids 1 keep cells.*leave grid 80 out"):
+        build_atlas("small", "empty", home=small_home, options=AtlasOptions(**one_empty), progress=False)
+    assert not (small_home / "atlases" / "empty").exists()
+
+
+def test_options_are_checked_before_anything_is_written(small_home):
+    from atlasq.errors import IncompatibleError
+
+    base = ["atlas", "build", "--index", "small", "--name", "checked", "--layer", "mixed5a", "--grids", "2,4",
+            "--min-count", 1, "--no-icons", "--home", small_home]
+    for bad, named in ((["--n-neighbors", 0], "n_neighbors"), (["--min-dist", 2], "min_dist"),
+                       (["--fit-size", -1], "fit_size"), (["--icon-batch", 0], "icon_batch"),
+                       (["--precision", "fp8"], "precision"), (["--grids", "4,0"], "grids")):
+        code, out = _cli(*base, *bad)
+        assert code == 2 and named in out["error"], (bad, out)
+        assert not (small_home / "atlases" / "checked").exists(), bad
+    with pytest.raises(IncompatibleError, match="mixed4c"):
+        build_atlas("small", "checked", home=small_home, options=AtlasOptions(**dict(SMALL, layer="mixed4c")),
+                    progress=False)
+    assert not (small_home / "atlases" / "checked").exists()
+    code, out = _cli(*base, "--n-neighbors", 8)  # the right options then build at once
+    assert code == 0 and out["levels"]["2"]["cells"] > 0
+
+
+def test_cli_defaults_come_from_the_options_dataclass(small_home, monkeypatch):
+    """The command line passes only what was given: change a default in the dataclass and the
+    command follows (it used to repeat every default)."""
+    from dataclasses import dataclass as frozen_dataclass
+
+    @frozen_dataclass(frozen=True)
+    class Changed(AtlasOptions):
+        min_count: int = 7
+        grids: tuple = (5,)
+
+    seen = {}
+
+    def record(index, name, *, options, **kwargs):
+        seen["options"] = options
+        raise AtlasError("recorded")
+
+    monkeypatch.setattr(atlas_module, "AtlasOptions", Changed)
+    monkeypatch.setattr(atlas_module, "build_atlas", record)
+    code, _ = _cli("atlas", "build", "--index", "small", "--name", "x", "--home", small_home)
+    assert code == 1 and seen["options"] == Changed() and seen["options"].min_count == 7
+    code, _ = _cli("atlas", "build", "--index", "small", "--name", "x", "--max-activations", 0, "--seed", 4,
+                   "--grids", "3,6", "--home", small_home)
+    assert seen["options"] == Changed(max_activations=None, seed=4, grids=(3, 6))
+
+
+def test_overwrite_deletes_only_an_atlas_folder(small_home):
+    stranger = small_home / "atlases" / "stranger"
+    (stranger / "shards").mkdir(parents=True)
+    (stranger / "shards" / "precious.npy").write_bytes(b"data")
+    with pytest.raises(AtlasError, match="not an atlas folder"):
+        build_atlas("small", "stranger", home=small_home, options=AtlasOptions(**SMALL), overwrite=True,
+                    progress=False)
+    from atlasq.atlasdir import AtlasFolder
+    with pytest.raises(AtlasError, match="not an atlas folder"):
+        AtlasFolder(stranger).remove()
+    assert (stranger / "shards" / "precious.npy").read_bytes() == b"data"
+    build_atlas("small", "mine", home=small_home, options=AtlasOptions(**SMALL), progress=False)
+    again = build_atlas("small", "mine", home=small_home, options=AtlasOptions(**dict(SMALL, seed=2)),
+                        overwrite=True, progress=False)
+    assert load_atlas("mine", small_home).manifest["options"]["seed"] == 2 and not again.resumed
+
+
+@pytest.mark.parametrize("reserved", ["atlases", "comparisons"])
+def test_reserved_index_names_are_refused_in_one_line(small_home, tmp_path, reserved):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(next(SAMPLE_DATA.rglob("*.png")).read_bytes())
+    code, out = _cli("index", images, "--name", reserved, "--model", "demo", "--weights", "random",
+                     "--home", small_home)
+    assert code == 2 and "reserved" in out["error"] and "\n" not in out["error"]
+    code, out = _cli("atlas", "build", "--index", reserved, "--name", "r", "--home", small_home)
+    assert code == 2 and "reserved" in out["error"]
+    assert not (small_home / "atlases" / "r").exists()

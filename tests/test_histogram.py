@@ -5,6 +5,7 @@ two-class, enriched and novel datasets."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from typer.testing import CliRunner
 from atlasq import demo_model, sampledata
 from atlasq.atlas import AtlasOptions, build_atlas, load_atlas
 from atlasq.cli import app
-from atlasq.histogram import (PlacementError, ReferenceSearch, _weighted_vote, cell_images, compare, histogram,
-                              place_activations, place_index)
+from atlasq.errors import IncompatibleError
+from atlasq.histogram import (Histogram, PlacementError, ReferenceSearch, _weighted_vote, cell_images, compare,
+                              histogram, place_activations, place_index, placement_state)
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.store import IndexStore
 
@@ -107,8 +109,8 @@ def test_held_out_images_land_in_cells_of_their_own_class(world):
     own = [not off and i is not None and majority.get((i, j)) == path.split("/")[0]
            for _, _, i, j, off, path in rows]
     print(f"held-out activations in a cell of their own class: {np.mean(own):.3f} of {len(own)}; "
-          f"off-atlas {result['totals']['off_atlas_share']:.3f}")
-    assert len(own) == result["totals"]["activations"] > 0
+          f"off-atlas {result.totals.off_atlas_share:.3f}")
+    assert len(own) == result.totals.activations > 0
     assert np.mean(own) >= 0.8
 
 
@@ -130,8 +132,8 @@ def test_reference_activations_placed_without_themselves_land_in_their_own_cells
 
 def test_two_class_dataset_fills_cells_labelled_with_those_classes(world):
     result = histogram("ref", "two", home=world)
-    total = result["totals"]["activations"]
-    in_labelled = sum(c["activations"] for c in result["cells"] if c["top_label"] in TWO_CLASSES)
+    total = result.totals.activations
+    in_labelled = sum(c.activations for c in result.cells if c.top_label in TWO_CLASSES)
     print(f"two-class dataset in cells labelled with its classes: {in_labelled / total:.3f}")
     assert in_labelled / total >= 0.7
 
@@ -143,31 +145,31 @@ def test_counts_sum_to_totals_at_every_level(world):
         images = store.count("images")
     for level in atlas.levels:
         result = histogram("ref", "held", home=world, level=level)
-        t = result["totals"]
-        assert t["activations"] == samples and t["images"] == images
-        assert sum(c["activations"] for c in result["cells"]) + t["off_atlas"] + t["outside_kept_cells"] == samples
-        assert len(result["cells"]) == atlas.manifest["levels"][str(level)]["cells"]
+        t = result.totals
+        assert t.activations == samples and t.images == images
+        assert sum(c.activations for c in result.cells) + t.off_atlas + t.outside_kept_cells == samples
+        assert len(result.cells) == atlas.manifest["levels"][str(level)]["cells"]
 
 
 def test_novel_images_raise_the_off_atlas_share(world):
-    held = histogram("ref", "held", home=world)["totals"]["off_atlas_share"]
-    novel = histogram("ref", "novel", home=world)["totals"]["off_atlas_share"]
+    held = histogram("ref", "held", home=world).totals.off_atlas_share
+    novel = histogram("ref", "novel", home=world).totals.off_atlas_share
     print(f"off-atlas share: held-out {held:.3f}, novel plasma images {novel:.3f}")
     assert novel >= 0.5 and novel >= 5 * max(held, 0.01)
 
 
 def test_compare_ranks_the_enriched_class_first(world, tmp_path):
     result = compare("ref", "held", "held_plus", home=world, out=tmp_path / "cmp")
-    over = result["over_represented_in_b"]
-    print(f"JS divergence {result['jensen_shannon_bits']:.4f} bits; over-represented: "
-          f"{[(c['top_label'], round(c['log2_ratio'], 2), c['q']) for c in over[:5]]}")
-    assert over and over[0]["top_label"] == ENRICHED
-    assert all(c["top_label"] == ENRICHED for c in over[:3])
-    assert result["jensen_shannon_bits"] > 0
-    for path in result["files"].values():
+    over = result.over_represented_in_b
+    print(f"JS divergence {result.jensen_shannon_bits:.4f} bits; over-represented: "
+          f"{[(c.top_label, round(c.log2_ratio, 2), c.q) for c in over[:5]]}")
+    assert over and over[0].top_label == ENRICHED
+    assert all(c.top_label == ENRICHED for c in over[:3])
+    assert result.jensen_shannon_bits > 0
+    for path in result.files.values():
         assert Path(path).is_file()
     same = compare("ref", "held", "held_plus", home=world, out=tmp_path / "cmp")  # idempotent
-    assert same["jensen_shannon_bits"] == result["jensen_shannon_bits"]
+    assert same.jensen_shannon_bits == result.jensen_shannon_bits
 
 
 def test_compare_of_one_index_with_itself_is_refused(world):
@@ -179,18 +181,19 @@ def test_compare_of_one_index_with_itself_is_refused(world):
 
 def test_cell_query_returns_the_cells_images_most_typical_first(world):
     result = histogram("ref", "held", home=world)
-    fullest = max(result["cells"], key=lambda c: c["activations"])
-    members = cell_images("ref", "held", fullest["i"], fullest["j"], home=world, k=1000)
-    assert len(members["images"]) == fullest["images"]
-    distances = [m["cell_distance"] for m in members["images"]]
+    fullest = max(result.cells, key=lambda c: c.activations)
+    members = cell_images("ref", "held", fullest.i, fullest.j, home=world, k=1000)
+    assert len(members.images) == fullest.images == members.total_images and not members.has_more
+    distances = [m.cell_distance for m in members.images]
     assert distances == sorted(distances)
-    rows = _placements(world, "held", result["level"])
-    in_cell = {image_id for image_id, _, i, j, off, _ in rows if (i, j) == (fullest["i"], fullest["j"]) and not off}
-    assert {m["image_id"] for m in members["images"]} == in_cell
-    first = members["images"][0]
-    assert first["positions"] and {"k", "y", "x", "cell_distance"} <= set(first["positions"][0])
-    page = cell_images("ref", "held", fullest["i"], fullest["j"], home=world, k=2, offset=1)
-    assert [m["image_id"] for m in page["images"]] == [m["image_id"] for m in members["images"][1:3]]
+    rows = _placements(world, "held", result.level)
+    in_cell = {image_id for image_id, _, i, j, off, _ in rows if (i, j) == (fullest.i, fullest.j) and not off}
+    assert {m.image_id for m in members.images} == in_cell
+    first = members.images[0]
+    assert first.positions and {"k", "y", "x", "cell_distance"} <= set(first.positions[0])
+    page = cell_images("ref", "held", fullest.i, fullest.j, home=world, k=2, offset=1)
+    assert [m.image_id for m in page.images] == [m.image_id for m in members.images[1:3]]
+    assert page.has_more == (len(members.images) > 3) and page.total_images == members.total_images
 
 
 def test_placing_again_after_the_index_grew_places_only_the_new_activations(world, tmp_path):
@@ -203,23 +206,23 @@ def test_placing_again_after_the_index_grew_places_only_the_new_activations(worl
     _index(folder, "grow", world)
     second = place_index("ref", "grow", home=world)
     assert second.placed == 12 and second.already_placed == 36 and second.dropped == 1
-    t = histogram("ref", "grow", home=world, place=False)["totals"]
-    assert t["activations"] == 48 and t["images"] == 12
+    t = histogram("ref", "grow", home=world, place=False).totals
+    assert t.activations == 48 and t.images == 12
 
 
 def test_layer_and_model_mismatches_are_refused(world, tmp_path):
     folder = _copy([p for p, _ in demo_model.held_out_paths(SAMPLE_DATA)][:3], tmp_path / "few")
     build_index(folder, "other_layer", home=world, progress=False, precision="fp32",
                 options=IndexOptions(model="demo", layers=("mixed4c",)))
-    with pytest.raises(PlacementError, match="--layers mixed5a"):
+    with pytest.raises(IncompatibleError, match="--layers mixed5a"):
         place_index("ref", "other_layer", home=world)
     build_index(folder, "other_weights", home=world, progress=False, precision="fp32",
                 options=IndexOptions(model="demo", weights="random", layers=(LAYER,)))
-    with pytest.raises(PlacementError, match="weights"):
+    with pytest.raises(IncompatibleError, match="weights"):
         place_index("ref", "other_weights", home=world)
     build_index(folder, "other_model", home=world, progress=False, precision="fp32",
                 options=IndexOptions(model="inceptionv1", weights="random", layers=(LAYER,)))
-    with pytest.raises(PlacementError, match="model"):
+    with pytest.raises(IncompatibleError, match="model"):
         place_index("ref", "other_model", home=world)
 
 
@@ -244,6 +247,102 @@ def test_histogram_cell_and_compare_commands(world, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["over_represented_in_b"][0]["top_label"] == ENRICHED
     bad = runner.invoke(app, ["cell", "--atlas", "ref", "--index", "two", "--cell", "99,0", *home])
-    assert bad.exit_code == 1 and "outside" in json.loads(bad.stdout.splitlines()[-1])["error"]
+    assert bad.exit_code == 2 and "outside" in json.loads(bad.stdout.splitlines()[-1])["error"]  # a bad option
     bad = runner.invoke(app, ["histogram", "--atlas", "nothing", "--index", "two", *home])
     assert bad.exit_code == 1
+
+
+# ----------------------------------------------------------------------------- state, identity, results, errors
+
+def test_placement_state_follows_content_not_counts(world, tmp_path):
+    """A file whose content is replaced (same name, new mtime) is a new image: the state turns
+    stale although every count stays the same, and placing forgets the old id and places the new."""
+    held = [p for p, _ in demo_model.held_out_paths(SAMPLE_DATA)]
+    folder = _copy(held[:6], tmp_path / "changing")
+    _index(folder, "changing", world)
+    atlas = load_atlas("ref", world)
+    assert placement_state(atlas, "changing", world) == "missing"
+    place_index(atlas, "changing", home=world)
+    assert placement_state(atlas, "changing", world) == "current"
+    with IndexStore(world / "changing") as store:
+        old_id = store.find_path(held[0])
+    target = folder / held[0]
+    target.write_bytes((SAMPLE_DATA / held[5]).read_bytes())
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    _index(folder, "changing", world)
+    with IndexStore(world / "changing") as store:
+        new_id = store.find_path(held[0])
+        per_image = store.meta()["samples_per_image"]
+    assert new_id != old_id
+    assert placement_state(atlas, "changing", world) == "stale"
+    result = histogram(atlas, "changing", home=world)
+    assert result.placed.placed == per_image and result.placed.dropped == 1
+    placed_ids = {row[0] for row in _placements(world, "changing", min(atlas.levels))}
+    assert old_id not in placed_ids and new_id in placed_ids and len(placed_ids) == 6
+    assert placement_state(atlas, "changing", world) == "current"
+    assert place_index(atlas, "changing", home=world).placed == 0
+
+
+def test_an_index_of_other_random_weights_is_refused(tmp_path, demo_weights):
+    """Random weights drawn with another seed are other weights, though both say "random"."""
+    from atlasq.errors import IncompatibleError
+
+    folder = _copy([p for p, _ in demo_model.held_out_paths(SAMPLE_DATA)][::8][:12], tmp_path / "imgs")
+    for name, seed in (("seed0", 0), ("seed0_again", 0), ("seed1", 1)):
+        build_index(folder, name, home=tmp_path, progress=False, precision="fp32",
+                    options=IndexOptions(model="demo", weights="random", seed=seed, layers=(LAYER,),
+                                         attributions=name == "seed0"))
+    build_atlas("seed0", "random", home=tmp_path, progress=False,
+                options=AtlasOptions(layer=LAYER, grids=(2,), min_count=1, icons=False, n_neighbors=8))
+    assert place_index("random", "seed0_again", home=tmp_path).placed == 48
+    with pytest.raises(IncompatibleError, match="other weights"):
+        place_index("random", "seed1", home=tmp_path)
+    code, out = _json(CliRunner().invoke(app, ["histogram", "--atlas", "random", "--index", "seed1",
+                                                "--home", str(tmp_path), "--json"]))
+    assert code == 1 and "other weights" in out["error"]
+
+
+def _json(result) -> tuple[int, dict]:
+    return result.exit_code, json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_results_are_dataclasses_the_cli_prints(world, tmp_path):
+    result = histogram("ref", "two", home=world)
+    assert isinstance(result, Histogram)
+    code, printed = _json(CliRunner().invoke(app, ["histogram", "--atlas", "ref", "--index", "two", "--home",
+                                                   str(world), "--json"]))
+    assert code == 0
+    as_dict = result.to_dict()
+    assert printed["cells"] == json.loads(json.dumps(as_dict["cells"]))
+    assert printed["totals"] == as_dict["totals"] and printed["picture"]
+    fullest = max(result.cells, key=lambda c: c.activations)
+    members = cell_images("ref", "two", fullest.i, fullest.j, home=world, k=3)
+    code, printed = _json(CliRunner().invoke(app, ["cell", "--atlas", "ref", "--index", "two", "--cell",
+                                                   f"{fullest.i},{fullest.j}", "-k", "3", "--home", str(world),
+                                                   "--json"]))
+    assert printed == json.loads(json.dumps(members.to_dict()))
+    comparison = compare("ref", "held", "held_plus", home=world, write=False)
+    assert comparison.to_dict()["over_represented_in_b"][0]["top_label"] == comparison.over_represented_in_b[0].top_label
+
+
+def test_user_errors_of_the_reading_commands_are_one_line_naming_the_option(world, tmp_path):
+    runner = CliRunner()
+    base = ["--atlas", "ref", "--home", str(world), "--json"]
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine")
+    for args, named in ((["cell", "--index", "two", "--cell", "0,0", "-k", "-1"], "-k"),
+                        (["cell", "--index", "two", "--cell", "0,0", "--offset", "-3"], "--offset"),
+                        (["compare", "--index", "held", "--index", "two", "--alpha", "5"], "--alpha"),
+                        (["compare", "--index", "held", "--index", "two", "--alpha", "0"], "--alpha"),
+                        (["compare", "--index", "held", "--index", "two", "--out", str(a_file)], "--out"),
+                        (["histogram", "--index", "two", "--level", "7"], "--level"),
+                        (["cell", "--index", "two", "--cell", "0,0", "--level", "7"], "--level")):
+        result = runner.invoke(app, args + base)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        code, out = _json(result)
+        assert code == 2 and named in out["error"], (args, out)
+    assert a_file.read_text() == "mine"
+    code, out = _json(runner.invoke(app, ["histogram", "--atlas", "nothing", "--index", "two", "--home", str(world),
+                                          "--json"]))
+    assert code == 1 and "no atlas" in out["error"]
