@@ -24,7 +24,7 @@ from .errors import AtlasqError
 from .heatmap import colour_bar, paint_cells, scale
 from .histogram import CellImages, Comparison, cell_images, compare, histogram, placement_state
 from .home import RESERVED, check_name
-from .images import ImageDecodeError, open_rgb
+from .images import ImageDecodeError, open_rgb, real_path
 from .store import DB_FILE, IndexStore, default_home, index_folder
 
 __all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile",
@@ -245,10 +245,11 @@ def data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
 
 
 def safe_image_path(root: Path, relative: str) -> Path:
-    """``root/relative``, refused unless it stays inside ``root`` (no ``..``, absolute paths or links out)."""
+    """The file of the stored path ``relative`` under ``root``, refused unless it stays inside
+    ``root`` (no ``..``, absolute paths or links out)."""
     root = Path(root).resolve()
     try:
-        path = (root / relative).resolve()
+        path = real_path(root, relative).resolve()
     except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
         raise AppError(f"{relative!r} cannot be resolved: {exc}") from exc
     if not path.is_relative_to(root):

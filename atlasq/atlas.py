@@ -39,7 +39,7 @@ from .featurevis.objectives import OBJECTIVES
 from .atlasdir import AtlasError, AtlasFolder, AtlasOptionError
 from .errors import AtlasqError, IncompatibleError
 from .home import atlas_folder
-from .images import ImageDecodeError, open_rgb
+from .images import ImageDecodeError, open_rgb, real_path
 from .layout import Grid, Layout, unit_rows
 from .model import LoadedModel, load_model, resolve_precision
 from .progress import progress_bar, stderr
@@ -667,7 +667,7 @@ def position_box(model: LoadedModel, width: int, height: int, y: int, x: int, la
 
 def _exemplar_crop(root: Path, path: str, box, size: int) -> np.ndarray | None:
     try:
-        image = open_rgb(root / path)
+        image = open_rgb(real_path(root, path))
     except (ImageDecodeError, OSError):
         return None  # the file moved or changed since indexing; the cell keeps a blank tile
     # crop() fills the part of a box that lies outside the image (a position near the border

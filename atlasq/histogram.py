@@ -286,11 +286,13 @@ def place_index(atlas_name: str | Atlas, index_name: str, *, home: Path | None =
                 progress: bool = False) -> PlaceSummary:
     """Place every not-yet-placed activation of index ``index_name`` on atlas ``atlas_name``, forget
     those of images no longer indexed (a changed file is a new image), and store the placements in
-    the index's DuckDB with the digest of the image ids they cover."""
+    the index's DuckDB with the digest of the image ids they cover. Holds the index's writer lock,
+    so an ``atlasq index`` run of the same index cannot change the samples while they are placed."""
     clock = time.perf_counter()
     atlas = _as_atlas(atlas_name, home)
     name = atlas.manifest["name"]
-    with IndexStore(index_folder(index_name, home), read_only=False) as store:
+    folder = IndexStore.require(index_folder(index_name, home))  # before the lock, which would create it
+    with IndexStore.writer(folder), IndexStore(folder, read_only=False) as store:
         meta = store.meta()
         check_compatible(atlas, meta, index_name)
         key = atlas_key(atlas)

@@ -128,16 +128,20 @@ class IndexStore:
     """An index folder: DuckDB connection, shard arrays and the FAISS file."""
 
     def __init__(self, folder: Path, *, read_only: bool = True, lock_wait: float = 20.0):
-        self.folder = Path(folder)
-        db = self.folder / DB_FILE
-        if not db.is_file():
-            raise IndexNotFoundError(
-                f"no index at {self.folder} (missing {DB_FILE}); build one with `atlasq index DIR --name "
-                f"{self.folder.name}`")
+        self.folder = self.require(folder)
         self.read_only = read_only
         self.lock_wait = lock_wait
         self._con = None
         self.con  # open now, so a missing, locked or damaged database is reported here
+
+    @staticmethod
+    def require(folder: Path) -> Path:
+        """``folder`` if it holds an index, else :class:`IndexNotFoundError` saying how to build one."""
+        folder = Path(folder)
+        if not (folder / DB_FILE).is_file():
+            raise IndexNotFoundError(f"no index at {folder} (missing {DB_FILE}); build one with `atlasq index DIR "
+                                     f"--name {folder.name}`")
+        return folder
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
