@@ -41,7 +41,7 @@ from .errors import AtlasqError, IncompatibleError
 from .home import atlas_folder
 from .images import ImageDecodeError, open_rgb, real_path
 from .layout import Grid, Layout, unit_rows
-from .model import LoadedModel, load_model, resolve_precision
+from .model import LoadedModel, layer_shapes, load_model, resolve_precision
 from .progress import progress_bar, stderr
 from .store import IndexStore, index_folder
 
@@ -337,15 +337,6 @@ def atlas_summary(name: str | Path, home: Path | None = None) -> dict:
             "icon_size", "icon_precision", "atlasq_version", "created", "options", "seconds", "format")
     return {"name": m["name"], "folder": str(atlas.folder), **{k: m.get(k, 1 if k == "format" else None) for k in keys},
             "levels": levels}
-
-
-def layer_shapes(model: LoadedModel, layers) -> dict[str, tuple[int, int, int]]:
-    """(channels, height, width) of each of ``layers`` at the network's input size, from one
-    forward pass of a blank image (only as deep as the deepest layer asked for)."""
-    probe = torch.zeros(1, 3, model.input_size, model.input_size, device=model.device)
-    with torch.no_grad():
-        acts = model.network.forward_layers(probe, list(layers))
-    return {name: (int(a.shape[1]), int(a.shape[2]), int(a.shape[3])) for name, a in acts.items()}
 
 
 # ----------------------------------------------------------------------------- building

@@ -30,7 +30,7 @@ from .errors import IncompatibleError, InvalidOptionError, NotFoundError
 from .home import default_home, mark_home
 from .images import Scan, scan_folder
 from .index_options import FIXED, INDEX_DEFAULTS, RUN_DEFAULTS, IndexOptions, RunSettings
-from .model import LoadedModel, load_model, relax_maxpool, resolve_device, resolve_precision
+from .model import LoadedModel, layer_shapes, load_model, relax_maxpool, resolve_device, resolve_precision
 from .progress import progress_bar
 from .search import sync_faiss
 from .store import DB_FILE, Chunk, IndexStore, index_folder
@@ -282,7 +282,8 @@ def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model:
         "categories": model.categories, "pooled_layer": model.network.pooled_layer,
     })
     summary.model = model.describe()
-    store.set_meta({"layer_dims": _layer_dims(model, config.layers)})
+    shapes = layer_shapes(model, [*config.layers, model.network.pooled_layer])
+    store.set_meta({"layer_dims": {name: channels for name, (channels, _, _) in shapes.items()}})
     if run.approx_threshold is not None:  # remembered, so later runs and searches use it too
         store.set_meta({"approx_threshold": int(run.approx_threshold)})
     store.remove_orphans()
@@ -434,10 +435,3 @@ def _commit(store: IndexStore, builder: _ChunkBuilder, summary: IndexSummary, kn
     summary.fixed_errors += sum(path in known for path in chunk.images["path"])
     builder.reset()
 
-
-def _layer_dims(model: LoadedModel, layers) -> dict[str, int]:
-    """Channel count of each layer (one tiny forward pass)."""
-    probe = torch.zeros(1, 3, model.input_size, model.input_size, device=model.device)
-    with torch.no_grad():
-        acts = model.network.forward_layers(probe, [*layers, model.network.pooled_layer])
-    return {name: int(a.shape[1]) for name, a in acts.items()}

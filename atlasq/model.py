@@ -38,6 +38,7 @@ from torchvision.transforms._presets import ImageClassification
 from .errors import AtlasqError, InvalidOptionError
 
 __all__ = [
+    "layer_shapes",
     "LAYERS",
     "LoadedModel",
     "StagedClassifier",
@@ -526,3 +527,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def autocast(device: torch.device, precision: str):
     """The autocast context for ``precision`` (a no-op for fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def layer_shapes(model: LoadedModel, layers) -> dict[str, tuple[int, int, int]]:
+    """(channels, height, width) of each of ``layers`` at the network's input size, from one
+    forward pass of a blank image (only as deep as the deepest layer asked for)."""
+    probe = torch.zeros(1, 3, model.input_size, model.input_size, device=model.device)
+    with torch.no_grad():
+        acts = model.network.forward_layers(probe, list(layers))
+    return {name: (int(a.shape[1]), int(a.shape[2]), int(a.shape[3])) for name, a in acts.items()}
