@@ -25,8 +25,8 @@ from .progress import stderr
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Inspect image datasets through an activation atlas of InceptionV1.")
 
-HomeOption = typer.Option(None, "--home", envvar="ATLASQ_HOME",
-                          help="Folder holding indexes and atlases [default: ./indexes].")
+HomeOption = typer.Option(None, "--home", envvar="ATLASQ_HOME", show_default="./indexes",
+                          help="Folder holding indexes and atlases.")
 JsonOption = typer.Option(False, "--json", help="Print one machine-readable JSON summary on stdout.")
 
 
