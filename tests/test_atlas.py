@@ -26,6 +26,7 @@ from atlasq.featurevis import direction_objective
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.layout import Grid
 from atlasq.store import IndexStore
+from conftest import QUICK_ATLAS
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
@@ -149,6 +150,12 @@ def test_bad_options_are_refused():
 # ----------------------------------------------------------------------------- whole builds
 
 @pytest.fixture(scope="module")
+def sample_home(sample_home, copy_home):
+    """This module builds atlases in the home: its own copy of the session's (see conftest.py)."""
+    return copy_home(sample_home)
+
+
+@pytest.fixture(scope="module")
 def built(sample_home):
     summary = build_atlas("sample", "ref", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
     return summary, load_atlas("ref", sample_home)
@@ -246,25 +253,28 @@ def test_icons_raise_their_objective_and_resemble_their_own_cell(built):
     assert fidelity >= 0.9 > 10 * chance
 
 
-def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(built, sample_home, monkeypatch):
-    """Interrupt after the first icon batch, resume, and compare with the uninterrupted build."""
-    _, reference = built
+def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(atlas_home, sample_home, monkeypatch):
+    """Interrupt after the first icon batch, resume, and compare with the uninterrupted build of the
+    same index and options: the session's atlas ``app`` (conftest's QUICK_ATLAS, 16-step icons; what
+    is compared does not depend on the number of steps, and a second 512-step build would only cost)."""
+    reference = load_atlas("app", atlas_home)
+    options = QUICK_ATLAS
     real = atlas_module.render_directions
 
     def interrupt_second(*args, **kwargs):
-        batch_number = kwargs["seed"] // 16 - OPTIONS["seed"] * 1_000_003
+        batch_number = kwargs["seed"] // 16 - options.seed * 1_000_003
         if batch_number == 1:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(atlas_module, "render_directions", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
-        build_atlas("sample", "again", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
+        build_atlas("sample", "again", home=sample_home, options=options, progress=False)
     with pytest.raises(AtlasError, match="unfinished"):
         load_atlas("again", sample_home)
     monkeypatch.setattr(atlas_module, "render_directions", real)
-    resumed = build_atlas("sample", "again", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
-    assert resumed.resumed and resumed.icons_reused == OPTIONS["icon_batch"]
+    resumed = build_atlas("sample", "again", home=sample_home, options=options, progress=False)
+    assert resumed.resumed and resumed.icons_reused == options.icon_batch
     again = load_atlas("again", sample_home)
     np.testing.assert_array_equal(again.positions(), reference.positions())
     drop = ["exemplars"]  # paths are the same; compare the rest column by column
