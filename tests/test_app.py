@@ -26,7 +26,7 @@ from atlasq import appdata, demo_model
 from atlasq.atlas import AtlasOptions, build_atlas, load_atlas
 from atlasq.histogram import cell_images, histogram
 from atlasq.indexer import IndexOptions, build_index
-from atlasq.search import search_index
+from atlasq.api import search_index
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
