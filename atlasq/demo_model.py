@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -143,8 +144,9 @@ def pinned_environment(base: dict | None = None) -> dict:
     """The environment of the training child: ``base`` (default: this process's) with ``NUMERICS``."""
     env = dict(os.environ if base is None else base)
     threads = str(NUMERICS["threads"])
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
-               **{k: v for k, v in NUMERICS.items() if k != "threads"})
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if platform.machine().lower() in ("x86_64", "amd64"):  # the caps name x86 instruction sets
+        env.update({k: v for k, v in NUMERICS.items() if k != "threads"})
     return env
 
 
