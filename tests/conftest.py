@@ -68,10 +68,9 @@ def demo_weights() -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_home(tmp_path_factory, demo_weights) -> Path:
-    """A home folder holding index ``sample``: all of sample_data/, demo network, attributions at
-    mixed4c (the article's layer) and mixed5a (where the demo network's attributions carry its
-    classes; see tests/test_atlas.py). Shared: read only (see the module's docstring)."""
+def shared_sample_home(tmp_path_factory, demo_weights) -> Path:
+    """What ``sample_home`` returns. The other shared homes start from this one rather than from
+    ``sample_home``, so a module that overrides ``sample_home`` with its own copy does not change them."""
     home = tmp_path_factory.mktemp("home")
     summary = build_index(SAMPLE_DATA, "sample", home=home, progress=False, precision="fp32",
                           options=IndexOptions(model="demo", attributions=True, layers=("mixed4c", "mixed5a")))
@@ -82,10 +81,17 @@ def sample_home(tmp_path_factory, demo_weights) -> Path:
 
 
 @pytest.fixture(scope="session")
-def atlas_home(sample_home, copy_home) -> Path:
-    """A copy of ``sample_home`` with atlas ``app`` of index ``sample`` (``QUICK_ATLAS``), the index
-    not yet placed on it. Shared: read only."""
-    home = copy_home(sample_home)
+def sample_home(shared_sample_home) -> Path:
+    """A home folder holding index ``sample``: all of sample_data/, demo network, attributions at
+    mixed4c (the article's layer) and mixed5a (where the demo network's attributions carry its
+    classes; see tests/test_atlas.py). Shared: read only (see the module's docstring)."""
+    return shared_sample_home
+
+
+@pytest.fixture(scope="session")
+def shared_atlas_home(shared_sample_home, copy_home) -> Path:
+    """What ``atlas_home`` returns (see ``shared_sample_home`` for why there are two names)."""
+    home = copy_home(shared_sample_home)
     build_atlas("sample", "app", home=home, progress=False, options=QUICK_ATLAS)
     before = fingerprint(home)
     yield home
@@ -93,12 +99,19 @@ def atlas_home(sample_home, copy_home) -> Path:
 
 
 @pytest.fixture(scope="session")
-def big_home(atlas_home, copy_home) -> Path:
+def atlas_home(shared_atlas_home) -> Path:
+    """A copy of ``sample_home`` with atlas ``app`` of index ``sample`` (``QUICK_ATLAS``), the index
+    not yet placed on it. Shared: read only."""
+    return shared_atlas_home
+
+
+@pytest.fixture(scope="session")
+def big_home(shared_atlas_home, copy_home) -> Path:
     """A copy of ``atlas_home`` with index ``big``: ``BIG_IMAGES`` synthetic images placed on atlas
     ``app`` (tests/bigindex.py), seeded. Shared: read only."""
     from bigindex import make_placed_index
 
-    home = copy_home(atlas_home)
+    home = copy_home(shared_atlas_home)
     make_placed_index(home, "big", "app", SAMPLE_DATA, images=BIG_IMAGES, seed=0)
     before = fingerprint(home)
     yield home
