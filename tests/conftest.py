@@ -30,8 +30,9 @@ from atlasq.indexer import IndexOptions, build_index
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
 #: The atlas of ``atlas_home``: the demo network's mixed5a (where its attributions carry its
-#: classes), two levels, and quick icons (16 steps), since these tests look at cells, not icons.
-QUICK_ATLAS = AtlasOptions(layer="mixed5a", grids=(10, 20), steps=16, icon_batch=64, seed=5)
+#: classes), two levels, and quick icons (16 steps), since these tests look at cells, not icons;
+#: batches of 16 icons, so that an interrupted build (tests/test_atlas.py) has several.
+QUICK_ATLAS = AtlasOptions(layer="mixed5a", grids=(10, 20), steps=16, icon_batch=16, seed=5)
 #: Images of ``big_home``'s synthetic index: enough that the fullest cells need many pages and
 #: that a cell query has thousands of rows to rank, small enough to build in seconds. The app's
 #: speed on 100,000 images is measured by bench/app.py, not here.
