@@ -1,9 +1,14 @@
 """The demo network: a quarter-width InceptionV1 trained on ``sample_data/``.
 
 It exists so that atlasq can be run and tested for *meaning* on a machine with no network
-access and no ImageNet weights. Training is seeded, takes about a minute on two CPU cores,
-and its result is cached on disk under a key made of the training data, the recipe and this
-module's version, so every later use loads the file.
+access and no ImageNet weights. It registers itself with the model registry as ``demo``
+(:func:`atlasq.model.register_model`); :mod:`atlasq.model` only names this module, and imports
+it the first time the name is asked for.
+
+Training is seeded and runs in a child process whose arithmetic is pinned (see ``NUMERICS``),
+so that CPUs of different kinds compute the same thing wherever torch lets them. The result is
+cached on disk under a key made of the training data, the recipe, the pinned arithmetic and
+torch's version, so changing any of them trains anew and every later use loads the file.
 
 A fixed fifth of each class (every image whose number ends the class's list in steps of 5)
 is held out of training; :func:`held_out_paths` names them so tests can use images the
@@ -12,9 +17,12 @@ network has never seen.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,15 +30,28 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms._presets import ImageClassification
 
 from . import sampledata
 from .images import open_rgb, scan_images
+from .model import (LoadedModel, Preprocess, TinyInceptionV1, _load_state_dict_file,
+                    load_fitting, register_model, weights_digest)
 
 INPUT_SIZE = 128
 RESIZE_SIZE = 144
 CATEGORIES: tuple[str, ...] = tuple(sampledata.CLASSES)
 RECIPE = {"epochs": 30, "batch_size": 32, "lr": 3e-3, "weight_decay": 5e-4,
-          "label_smoothing": 0.1, "min_crop_scale": 0.35, "seed": 0, "version": 1}
+          "label_smoothing": 0.1, "min_crop_scale": 0.35, "seed": 0, "version": 2}
+#: How the training arithmetic is pinned. Floating-point sums give different bits in a different
+#: order, and torch picks the order by the thread count and by the widest vector instructions the
+#: CPU has (ATen's own kernels, oneDNN's convolutions, MKL's matrix products each choose). So the
+#: child process that trains uses a fixed number of threads and caps all three at AVX2, which every
+#: x86-64 CPU atlasq targets has; together with seeded data order and augmentation, deterministic
+#: algorithms and full fp32 (no autocast, "highest" matmul precision), a retrain gives the same
+#: weights on the same CPU and, as far as those libraries honour the caps, on another. What they
+#: do not pin (kernel blocking tuned to cache sizes, other instruction sets) can still differ, which
+#: is why the tests assert the network's quality in aggregate, with margins.
+NUMERICS = {"threads": 2, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 HOLD_OUT_EVERY = 5
 
 
@@ -85,13 +106,19 @@ def held_out_paths(root: Path | None = None) -> list[tuple[str, int]]:
     return split(labelled_files(root or sample_data_dir()))[1]
 
 
-def _cache_key(root: Path, files: list[tuple[str, int]]) -> str:
-    digest = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
+def _cache_key(root: Path, files: list[tuple[str, int]], recipe: dict = RECIPE) -> str:
+    digest = hashlib.sha256(json.dumps([recipe, NUMERICS, torch.__version__], sort_keys=True).encode())
     digest.update(json.dumps([INPUT_SIZE, RESIZE_SIZE, CATEGORIES]).encode())
     for path, label in sorted(files):
         digest.update(f"{path}\0{label}\0".encode())
         digest.update((root / path).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def transform() -> Preprocess:
+    """The demo network's preprocessing: torchvision's ImageNet classification preset (its mean and
+    std included) at the demo's sizes. Training normalises with the same preset."""
+    return Preprocess(ImageClassification(crop_size=INPUT_SIZE, resize_size=RESIZE_SIZE))
 
 
 def _load_resized(root: Path, files: list[tuple[str, int]]) -> list[torch.Tensor]:
@@ -100,11 +127,11 @@ def _load_resized(root: Path, files: list[tuple[str, int]]) -> list[torch.Tensor
     return [resize(open_rgb(root / path)) for path, _ in files]
 
 
-def _batches(images, labels, batch_size, generator, augment):
+def _batches(images, labels, batch_size, generator, augment, recipe=RECIPE):
     order = torch.randperm(len(images), generator=generator) if augment else torch.arange(len(images))
-    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    crop = (v2.Compose([v2.RandomResizedCrop(INPUT_SIZE, scale=(RECIPE["min_crop_scale"], 1.0),
+    preset = transform().preset
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(preset.mean, preset.std)])
+    crop = (v2.Compose([v2.RandomResizedCrop(INPUT_SIZE, scale=(recipe["min_crop_scale"], 1.0),
                                              antialias=True), v2.RandomHorizontalFlip()])
             if augment else v2.CenterCrop(INPUT_SIZE))
     for start in range(0, len(order), batch_size):
@@ -113,59 +140,87 @@ def _batches(images, labels, batch_size, generator, augment):
         yield x, torch.tensor([labels[i] for i in idx])
 
 
-def train(root: Path, out: Path, *, progress: bool = True) -> dict:
-    """Train the demo network on ``root`` and save ``out`` (state dict) and ``out.json`` (report)."""
-    from .model import TinyInceptionV1
+def pinned_environment(base: dict | None = None) -> dict:
+    """The environment of the training child: ``base`` (default: this process's) with ``NUMERICS``."""
+    env = dict(os.environ if base is None else base)
+    threads = str(NUMERICS["threads"])
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if platform.machine().lower() in ("x86_64", "amd64"):  # the caps name x86 instruction sets
+        env.update({k: v for k, v in NUMERICS.items() if k != "threads"})
+    return env
 
+
+def train(root: Path, out: Path, *, recipe: dict = RECIPE, progress: bool = True, env: dict | None = None) -> dict:
+    """Train the demo network on ``root`` and save ``out`` (state dict) and ``out.json`` (report).
+
+    The training runs in a child process with the pinned arithmetic of ``NUMERICS`` (which can only
+    be chosen before torch first computes anything); ``env`` is the environment it starts from.
+    """
+    command = [sys.executable, "-m", "atlasq.demo_model", "--root", str(root), "--out", str(out),
+               "--recipe", json.dumps(recipe)] + ([] if progress else ["--quiet"])
+    done = subprocess.run(command, env=pinned_environment(env), stdout=subprocess.DEVNULL)
+    if done.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"training the demo network failed (exit code {done.returncode}); its output is above")
+    return report(out)
+
+
+def _train_here(root: Path, out: Path, recipe: dict, progress: bool) -> dict:
+    """The training itself, in the pinned child process."""
+    torch.set_num_threads(NUMERICS["threads"])
+    torch.use_deterministic_algorithms(True)
+    torch.set_float32_matmul_precision("highest")
     started = time.perf_counter()
     files = labelled_files(root)
     train_files, held_files = split(files)
-    torch.manual_seed(RECIPE["seed"])
-    generator = torch.Generator().manual_seed(RECIPE["seed"])
+    torch.manual_seed(recipe["seed"])
+    generator = torch.Generator().manual_seed(recipe["seed"])
     train_images = _load_resized(root, train_files)
     held_images = _load_resized(root, held_files)
     train_labels = [label for _, label in train_files]
     held_labels = [label for _, label in held_files]
 
     net = TinyInceptionV1(len(CATEGORIES))
-    optimiser = torch.optim.AdamW(net.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    steps_per_epoch = -(-len(train_images) // RECIPE["batch_size"])
+    optimiser = torch.optim.AdamW(net.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    steps_per_epoch = -(-len(train_images) // recipe["batch_size"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=RECIPE["lr"], total_steps=RECIPE["epochs"] * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"])
-    for epoch in range(RECIPE["epochs"]):
+        optimiser, max_lr=recipe["lr"], total_steps=recipe["epochs"] * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    for epoch in range(recipe["epochs"]):
         net.train()
         total = 0.0
-        for x, y in _batches(train_images, train_labels, RECIPE["batch_size"], generator, True):
+        for x, y in _batches(train_images, train_labels, recipe["batch_size"], generator, True, recipe):
             optimiser.zero_grad()
             loss = loss_fn(net(x), y)
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
         if progress:
-            print(f"demo network: epoch {epoch + 1}/{RECIPE['epochs']} "
+            print(f"demo network: epoch {epoch + 1}/{recipe['epochs']} "
                   f"loss {total / len(train_images):.3f}", file=sys.stderr, flush=True)
 
     net.eval()
     correct = 0
     with torch.no_grad():
-        for x, y in _batches(held_images, held_labels, 64, None, False):
+        for x, y in _batches(held_images, held_labels, 64, None, False, recipe):
             correct += int((net(x).argmax(1) == y).sum())
-    report = {
+    result = {
         "held_out_accuracy": correct / len(held_images),
         "train_images": len(train_images),
         "held_out_images": len(held_images),
         "categories": list(CATEGORIES),
-        "recipe": RECIPE,
+        "recipe": recipe,
+        "numerics": NUMERICS,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
         "seconds": round(time.perf_counter() - started, 1),
         "held_out": [path for path, _ in held_files],
     }
     tmp = out.with_suffix(".tmp")
     torch.save(net.state_dict(), tmp)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     tmp.replace(out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    return report
+    return result
 
 
 def ensure_trained(root: Path | None = None, *, force: bool = False) -> Path:
@@ -176,12 +231,44 @@ def ensure_trained(root: Path | None = None, *, force: bool = False) -> Path:
     if force or not out.is_file():
         print(f"training the demo network on {root} (once; cached at {out}) …",
               file=sys.stderr, flush=True)
-        report = train(root, out)
-        print(f"demo network: held-out accuracy {report['held_out_accuracy']:.3f} "
-              f"in {report['seconds']} s", file=sys.stderr, flush=True)
+        result = train(root, out)
+        print(f"demo network: held-out accuracy {result['held_out_accuracy']:.3f} "
+              f"in {result['seconds']} s", file=sys.stderr, flush=True)
     return out
+
+
+def load(weights: str, seed: int) -> LoadedModel:
+    """The registry's loader for ``demo``: ``"demo"`` (the cached trained weights, trained first if
+    needed), ``"random"`` (seeded), or a path to a state dict."""
+    categories = list(CATEGORIES)
+    torch.manual_seed(seed)
+    network = TinyInceptionV1(len(categories))
+    if weights != "random":
+        path = ensure_trained() if weights in ("demo", "default") else Path(weights)
+        load_fitting(network, _load_state_dict_file(path), "demo network", str(path))
+        weights = "demo" if weights in ("demo", "default") else f"file:{path.name}"
+    return LoadedModel(name="demo", weights=weights, weights_sha256=weights_digest(network), network=network,
+                       transform=transform(), categories=categories, input_size=INPUT_SIZE)
+
+
+register_model("demo", load, "demo")
 
 
 def report(weights: Path) -> dict:
     """The training report saved beside ``weights``."""
     return json.loads(weights.with_suffix(".json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of the training child process (see :func:`train`)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipe", default=json.dumps(RECIPE))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    _train_here(args.root, args.out, json.loads(args.recipe), progress=not args.quiet)
+
+
+if __name__ == "__main__":
+    main()

@@ -57,22 +57,42 @@ def paint_cells(canvas: np.ndarray, size: int, cells: list[tuple[int, int]], val
     return low, high
 
 
+def _wrap(text: str, width: float, measure) -> list[str]:
+    """``text`` in lines no wider than ``width`` (by ``measure``), broken between words; a word
+    wider than a line is broken between characters, so nothing is drawn past the picture's edge."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and measure(candidate) <= width:
+            lines[-1] = candidate
+            continue
+        while measure(word) > width and len(word) > 1:
+            cut = max(1, next(n for n in range(len(word), 0, -1) if measure(word[:n]) <= width or n == 1))
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
+
+
 def colour_bar(width: int, low: float, high: float, *, diverging: bool = False, log: bool = False,
                title: str = "") -> Image.Image:
-    """A horizontal colour bar labelled with its limits (and 0 in the middle of a diverging one)."""
-    bar_h = 18
-    bar = Image.new("RGB", (width, bar_h + (36 if title else 22)), "white")
+    """A horizontal colour bar labelled with its limits (and 0 in the middle of a diverging one),
+    and the title below, wrapped to the bar's width so a narrow picture shows all of it."""
+    bar_h, line_h = 18, 14
+    font = ImageFont.load_default()
+    measure = lambda text: ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)
+    lines = _wrap(title + (" (log scale)" if log else ""), width - 8, measure) if title else []
+    bar = Image.new("RGB", (width, bar_h + 22 + line_h * len(lines)), "white")
     ramp = colour_ramp(np.linspace(0, 1, width)[None, :].repeat(bar_h, 0), DIVERGING if diverging else SEQUENTIAL)
     bar.paste(Image.fromarray(ramp), (0, 0))
     draw = ImageDraw.Draw(bar)
-    font = ImageFont.load_default()
     unlog = (lambda v: 10 ** v - 1) if log else (lambda v: v)
     for x, value in [(0, unlog(low)), (width - 1, unlog(high))] + ([(width // 2, 0.0)] if diverging else []):
         text = f"{value:.3g}"
         text_width = draw.textlength(text, font=font)
         draw.text((min(max(0, x - text_width / 2), width - text_width), bar_h + 2), text, fill="black", font=font)
-    if title:
-        draw.text((4, bar_h + 16), title + (" (log scale)" if log else ""), fill="black", font=font)
+    for n, line in enumerate(lines):
+        draw.text((4, bar_h + 16 + n * line_h), line, fill="black", font=font)
     return bar
 
 

@@ -15,6 +15,8 @@ import warnings
 
 import numpy as np
 
+from .errors import InvalidOptionError
+
 __all__ = ["Layout", "Grid", "normalise_layout", "unit_rows"]
 
 
@@ -45,6 +47,7 @@ class Layout:
     min_dist : float, default 0.05
         UMAP minimum distance (the article's value).
     metric : str, default "cosine"
+        ``"cosine"`` or ``"euclidean"``: UMAP's metric, and the one points UMAP did not see are placed by.
     fit_size : int, default 20000
         Points UMAP optimises; the rest are placed by k-NN. ``0`` fits every point.
     n_epochs : int or None
@@ -67,14 +70,24 @@ class Layout:
         self.random_state = random_state
 
     def _validate(self, n: int) -> None:
-        if self.n_neighbors < 2:
-            raise ValueError("n_neighbors must be at least 2")
-        if not 0.0 <= self.min_dist <= 1.0:
-            raise ValueError("min_dist must be between 0 and 1")
-        if self.place_k < 1:
-            raise ValueError("place_k must be at least 1")
+        """Refuse values UMAP would fail on late or silently misread, naming the parameter."""
+        def whole(value) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        if not whole(self.n_neighbors) or self.n_neighbors < 2:
+            raise InvalidOptionError(f"n_neighbors must be a whole number of at least 2, not {self.n_neighbors!r}")
+        if not isinstance(self.min_dist, (int, float, np.floating)) or not 0.0 <= self.min_dist <= 1.0:
+            raise InvalidOptionError(f"min_dist must be between 0 and 1, not {self.min_dist!r}")
+        if self.metric not in ("cosine", "euclidean"):
+            raise InvalidOptionError(f"metric must be cosine or euclidean, not {self.metric!r}")
+        if not whole(self.fit_size) or self.fit_size < 0:
+            raise InvalidOptionError(f"fit_size must be 0 (all points) or a positive whole number, not {self.fit_size!r}")
+        if self.n_epochs is not None and (not whole(self.n_epochs) or self.n_epochs < 1):
+            raise InvalidOptionError(f"n_epochs must be None or a positive whole number, not {self.n_epochs!r}")
+        if not whole(self.place_k) or self.place_k < 1:
+            raise InvalidOptionError(f"place_k must be a whole number of at least 1, not {self.place_k!r}")
         if n < 4:
-            raise ValueError(f"a layout needs at least 4 points, got {n}")
+            raise InvalidOptionError(f"a layout needs at least 4 points, got {n}")
 
     def fit(self, X: np.ndarray) -> "Layout":
         import umap
@@ -150,9 +163,9 @@ class Grid:
 
     def _validate(self) -> None:
         if int(self.size) != self.size or self.size < 1:
-            raise ValueError(f"size must be a positive integer, not {self.size!r}")
+            raise InvalidOptionError(f"size must be a positive integer, not {self.size!r}")
         if self.min_count < 1:
-            raise ValueError("min_count must be at least 1")
+            raise InvalidOptionError(f"min_count must be at least 1, not {self.min_count!r}")
 
     def transform(self, positions: np.ndarray) -> np.ndarray:
         """(N, 2) cell (i, j) of each (x, y) position in [0, 1]²."""

@@ -11,7 +11,8 @@ That one idea gives the three passes the pipeline needs:
 
 Two networks are registered: ``inceptionv1`` (torchvision's GoogLeNet, whose ImageNet
 weights come through torchvision's own download-and-cache) and ``demo`` (a quarter-width
-InceptionV1 of the same layer structure trained on ``sample_data/`` by :mod:`atlasq.demo_model`).
+InceptionV1 of the same layer structure trained on ``sample_data/``, which :mod:`atlasq.demo_model`
+defines and registers itself; further networks register with :func:`register_model`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib
 import os
 import socket
 import sys
@@ -151,7 +153,7 @@ class TinyInceptionV1(StagedClassifier):
     """InceptionV1 at a quarter of the width, same stages and layer names, for small inputs.
 
     Built from torchvision's own ``Inception`` and ``BasicConv2d`` blocks; used as the demo
-    and test network (trained on ``sample_data/`` in about a minute on two CPU cores).
+    and test network (trained on ``sample_data/`` by :mod:`atlasq.demo_model`).
     """
 
     # (in, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj): GoogLeNet's table divided by 4.
@@ -396,28 +398,6 @@ def _load_inceptionv1(weights: str, seed: int) -> LoadedModel:
     )
 
 
-def _load_demo(weights: str, seed: int) -> LoadedModel:
-    from . import demo_model  # training code; imported lazily (it pulls in sample data)
-
-    categories = list(demo_model.CATEGORIES)
-    torch.manual_seed(seed)
-    network = TinyInceptionV1(len(categories))
-    if weights != "random":
-        path = demo_model.ensure_trained() if weights in ("demo", "default") else Path(weights)
-        load_fitting(network, _load_state_dict_file(path), "demo network", str(path))
-        weights = "demo" if weights in ("demo", "default") else f"file:{path.name}"
-    return LoadedModel(
-        name="demo", weights=weights, weights_sha256=weights_digest(network), network=network,
-        transform=demo_transform(), categories=categories, input_size=demo_model.INPUT_SIZE,
-    )
-
-
-def demo_transform() -> "Preprocess":
-    from .demo_model import INPUT_SIZE, RESIZE_SIZE
-
-    return Preprocess(ImageClassification(crop_size=INPUT_SIZE, resize_size=RESIZE_SIZE))
-
-
 class Preprocess:
     """A weights' ``ImageClassification`` preset (resize shorter side, centre crop, normalise),
     computed in one PIL resample of only the cropped region.
@@ -468,12 +448,21 @@ class Preprocess:
 
 _REGISTRY: dict[str, tuple[Callable[[str, int], LoadedModel], str]] = {
     "inceptionv1": (_load_inceptionv1, "imagenet"),
-    "demo": (_load_demo, "demo"),
 }
+#: Networks defined in modules of their own, which register themselves when imported; such a
+#: module is imported the first time the registry is consulted, so this module imports none of them.
+_PROVIDERS = {"demo": "atlasq.demo_model"}
+
+
+def _registry() -> dict[str, tuple[Callable[[str, int], LoadedModel], str]]:
+    for name, module in _PROVIDERS.items():
+        if name not in _REGISTRY:
+            importlib.import_module(module)
+    return _REGISTRY
 
 
 def model_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_registry())
 
 
 def register_model(name: str, loader: Callable[[str, int], LoadedModel], default_weights: str) -> None:
@@ -493,7 +482,7 @@ def load_model(name: str = "inceptionv1", weights: str | None = None, *, device:
     device : ``"auto"``, ``"cpu"``, ``"cuda"``, …
     seed : seed for random weights.
     """
-    if name not in _REGISTRY:
+    if name not in _registry():
         raise InvalidOptionError(f"--model: unknown model {name!r}; available: {', '.join(model_names())}")
     loader, default = _REGISTRY[name]
     loaded = loader(weights or default, seed)

@@ -7,7 +7,7 @@
    activations and extrapolated linearly, since its cost is linear in the queries; the output
    says so. Both find the same neighbours for most queries; the top-1 agreement is printed.
 2. Queries. A DuckDB index of 1,000,000 images with 4 placed activations each is written through
-   :class:`atlasq.store.IndexStore`. Then the median latencies of "the images in one cell"
+   :class:`atlasq.store.IndexStore`'s public ``commit`` and ``write_placements``. Then the median latencies of "the images in one cell"
    (first page of 20) and "counts for all cells" are measured over random cells.
 
     python bench/histogram.py [--reference 100000] [--queries 1000000] [--images 1000000]
@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from atlasq.histogram import _weighted_vote, nearest, reference_index
 from atlasq.layout import unit_rows
-from atlasq.store import IndexStore
+from atlasq.store import Chunk, IndexStore
 from synthetic import synthetic_activations
 
 WORK = Path(__file__).resolve().parent / "_work"
@@ -87,8 +87,13 @@ def bench_queries(n_images: int, grid: int, repeats: int) -> dict:
     step = 250_000
     for start in range(0, n_images, step):
         ids = np.arange(start + 1, min(n_images, start + step) + 1, dtype=np.int64)
-        store._insert("images", {"id": ids, "path": [f"folder/{i:07d}.jpg" for i in ids],
-                                  "shard": np.zeros(len(ids), np.int32), "row": np.zeros(len(ids), np.int32)})
+        m = len(ids)  # image rows only: the queries never read vectors (one-wide placeholders)
+        store.commit(Chunk(
+            images={"id": ids.tolist(), "path": [f"folder/{i:07d}.jpg" for i in ids], "bytes": [0] * m,
+                    "mtime": [0.0] * m, "width": [0] * m, "height": [0] * m, "hash": [""] * m,
+                    "top5_class": [[0] * 5] * m, "top5_prob": [[0.0] * 5] * m},
+            pooled=np.zeros((m, 1), np.float32), samples={"image_id": [], "layer": [], "k": [], "y": [], "x": []},
+            activations={}, attributions={}, errors=[]))
     n = n_images * 4
     # cells drawn unevenly, as real datasets fill an atlas: a few cells hold many activations
     weights = rng.pareto(1.2, grid * grid) + 0.05

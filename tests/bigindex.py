@@ -1,8 +1,12 @@
-"""A large synthetic index placed on an existing atlas, for measuring the app at scale.
+"""A large synthetic index placed on an existing atlas, built through IndexStore's public API only.
 
-It writes only what the app reads: image rows, sample rows and placements. The images cycle
-through a real folder's files, so thumbnails load; vectors and shards are left out, because the
-app never reads them for cells. Cells are drawn unevenly, the way real datasets fill an atlas.
+It holds what the app reads for cells: image rows, sample rows and their placements on the atlas.
+Rows are committed with :meth:`IndexStore.commit` in chunks, as the indexer does, and placed with
+:meth:`IndexStore.write_placements`, as ``atlasq histogram`` does. The images cycle through a real
+folder's files, so thumbnails load. The vectors in the shards are one-wide placeholders (zeros),
+because nothing that reads cells reads them; such an index cannot be searched or built into an
+atlas, and its meta says ``"synthetic": true``. Cells are drawn unevenly, the way real datasets
+fill an atlas. Everything is drawn from ``seed``: the same arguments give the same index.
 """
 
 from __future__ import annotations
@@ -16,39 +20,46 @@ import pyarrow as pa
 from atlasq.atlas import load_atlas
 from atlasq.histogram import atlas_key, record_placed
 from atlasq.images import scan_images
-from atlasq.store import IndexStore, index_folder
+from atlasq.store import Chunk, IndexStore, index_folder
 
 SAMPLES_PER_IMAGE = 4
+CHUNK_IMAGES = 20_000
 
 
 def make_placed_index(home: Path, name: str, atlas_name: str, root: Path, images: int, seed: int = 0) -> Path:
     """Index ``name`` of ``images`` rows whose files cycle through ``root``, placed on ``atlas_name``."""
     atlas = load_atlas(atlas_name, home)
+    manifest = atlas.manifest
+    layer = manifest["layer"]
+    files = [entry.path for entry in scan_images(root)]
+    rng = np.random.default_rng(seed)
+    top5 = [list(map(int, rng.choice(len(manifest["categories"]), 5, replace=False))) for _ in range(64)]
+    h, w = manifest["layer_shape"]
     folder = index_folder(name, home)
     store = IndexStore.create(folder)
     try:
-        files = [entry.path for entry in scan_images(root)]
-        manifest = atlas.manifest
         store.set_meta({"root": str(Path(root).resolve()), "model": manifest["model"], "weights": manifest["weights"],
                         "weights_sha256": manifest.get("weights_sha256"), "random_weights": manifest["random_weights"],
-                        "layers": [manifest["layer"]], "samples_per_image": SAMPLES_PER_IMAGE,
+                        "layers": [layer], "samples_per_image": SAMPLES_PER_IMAGE,
                         "categories": manifest["categories"], "synthetic": True})
-        rng = np.random.default_rng(seed)
-        ids = np.arange(1, images + 1, dtype=np.int64)
-        n = images * SAMPLES_PER_IMAGE
-        top5 = [list(map(int, rng.choice(len(manifest["categories"]), 5, replace=False))) for _ in range(64)]
-        store._insert("images", {
-            "id": ids, "path": [files[i % len(files)] for i in range(images)], "width": np.full(images, 256, np.int32),
-            "height": np.full(images, 256, np.int32), "top5_class": [top5[i % 64] for i in range(images)],
-            "top5_prob": [[0.5, 0.2, 0.1, 0.1, 0.1]] * images, "shard": np.zeros(images, np.int32),
-            "row": np.zeros(images, np.int32)})
-        image_of = np.repeat(ids, SAMPLES_PER_IMAGE)
-        k = np.tile(np.arange(SAMPLES_PER_IMAGE, dtype=np.int16), images)
-        h, w = manifest["layer_shape"]
-        y = rng.integers(1, max(2, h - 1), n).astype(np.int16)
-        x = rng.integers(1, max(2, w - 1), n).astype(np.int16)
-        store._insert("samples", {"image_id": image_of, "layer": [manifest["layer"]] * n, "k": k, "y": y, "x": x,
-                                  "shard": np.zeros(n, np.int32), "row": np.zeros(n, np.int32)})
+        positions = []
+        for start in range(1, images + 1, CHUNK_IMAGES):
+            ids = list(range(start, min(images, start + CHUNK_IMAGES - 1) + 1))
+            n, m = len(ids), len(ids) * SAMPLES_PER_IMAGE
+            paths = [files[(i - 1) % len(files)] for i in ids]
+            y = rng.integers(1, max(2, h - 1), m)
+            x = rng.integers(1, max(2, w - 1), m)
+            store.commit(Chunk(
+                images={"id": ids, "path": paths, "bytes": [0] * n, "mtime": [0.0] * n, "width": [256] * n,
+                        "height": [256] * n, "hash": [f"synthetic-{i}" for i in ids],
+                        "top5_class": [top5[i % 64] for i in ids], "top5_prob": [[0.5, 0.2, 0.1, 0.1, 0.1]] * n},
+                pooled=np.zeros((n, 1), np.float32),
+                samples={"image_id": np.repeat(ids, SAMPLES_PER_IMAGE).tolist(), "layer": [layer] * m,
+                         "k": list(range(SAMPLES_PER_IMAGE)) * n, "y": y.tolist(), "x": x.tolist()},
+                activations={layer: np.zeros((m, 1), np.float16)}, attributions={}, errors=[]))
+            positions.append((np.repeat(ids, SAMPLES_PER_IMAGE), np.tile(np.arange(SAMPLES_PER_IMAGE), n), y, x))
+        image_of, k, y, x = (np.concatenate(column) for column in zip(*positions))
+        n = len(image_of)
         parts = []
         for level in atlas.levels:
             cells = atlas.cells_at(level)
@@ -56,13 +67,14 @@ def make_placed_index(home: Path, name: str, atlas_name: str, root: Path, images
             which = rng.choice(len(cells["i"]), n, p=weights / weights.sum())
             parts.append(pa.table({
                 "atlas": pa.array([manifest["name"]] * n), "level": np.full(n, level, np.int16),
-                "image_id": image_of, "k": k, "y": y, "x": x,
-                "i": np.asarray(cells["i"], np.int16)[which], "j": np.asarray(cells["j"], np.int16)[which],
+                "image_id": image_of.astype(np.int64), "k": k.astype(np.int16), "y": y.astype(np.int16),
+                "x": x.astype(np.int16), "i": np.asarray(cells["i"], np.int16)[which],
+                "j": np.asarray(cells["j"], np.int16)[which],
                 "distance": rng.random(n, dtype=np.float32) * 0.2, "cell_distance": rng.random(n, dtype=np.float32),
                 "off_atlas": np.zeros(n, bool)}))
         store.write_placements(manifest["name"], atlas_key(atlas), pa.concat_tables(parts), replace=True, gone=[])
         record_placed(store, manifest["name"])
     finally:
         store.close()
-    (folder / "SYNTHETIC.json").write_text(json.dumps({"images": images, "atlas": atlas_name}))
+    (folder / "SYNTHETIC.json").write_text(json.dumps({"images": images, "atlas": atlas_name, "seed": seed}))
     return folder

@@ -8,6 +8,7 @@ ATLASQ_REQUIRE_BROWSER=1 (set by .ci/run), when a missing browser is a failure.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from atlasq import appdata, demo_model, serve
 from atlasq.atlas import AtlasOptions, build_atlas, load_atlas
 from atlasq.histogram import cell_images, histogram
 from atlasq.indexer import IndexOptions, build_index
+from atlasq.api import search_index
 from atlasq.store import IndexStore, index_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,21 +39,17 @@ SCREENSHOTS = Path(os.environ.get("ATLASQ_SCREENSHOTS") or REPO / "tests" / "_sc
 
 
 @pytest.fixture(scope="module")
-def app_home(sample_home, tmp_path_factory):
-    """sample_home plus: atlas ``app`` of index ``sample`` (10×10 and 20×20, quick icons), index
-    ``two`` (held-out images of two classes), both placed on the atlas."""
-    home = sample_home
-    if not (home / "atlases" / "app" / "manifest.json").is_file():
-        build_atlas("sample", "app", home=home, progress=False,
-                    options=AtlasOptions(layer="mixed5a", grids=(10, 20), steps=16, icon_batch=64, seed=5))
+def app_home(atlas_home, copy_home, tmp_path_factory):
+    """A copy of the session's atlas_home (index ``sample``, atlas ``app``: 10×10 and 20×20, quick
+    icons) plus index ``two`` (held-out images of two classes), both placed on the atlas."""
+    home = copy_home(atlas_home)
     folder = tmp_path_factory.mktemp("two_files")
     for rel, _ in demo_model.held_out_paths(SAMPLE_DATA):
         if rel.split("/")[0] in ("red_discs", "stripes"):
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(SAMPLE_DATA / rel, folder / rel)
-    if not (home / "two").exists():
-        build_index(folder, "two", home=home, progress=False, precision="fp32",
-                    options=IndexOptions(model="demo", layers=("mixed5a",)))
+    build_index(folder, "two", home=home, progress=False, precision="fp32",
+                options=IndexOptions(model="demo", layers=("mixed5a",)))
     histogram("app", "sample", home=home)
     histogram("app", "two", home=home)
     return home
@@ -117,9 +115,11 @@ def test_choosing_a_cell_shows_its_images_and_pages_through_them(app_home, monke
     assert len(at.table) == 2  # top-5 predictions, and where its activations fall
     at.button(key=f"similar_{first_id}").click().run()
     hits = at.session_state["search"]["hits"]
-    query_class = expected[0].split("/")[0]
     assert first_id not in [h["id"] for h in hits]
-    assert np.mean([h["path"].split("/")[0] == query_class for h in hits]) >= 0.8
+    # The app shows the library's neighbours of that image, in order; whether neighbours share
+    # the query's class is the network's quality, measured over all images in test_search.py.
+    library = search_index("sample", str(first_id), k=len(hits), home=app_home)["hits"]
+    assert len(hits) >= 8 and [h["id"] for h in hits] == [h["id"] for h in library]
     assert "activations of the search results" in " ".join(c.value for c in at.caption)
 
 
@@ -327,7 +327,20 @@ def test_browser_click_on_a_cell_shows_that_cells_images(browser_page, app_home)
     assert captions.all_inner_texts()[:len(expected)] == expected
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "app_cell.png"), full_page=True)
-    assert Image.open(SCREENSHOTS / "app_cell.png").size[0] >= 1000
+    # What the browser drew for the first caption is that image: its pixels match the file's
+    # (resized to the drawn size) far better than the second image's.
+    drawn = page.locator(f"xpath=//*[@data-testid='stImageCaption'][normalize-space()='{expected[0]}']"
+                         "/ancestor::*[.//img][1]//img").first
+    shot = Image.open(io.BytesIO(drawn.screenshot())).convert("L")
+    root = Path(load_atlas("app", app_home).manifest["index_root"])
+    match = [_correlation(shot, Image.open(root / path).convert("L")) for path in expected[:2]]
+    assert match[0] > 0.8 and match[0] > match[1] + 0.1, match
+
+
+def _correlation(shot: Image.Image, source: Image.Image) -> float:
+    a = np.asarray(shot, np.float32).ravel()
+    b = np.asarray(source.resize(shot.size, Image.Resampling.BILINEAR), np.float32).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def test_browser_upload_shows_neighbours(browser_page, app_home, tmp_path):
@@ -338,38 +351,12 @@ def test_browser_upload_shows_neighbours(browser_page, app_home, tmp_path):
     page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(query))
     page.get_by_text("Nearest images").wait_for(timeout=120_000)
     captions = [c for c in page.locator("[data-testid='stImageCaption']").all_inner_texts() if "(" in c]
-    classes = [c.split("/")[0] for c in captions]
-    assert len(classes) >= 8 and np.mean([c == "stripes" for c in classes]) >= 0.8
+    shown = [c.rsplit(" (", 1)[0] for c in captions]
+    # The library's neighbours of that file, in order (their meaning is test_search.py's concern).
+    library = search_index("sample", str(query), k=len(shown), home=app_home)["hits"]
+    assert len(shown) >= 8 and shown == [h["path"] for h in library]
+    assert shown[0] == f"stripes/{sorted(os.listdir(SAMPLE_DATA / 'stripes'))[0]}"  # the file itself
     page.screenshot(path=str(SCREENSHOTS / "app_search.png"), full_page=True)
-
-
-@pytest.fixture(scope="module")
-def big_index(app_home):
-    from bigindex import make_placed_index
-
-    if not (app_home / "big").exists():
-        make_placed_index(app_home, "big", "app", SAMPLE_DATA, images=100_000)
-    return "big"
-
-
-def test_browser_click_on_a_100k_image_index(browser_page, served_app, app_home, big_index):
-    """Scale: on 100,000 images (400,000 placed activations per level) a click still shows the
-    cell's first page. The time is printed, not asserted (machines here are shared)."""
-    page = browser_page
-    page.goto(f"{served_app}/?index={big_index}")
-    page.wait_for_selector("[data-testid='stVegaLiteChart'] path.background", timeout=120_000)
-    cell = _fullest_cell(app_home, big_index)
-    assert cell.images > 5_000
-    frame = page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
-    started = time.perf_counter()
-    page.mouse.click(frame["x"] + (cell.j + 0.5) * frame["width"] / 10,
-                     frame["y"] + (cell.i + 0.5) * frame["height"] / 10)
-    page.get_by_text(f"{cell['images']} images of {big_index} here").wait_for(timeout=60_000)
-    page.wait_for_function("() => document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= 12",
-                           timeout=60_000)
-    print(f"100k-image index: click to 12 images {time.perf_counter() - started:.2f} s")
-    expected = [m.path for m in cell_images("app", big_index, cell.i, cell.j, home=app_home, k=12).images]
-    assert page.locator("[data-testid='stImageCaption']").all_inner_texts()[:12] == expected
 
 
 # ----------------------------------------------------------------------------- the `atlasq app` command

@@ -27,12 +27,15 @@ from atlasq.featurevis import direction_objective
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.layout import Grid
 from atlasq.store import IndexStore
+from conftest import QUICK_ATLAS
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
 # The default 512 steps: icons converge on their cell in the settle phase (the last 64 steps);
 # at 256 steps 88% of the 10x10 icons are closest to their own cell, at 512 all of them.
-OPTIONS = dict(layer="mixed5a", grids=(10, 20), steps=512, icon_batch=32, precision="fp32", seed=3)
+# One level: icon fidelity is asserted at the coarsest, and the 20x20 level's icons would cost most
+# of the suite's time; two levels (10 and 20) are built by conftest's quick atlas (atlas_home).
+OPTIONS = dict(layer="mixed5a", grids=(10,), steps=512, icon_batch=32, precision="fp32", seed=3)
 
 
 # ----------------------------------------------------------------------------- grid binning
@@ -150,6 +153,12 @@ def test_bad_options_are_refused():
 # ----------------------------------------------------------------------------- whole builds
 
 @pytest.fixture(scope="module")
+def sample_home(sample_home, copy_home):
+    """This module builds atlases in the home: its own copy of the session's (see conftest.py)."""
+    return copy_home(sample_home)
+
+
+@pytest.fixture(scope="module")
 def built(sample_home):
     summary = build_atlas("sample", "ref", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
     return summary, load_atlas("ref", sample_home)
@@ -202,7 +211,7 @@ def test_atlas_folder_is_self_describing(built, sample_home):
     summary, atlas = built
     m = atlas.manifest
     assert m["complete"] and m["model"] == "demo" and m["layer"] == "mixed5a" and m["random_weights"] is False
-    assert m["options"]["seed"] == 3 and m["options"]["grids"] == [10, 20] and m["atlasq_version"]
+    assert m["options"]["seed"] == 3 and m["options"]["grids"] == [10] and m["atlasq_version"]
     n = m["activations"]
     assert n == len(atlas.reference) == len(atlas.activations()) == len(atlas.positions())
     assert ((atlas.positions() >= 0) & (atlas.positions() <= 1)).all()
@@ -247,25 +256,28 @@ def test_icons_raise_their_objective_and_resemble_their_own_cell(built):
     assert fidelity >= 0.9 > 10 * chance
 
 
-def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(built, sample_home, monkeypatch):
-    """Interrupt after the first icon batch, resume, and compare with the uninterrupted build."""
-    _, reference = built
+def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(atlas_home, sample_home, monkeypatch):
+    """Interrupt after the first icon batch, resume, and compare with the uninterrupted build of the
+    same index and options: the session's atlas ``app`` (conftest's QUICK_ATLAS, 16-step icons; what
+    is compared does not depend on the number of steps, and a second 512-step build would only cost)."""
+    reference = load_atlas("app", atlas_home)
+    options = QUICK_ATLAS
     real = atlas_module.render_directions
 
     def interrupt_second(*args, **kwargs):
-        batch_number = kwargs["seed"] // 16 - OPTIONS["seed"] * 1_000_003
+        batch_number = kwargs["seed"] // 16 - options.seed * 1_000_003
         if batch_number == 1:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(atlas_module, "render_directions", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
-        build_atlas("sample", "again", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
+        build_atlas("sample", "again", home=sample_home, options=options, progress=False)
     with pytest.raises(AtlasError, match="unfinished"):
         load_atlas("again", sample_home)
     monkeypatch.setattr(atlas_module, "render_directions", real)
-    resumed = build_atlas("sample", "again", home=sample_home, options=AtlasOptions(**OPTIONS), progress=False)
-    assert resumed.resumed and resumed.icons_reused == OPTIONS["icon_batch"]
+    resumed = build_atlas("sample", "again", home=sample_home, options=options, progress=False)
+    assert resumed.resumed and resumed.icons_reused == options.icon_batch
     again = load_atlas("again", sample_home)
     np.testing.assert_array_equal(again.positions(), reference.positions())
     drop = ["exemplars"]  # paths are the same; compare the rest column by column
@@ -299,7 +311,7 @@ def test_atlas_info_cli(built, sample_home):
     result = CliRunner().invoke(app, ["atlas", "info", "ref", "--home", str(sample_home), "--json"])
     assert result.exit_code == 0, result.stdout
     info = json.loads(result.stdout.splitlines()[0])
-    assert info["layer"] == "mixed5a" and [lv["size"] for lv in info["levels"]] == [10, 20]
+    assert info["layer"] == "mixed5a" and [lv["size"] for lv in info["levels"]] == [10]
     assert all(lv["cells"] > 0 and lv["top_labels"] for lv in info["levels"])
     missing = CliRunner().invoke(app, ["atlas", "info", "nothing", "--home", str(sample_home)])
     assert missing.exit_code == 1

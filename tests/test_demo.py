@@ -13,6 +13,9 @@ from atlasq.model import WeightsUnavailableError
 
 
 def test_demo_indexes_searches_and_builds_an_atlas_then_reuses_it(tmp_path, demo_weights, monkeypatch):
+    # Quick icons: this checks the command's path (offline fallback, index, search, atlas, reuse).
+    # What 512-step icons look like is tests/test_atlas.py's concern.
+    monkeypatch.setitem(api.DEMO_ATLAS, "demo", {**api.DEMO_ATLAS["demo"], "steps": 16})
     real_load_model = api.load_model
 
     def offline(name, weights=None, **kwargs):  # as on a machine with no cached ImageNet weights
@@ -27,8 +30,9 @@ def test_demo_indexes_searches_and_builds_an_atlas_then_reuses_it(tmp_path, demo
     assert first["model_used"].startswith("demo") and "ImageNet weights unavailable" in first["why"]
     assert first["index"]["total_images"] == 576 and first["index"]["total_errors"] == 0
     hits = first["example_search"]["hits"]
-    query_class = first["example_search"]["query"].split("/")[0]
-    assert sum(h["path"].split("/")[0] == query_class for h in hits) >= 4
+    query = first["example_search"]["query"]
+    # The library's neighbours of the first file (their meaning: test_search.py, over all images).
+    assert len(hits) == 5 and hits == api.search_index("sample", query, k=5, home=tmp_path)["hits"]
 
     atlas = first["atlas"]
     assert atlas["reused"] is False and atlas["layer"] == "mixed5a" and not atlas["random_weights"]

@@ -441,9 +441,12 @@ def _six_images(model):
 # Measured (2-core AVX512-BF16 CPU, layers mixed3b/mixed4c/mixed5b, 8 samples per image):
 #   demo:              pooled cosine min 0.99993; activation rel. L2 per image max 0.0069 / 0.0067 / 0.0138
 #   random inceptionv1: pooled cosine min 0.99999; activation rel. L2 per image max 0.0066 / 0.0085 / 0.0114
-#   demo top-1 equal on 6/6 images.
 BF16_MIN_COSINE = 0.999
 BF16_MAX_REL_L2 = 0.05
+# bf16 keeps 8 bits of mantissa (relative rounding 2^-8 ≈ 0.004 per operation), and the measured
+# error of the activations is below 0.015; a class's probability moves by at most a few hundredths
+# then. So bf16 may pick another top-1 class only where fp32's two best are closer than this.
+BF16_MAX_FLIP_GAP = 0.1
 
 
 @pytest.mark.parametrize("name", ["demo", "inceptionv1"])
@@ -468,9 +471,47 @@ def test_bf16_agrees_with_fp32(name, demo, inception):
         rel = np.linalg.norm(fa - fb, axis=1) / np.linalg.norm(fa, axis=1)
         assert rel.max() <= BF16_MAX_REL_L2, (layer, rel)
     if name == "demo":
-        np.testing.assert_array_equal(fp32.top5_class[:, 0], bf16.top5_class[:, 0])
-        labels = [demo_model.CATEGORIES.index(p.split("/")[0]) for p in paths]
-        np.testing.assert_array_equal(fp32.top5_class[:, 0], labels)
+        # The same top-1 class, except where fp32 itself is undecided. Whether the class is the
+        # true one is the network's quality, asserted over all held-out images below.
+        flipped = fp32.top5_class[:, 0] != bf16.top5_class[:, 0]
+        gap = fp32.top5_prob[:, 0] - fp32.top5_prob[:, 1]
+        assert (gap[flipped] < BF16_MAX_FLIP_GAP).all(), (fp32.top5_class[:, 0], bf16.top5_class[:, 0], gap)
+
+
+# The trained demo network's quality, in aggregate over the 108 held-out images, since training
+# on another CPU kind gives other weights (see atlasq.demo_model.NUMERICS). Measured held-out
+# accuracy: 0.963 (AVX-512 CPU, before training was pinned to AVX2), 0.926 (AVX2-only AMD EPYC
+# before, and this AVX-512 AMD EPYC with the AVX2 pin). One image is 0.009; the binomial standard
+# deviation at 0.93 over 108 images is 0.025. The floor 0.85 is 3 deviations under the lower
+# figure and still 10 times chance (1/12).
+DEMO_MIN_ACCURACY = 0.85
+
+
+def _held_out_batch(model):
+    entries = {e.path: e for e in scan_images(SAMPLE_DATA)}
+    held = demo_model.held_out_paths(SAMPLE_DATA)
+    x = torch.stack([decode_file(SAMPLE_DATA, entries[p], model).tensor for p, _ in held])
+    return x, [p for p, _ in held], np.array([label for _, label in held])
+
+
+def test_demo_network_classifies_held_out_images_in_fp32_and_bf16(demo, demo_weights):
+    x, paths, labels = _held_out_batch(demo)
+    assert len(labels) >= 100
+    layers = ("mixed5b",)
+    fp32 = embed_batch(demo, x, paths, EmbedConfig(layers=layers, samples_per_image=1, precision="fp32"))
+    bf16 = embed_batch(demo, x, paths, EmbedConfig(layers=layers, samples_per_image=1, precision="bf16"))
+    accuracy = float((fp32.top5_class[:, 0] == labels).mean())
+    print(f"\ndemo network held-out accuracy: fp32 {accuracy:.3f}, bf16 "
+          f"{float((bf16.top5_class[:, 0] == labels).mean()):.3f} ({len(labels)} images)")
+    assert accuracy >= DEMO_MIN_ACCURACY
+    # The true class is nearly always among the five best.
+    assert float((fp32.top5_class == labels[:, None]).any(1).mean()) >= 0.97
+    # The training report measured the same accuracy on the same images (same preprocessing).
+    assert demo_model.report(demo_weights)["held_out_accuracy"] == pytest.approx(accuracy, abs=1.5 / len(labels))
+    # bf16 changes only undecided predictions (see BF16_MAX_FLIP_GAP), which are few.
+    flipped = fp32.top5_class[:, 0] != bf16.top5_class[:, 0]
+    gap = fp32.top5_prob[:, 0] - fp32.top5_prob[:, 1]
+    assert (gap[flipped] < BF16_MAX_FLIP_GAP).all() and flipped.mean() <= 0.05
 
 
 # ----------------------------------------------------------------------------- relaxation

@@ -50,14 +50,21 @@ def test_neighbours_share_the_query_class(sample_home):
         assert len(rows) == len(ids) >= 480
         assert store.faiss_is_current("exact")
         index = store.load_faiss("exact")
-        _, neighbours = search_vectors(index, vectors, 6)  # all queries in one batch
+        batch_scores, neighbours = search_vectors(index, vectors, 6)  # all queries in one batch
         for image_id, row in zip(ids.tolist(), neighbours):
             top = [int(i) for i in row if i != image_id][:5]
             assert len(top) == 5
             precision[paths[image_id]] = np.mean([cls(paths[i]) == cls(paths[image_id]) for i in top])
-        for image_id, vector, row in list(zip(ids.tolist(), vectors, neighbours))[::25]:
+        for image_id, vector, row, row_scores in list(zip(ids.tolist(), vectors, neighbours, batch_scores))[::25]:
             hits, kind = search(store, vector, 5, exclude=image_id)  # the library path agrees
-            assert kind == "exact" and [h.id for h in hits] == [int(i) for i in row if i != image_id][:5]
+            expected = [(int(i), float(s)) for i, s in zip(row, row_scores) if i != image_id][:5]
+            # A batch of queries and a single one are summed in another order (BLAS against a
+            # loop), so near-ties may swap: the same scores, and the same image wherever untied.
+            assert kind == "exact"
+            np.testing.assert_allclose([h.score for h in hits], [score for _, score in expected], atol=1e-5)
+            untied = [n for n, (_, score) in enumerate(expected)
+                      if sum(abs(score - other) < 1e-5 for _, other in expected) == 1]
+            assert [hits[n].id for n in untied] == [expected[n][0] for n in untied]
             assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
     overall = float(np.mean(list(precision.values())))
     held = float(np.mean([precision[p] for p in held_out]))

@@ -6,12 +6,10 @@ For the activation h at the centre position and the cell's direction v:
     direction, however strong it is. This is the limit n → ∞ of the articles' family below.
 ``"dot-cosine"`` is the articles' formula ``(h·v)^(n+1) / (|h|·|v|)^n``: the dot product times the
     cosine to the power n, with a true cosine. The dot product rewards a strong activation, and
-    the optimiser buys strength with direction. On the atlas tests/test_atlas.py builds, at 512
-    steps (n = 3), icons end at cosine 0.93 to their cell's mean with about twice a typical
-    activation's norm; with ``"cosine"`` they end above 0.99 with 0.93 times it. Neighbouring
-    cells' means can be 0.996 apart, so that difference decides whether an icon looks like its
-    own cell or a neighbour: 54% of the 10×10 icons are closest to their own cell with
-    ``"dot-cosine"``, all of them with ``"cosine"`` (the test asserts at least 90%).
+    the optimiser buys strength with direction: icons end further from their cell's direction,
+    with larger activations. Neighbouring cells' means can be nearly parallel, so that difference
+    decides whether an icon looks like its own cell or a neighbour (the README's atlas section
+    gives the figures, measured by tests/test_atlas.py's atlas).
 ``"article"`` is Lucid's exact code: ``dot = mean(h * v')`` and
     ``cos = max(0.1, dot / (1e-4 + |h|))`` (a scaled quantity, not a true cosine).
 

@@ -8,14 +8,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms._presets import ImageClassification
 
 from ..model import StagedClassifier, autocast
 from .objectives import direction_objective
 from .param import fft_image
 from .transform import robustness_transform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The normalisation of torchvision's ImageNet classification preset: the one InceptionV1's weights
+# and the demo network (atlasq.demo_model.transform) are used with. A network normalised otherwise
+# passes its own ``mean`` and ``std``.
+_PRESET = ImageClassification(crop_size=224)
+IMAGENET_MEAN: tuple[float, ...] = tuple(_PRESET.mean)
+IMAGENET_STD: tuple[float, ...] = tuple(_PRESET.std)
 
 
 @dataclass
@@ -88,9 +93,8 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
         for step in range(steps):
             if step == settle_from and step > 0:
                 # Adam's moment estimates come from the noisy transformed gradients and would
-                # damp the settle phase's steady ones, so a fresh optimiser starts it. On four
-                # demo atlases at 512 steps this raised the share of 10x10 icons closest to
-                # their own cell from 0.84 to 0.92 on average.
+                # damp the settle phase's steady ones, so a fresh optimiser starts it (its effect
+                # on the demo atlases is measured in the README's atlas section).
                 optimiser = torch.optim.Adam(params, lr=lr)
             optimiser.zero_grad(set_to_none=True)
             images = image_fn()
