@@ -376,8 +376,8 @@ def network_streams(device: torch.device, streams: int | None = None, *, attribu
 
     On a CPU with several cores: two streams of half the threads each, because one stream's
     threads wait for each other at every operator (and stall whenever a decoding thread takes a
-    core); measured on 2 cores, two one-thread streams run InceptionV1 about 1.25× faster than
-    one two-thread stream. With attributions: one stream, since forward-mode AD passes cannot
+    core), so on 2 cores two one-thread streams run the network faster than one two-thread stream
+    (the README gives the measured figure). With attributions: one stream, since forward-mode AD passes cannot
     run concurrently (see :mod:`atlasq.attribution`) and would each be left with half the threads.
     """
     if streams is not None:

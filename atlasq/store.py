@@ -91,8 +91,8 @@ CREATE TABLE IF NOT EXISTS placement_totals (
 """
 # cell_counts and placement_totals summarise placements per atlas and level. They are rebuilt in the
 # same transaction as every write, so the app's most frequent read (counts for all cells) reads a
-# table of one row per cell instead of counting distinct images over every placement (190 ms → a
-# few ms on 4M placements, bench/histogram.py).
+# table of one row per cell instead of counting distinct images over every placement
+# (bench/histogram.py times both).
 REFRESH_SUMMARIES = """
 DELETE FROM cell_counts WHERE atlas = $atlas;
 INSERT INTO cell_counts SELECT atlas, level, i, j, count(*), count(DISTINCT image_id) FROM placements
