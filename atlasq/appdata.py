@@ -282,7 +282,7 @@ def index_source(index: str, home: Path | None = None) -> dict:
     if missing:
         raise AppError(f"index {index!r} is unfinished (no {', '.join(missing)} recorded yet): "
                        f"run `atlasq index DIR --name {index}` again")
-    return {"root": meta["root"], "network": {key: meta.get(key) for key in _NETWORK_META}}
+    return {"root": meta["root"], "network": {key: meta[key] for key in _NETWORK_META if key in meta}}
 
 
 def index_stamp(index: str, home: Path | None = None) -> int:

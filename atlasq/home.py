@@ -14,6 +14,7 @@ every atlas. Every folder name here is a plain name checked by :func:`check_name
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -79,6 +80,14 @@ def mark_home(home: Path) -> None:
                           "`atlasq index` never indexes it.\n")
 
 
+# A home written before homes carried the marker is recognised by an atlas in it: that layout
+# (atlases/<name>/manifest.json) is fixed for such homes, whatever later formats call their files.
+_UNMARKED_HOME_ATLASES = os.path.join(ATLASES, "*", "manifest.json")
+
+
 def is_home(folder: Path | str) -> bool:
-    """Whether ``folder`` is an atlasq home (holds the marker)."""
-    return os.path.isfile(os.path.join(folder, HOME_MARKER))
+    """Whether ``folder`` is an atlasq home: it holds the marker, or (a home from before the
+    marker) an atlas."""
+    folder = os.fspath(folder)
+    return (os.path.isfile(os.path.join(folder, HOME_MARKER))
+            or bool(glob.glob(os.path.join(glob.escape(folder), _UNMARKED_HOME_ATLASES))))

@@ -20,7 +20,6 @@ kept as it is. :func:`real_path` turns a stored path back into the file's real n
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import re
@@ -131,9 +130,8 @@ def scan_folder(root: Path) -> Scan:
     (leading ``"."``) are skipped; directory symlinks are not followed, file symlinks are.
     Unreadable subfolders, dangling or looping symlinks with an image suffix, and image files
     whose status cannot be read are reported as :class:`ScanProblem` records. Folders that are atlasq homes
-    (:func:`atlasq.home.is_home`) or look like one written before homes were marked (they hold
-    an index database or ``atlases/*/manifest.json``) are not entered, and listed in
-    ``skipped_homes``; so are index folders themselves.
+    (:func:`atlasq.home.is_home`, which also knows homes from before the marker) are not
+    entered, and listed in ``skipped_homes``; so are index folders themselves.
 
     Raises
     ------
@@ -171,15 +169,9 @@ def scan_folder(root: Path) -> Scan:
     return scan
 
 
-# How a home written before homes carried a marker is recognised: it holds atlases/<name>/
-# manifest.json (the layout of that time, fixed); its index folders hold the index database.
-_OLD_ATLAS_MANIFESTS = os.path.join("atlases", "*", "manifest.json")
-
-
 def _is_atlasq_folder(directory: str) -> bool:
-    """Whether ``directory`` is a home, an index folder, or a home from before the marker."""
-    return (is_home(directory) or os.path.isfile(os.path.join(directory, DB_FILE))
-            or bool(glob.glob(os.path.join(glob.escape(directory), _OLD_ATLAS_MANIFESTS))))
+    """Whether ``directory`` is a home (marked, or from before the marker) or an index folder."""
+    return is_home(directory) or os.path.isfile(os.path.join(directory, DB_FILE))
 
 
 def _relative_key(path: str, root: Path) -> str:

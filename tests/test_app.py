@@ -195,7 +195,7 @@ def test_images_turned_into_links_out_of_the_root_or_loops_get_unavailable_tiles
     loop, is shown as a grey "unavailable" tile with the reason, not a traceback."""
     home = _copy_home(app_home, tmp_path / "home", images=tmp_path / "images")
     cell = _fullest_cell(home)
-    paths = [m["path"] for m in cell_images("app", "sample", cell["i"], cell["j"], home=home, k=12)["images"]]
+    paths = [m.path for m in cell_images("app", "sample", cell.i, cell.j, home=home, k=12).images]
     outside = tmp_path / "outside.png"
     Image.new("RGB", (64, 64), (0, 128, 255)).save(outside)
     root = appdata.index_root("sample", home)
@@ -205,7 +205,7 @@ def test_images_turned_into_links_out_of_the_root_or_loops_get_unavailable_tiles
     (root / paths[1]).symlink_to(root / paths[1])             # a loop: the link points at itself
 
     at = _app(home, monkeypatch)
-    at.selectbox(key="cell_picker_10").set_value(f"{cell['i']},{cell['j']}").run()
+    at.selectbox(key="cell_picker_10").set_value(f"{cell.i},{cell.j}").run()
     assert not at.exception, at.exception
     captions = _captions(at)
     assert captions[0].startswith(paths[0]) and "unavailable" in captions[0] and "outside" in captions[0]

@@ -36,8 +36,8 @@ def test_big_index_counts_agree_with_its_placements(big_home):
             assert totals["images"] == BIG_IMAGES and counts["images"].max() <= BIG_IMAGES
     # Unevenly filled, as real data fill an atlas: the fullest cell holds many pages of images.
     result = histogram("app", "big", home=big_home, level=10, place=False)
-    fullest = max(result["cells"], key=lambda c: c["images"])
-    assert fullest["images"] > 10 * 12 and fullest["images"] > 3 * np.median([c["images"] for c in result["cells"]])
+    fullest = max(result.cells, key=lambda c: c.images)
+    assert fullest.images > 10 * 12 and fullest.images > 3 * np.median([c.images for c in result.cells])
 
 
 def test_builder_is_seeded(atlas_home, copy_home):
@@ -58,15 +58,15 @@ def test_builder_is_seeded(atlas_home, copy_home):
 
 def test_app_pages_through_the_fullest_cell_of_the_big_index(big_home, monkeypatch):
     result = histogram("app", "big", home=big_home, level=10, place=False)
-    cell = max(result["cells"], key=lambda c: c["images"])
+    cell = max(result.cells, key=lambda c: c.images)
     monkeypatch.setenv("ATLASQ_HOME", str(big_home))
     monkeypatch.setattr(sys, "argv", ["app.py", "--atlas", "app", "--index", "big"])
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     assert not at.exception, at.exception
-    at.selectbox(key="cell_picker_10").set_value(f"{cell['i']},{cell['j']}").run()
+    at.selectbox(key="cell_picker_10").set_value(f"{cell.i},{cell.j}").run()
     assert not at.exception, at.exception
-    assert f"{cell['images']} images of big here" in " ".join(c.value for c in at.caption)
-    expected = [m["path"] for m in cell_images("app", "big", cell["i"], cell["j"], home=big_home, k=24)["images"]]
+    assert f"{cell.images} images of big here" in " ".join(c.value for c in at.caption)
+    expected = [m.path for m in cell_images("app", "big", cell.i, cell.j, home=big_home, k=24).images]
     captions = [image.proto.imgs[0].caption for image in at.get("image") if image.proto.imgs[0].caption]
     assert captions == expected[:12]
     at.button(key="next").click().run()

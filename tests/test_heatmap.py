@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from atlasq.atlas import load_atlas
 from atlasq.heatmap import DIVERGING, SEQUENTIAL, colour_ramp, draw_heatmap
-from atlasq.histogram import histogram_picture
+from atlasq.histogram import Histogram, HistogramCell, Totals, histogram_picture
 
 GREY = 200
 OPACITY = 0.62  # draw_heatmap's default
@@ -109,8 +109,9 @@ def test_histogram_picture_leaves_empty_cells_uncoloured(atlas_home, tmp_path):
     atlas = load_atlas("app", atlas_home)
     level = min(atlas.levels)
     kept = atlas.cells_at(level)
-    cells = [{"i": int(i), "j": int(j), "activations": n} for i, j, n in zip(kept["i"][:3], kept["j"][:3], (0, 4, 40))]
-    result = {"atlas": "app", "index": "x", "level": level, "cells": cells, "totals": {"off_atlas_share": 0.0}}
+    cells = [HistogramCell(i=int(i), j=int(j), activations=n, images=n, share=0.0, top_label="", top_labels=[],
+                           top_scores=[]) for i, j, n in zip(kept["i"][:3], kept["j"][:3], (0, 4, 40))]
+    result = Histogram(atlas="app", index="x", level=level, totals=Totals(), cells=cells)
     out = histogram_picture(result, atlas, tmp_path / "h.png")
     picture = Image.open(out).convert("RGB")
     mosaic = Image.open(atlas.folder / f"mosaic_{level}.png").convert("RGB")
@@ -119,10 +120,10 @@ def test_histogram_picture_leaves_empty_cells_uncoloured(atlas_home, tmp_path):
     drawn = np.asarray(picture, np.float32)[:side]
     tile = side // level
     for cell, coloured in zip(cells, (False, True, True)):
-        box = np.s_[cell["i"] * tile + 1:(cell["i"] + 1) * tile - 1, cell["j"] * tile + 1:(cell["j"] + 1) * tile - 1]
+        box = np.s_[cell.i * tile + 1:(cell.i + 1) * tile - 1, cell.j * tile + 1:(cell.j + 1) * tile - 1]
         same = np.abs(drawn[box] - faded[box]).max() <= 1
         assert same != coloured, cell
     # The fullest cell carries the top of the ramp (log scale, its value is the largest).
     fullest = cells[2]
-    box = np.s_[fullest["i"] * tile + 1:(fullest["i"] + 1) * tile - 1, fullest["j"] * tile + 1:(fullest["j"] + 1) * tile - 1]
+    box = np.s_[fullest.i * tile + 1:(fullest.i + 1) * tile - 1, fullest.j * tile + 1:(fullest.j + 1) * tile - 1]
     np.testing.assert_allclose(drawn[box], faded[box] * (1 - OPACITY) + SEQUENTIAL[-1] * OPACITY, atol=1.01)
