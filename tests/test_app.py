@@ -438,10 +438,14 @@ def test_the_installed_wheel_serves_the_app_from_anywhere(app_home, tmp_path, re
     dependencies through a .pth file (torch is not installed twice) but has its own atlasq."""
     browser = request.getfixturevalue("chromium") if CHROMIUM.is_file() or \
         os.environ.get("ATLASQ_REQUIRE_BROWSER") == "1" else None
-    _serve_installed_wheel(app_home, tmp_path, browser)
+    package, page, purelib = _serve_installed_wheel(app_home, tmp_path, browser)
+    assert package.is_relative_to(purelib) and page.is_relative_to(purelib)  # the wheel's, not the checkout's
+    assert page.is_file()
 
 
-def _serve_installed_wheel(app_home: Path, tmp_path: Path, browser) -> None:
+def _serve_installed_wheel(app_home: Path, tmp_path: Path, browser) -> tuple[Path, Path, Path]:
+    """Build and install the wheel, serve the app from it; (package folder, page file, the fresh
+    venv's site-packages) as the installed interpreter reports them."""
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
     shutil.copytree(REPO / "atlasq", source / "atlasq", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
@@ -466,9 +470,6 @@ def _serve_installed_wheel(app_home: Path, tmp_path: Path, browser) -> None:
     env = {k: v for k, v in _env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     package, page = subprocess.run([str(python), "-c", "import atlasq.serve; print(atlasq.__file__); print(atlasq.serve.PAGE)"],
                                    cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert Path(package).is_relative_to(Path(purelib)) and Path(page).is_relative_to(Path(purelib))
-    assert Path(page).is_file()
-
     port = _free_port()
     app = _start([str(venv / "bin" / "atlasq"), "app", "--home", str(app_home), "--atlas", "app", "--index", "sample",
                   "--port", str(port)], cwd=elsewhere, env={**env, "BROWSER": "none"})
@@ -482,6 +483,7 @@ def _serve_installed_wheel(app_home: Path, tmp_path: Path, browser) -> None:
                            check=True, timeout=300)
     finally:
         _stop(app)
+    return Path(package), Path(page), Path(purelib)
 
 
 _APPTEST = """
