@@ -37,7 +37,7 @@ from . import __version__
 from .featurevis import render_directions
 from .featurevis.objectives import OBJECTIVES
 from .atlasdir import AtlasError, AtlasFolder, AtlasOptionError
-from .errors import AtlasqError, IncompatibleError
+from .errors import AtlasqError, IncompatibleError, InvalidOptionError
 from .home import atlas_folder
 from .images import ImageDecodeError, open_rgb, real_path
 from .layout import Grid, Layout, unit_rows
@@ -130,14 +130,10 @@ class AtlasOptions:
             raise AtlasOptionError("min_count must be at least 1")
         if self.max_activations is not None and self.max_activations < 4:
             raise AtlasOptionError("max_activations must be at least 4")
-        if self.n_neighbors < 2:
-            raise AtlasOptionError(f"n_neighbors must be at least 2, not {self.n_neighbors}")
-        if not 0.0 <= self.min_dist <= 1.0:
-            raise AtlasOptionError(f"min_dist must be between 0 and 1, not {self.min_dist}")
-        if self.fit_size < 0:
-            raise AtlasOptionError("fit_size must be 0 (fit every activation) or positive")
-        if self.n_epochs is not None and self.n_epochs < 1:
-            raise AtlasOptionError("n_epochs must be at least 1")
+        try:  # n_neighbors, min_dist, fit_size, n_epochs: the layout's own rules
+            self.layout().check_parameters()
+        except InvalidOptionError as exc:
+            raise AtlasOptionError(str(exc)) from None
         for name in ("steps", "icon_batch", "exemplars", "attempts"):
             if getattr(self, name) < 1:
                 raise AtlasOptionError(f"{name} must be at least 1, not {getattr(self, name)}")

@@ -70,6 +70,12 @@ class Layout:
         self.random_state = random_state
 
     def _validate(self, n: int) -> None:
+        """Refuse parameters UMAP would fail on late or silently misread, and too few points."""
+        self.check_parameters()
+        if n < 4:
+            raise InvalidOptionError(f"a layout needs at least 4 points, got {n}")
+
+    def check_parameters(self) -> None:
         """Refuse values UMAP would fail on late or silently misread, naming the parameter."""
         def whole(value) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -86,8 +92,6 @@ class Layout:
             raise InvalidOptionError(f"n_epochs must be None or a positive whole number, not {self.n_epochs!r}")
         if not whole(self.place_k) or self.place_k < 1:
             raise InvalidOptionError(f"place_k must be a whole number of at least 1, not {self.place_k!r}")
-        if n < 4:
-            raise InvalidOptionError(f"a layout needs at least 4 points, got {n}")
 
     def fit(self, X: np.ndarray) -> "Layout":
         import umap
