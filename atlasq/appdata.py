@@ -66,18 +66,21 @@ def scan_stamp(home: Path | None = None) -> tuple:
     """Changes whenever a folder of ``home`` appears or goes or its index database changes: the
     key under which the app may keep what :func:`scan_indexes` found (opening every index on every
     click would cost a database open each, and a damaged one may take the lock wait)."""
-    home = Path(home or default_home())
-    try:
-        folders = sorted(p for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return ()
     stamps = []
-    for folder in folders:
+    for folder in _visible_folders(home):
         try:
             stamps.append((folder.name, (folder / DB_FILE).stat().st_mtime_ns))
         except OSError:
             stamps.append((folder.name, 0))
     return tuple(stamps)
+
+
+def _visible_folders(home: Path | None) -> list[Path]:
+    """The folders of ``home`` that are not hidden, sorted (none when it cannot be listed)."""
+    try:
+        return sorted(p for p in Path(home or default_home()).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 # What a first `atlasq index` run writes before it embeds anything; without these the app can
@@ -88,13 +91,8 @@ _COMPLETE_META = ("root", "model", "weights")
 def _index_folders(home: Path | None) -> dict[str, str | None]:
     """Every candidate index folder of ``home`` (not hidden, not one of the home's own folders),
     with None when it opens as a complete index, else why not."""
-    home = Path(home or default_home())
-    try:
-        folders = sorted(p for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return {}
     found: dict[str, str | None] = {}
-    for folder in folders:
+    for folder in _visible_folders(home):
         if folder.name.lower() in RESERVED:
             continue
         try:

@@ -24,7 +24,6 @@ import json
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np

@@ -38,9 +38,6 @@ from .store import DB_FILE, Chunk, IndexStore, index_folder
 __all__ = ["IndexOptions", "RunSettings", "INDEX_DEFAULTS", "RUN_DEFAULTS", "IndexSummary", "build_index"]
 
 
-DEFAULTS = INDEX_DEFAULTS  # the name this module used before the options moved to index_options
-
-
 @dataclass
 class IndexSummary:
     """What a run did. ``new_errors``: files that failed for the first time; ``retried_errors``:

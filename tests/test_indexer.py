@@ -6,6 +6,7 @@ Indexes here are small folders of copied sample_data images embedded with the de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,9 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-
-import dataclasses
 
 import duckdb
 import numpy as np
@@ -947,39 +947,36 @@ def test_two_concurrent_index_runs_of_one_name_neither_corrupt_nor_duplicate(tmp
     assert_consistent(folder)
 
 
-def _hold(code: str, *args) -> subprocess.Popen:
-    """A helper process running ``code``; returns once it printed "held"."""
+@contextmanager
+def _held_by(code: str, *args):
+    """A helper process running ``code``, yielded once it printed "held" and killed afterwards."""
     proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_writer_waits_for_another_then_fails_with_a_clear_message(sharded):
     root, home, folder, _ = sharded
     before = snapshot(folder)
-    holder = _hold("import sys, time\nfrom atlasq.store import IndexStore\n"
-                   "with IndexStore.writer(__import__('pathlib').Path(sys.argv[1])):\n"
-                   "    print('held', flush=True); time.sleep(600)", folder)
-    try:
+    with _held_by("import sys, time\nfrom atlasq.store import IndexStore\n"
+                  "with IndexStore.writer(__import__('pathlib').Path(sys.argv[1])):\n"
+                  "    print('held', flush=True); time.sleep(600)", folder) as holder:
         with pytest.raises(BusyError, match=f"being written by another run \\(pid {holder.pid}, since"):
             build(root, "sh", home, lock_wait=0.2)
-    finally:
-        holder.kill()
-        holder.wait()
     assert snapshot(folder) == before
     assert build(root, "sh", home, lock_wait=0.2).unchanged == 24  # the lock died with its holder
 
 
 def test_a_reader_holding_the_database_makes_the_writer_wait_then_fail_clearly(sharded):
     root, home, folder, _ = sharded
-    holder = _hold("import sys, time, duckdb\nc = duckdb.connect(sys.argv[1], read_only=True)\n"
-                   "print('held', flush=True); time.sleep(600)", folder / "index.duckdb")
-    try:
+    with _held_by("import sys, time, duckdb\nc = duckdb.connect(sys.argv[1], read_only=True)\n"
+                  "print('held', flush=True); time.sleep(600)", folder / "index.duckdb") as holder:
         with pytest.raises(BusyError, match=f"pid {holder.pid}"):
             build(root, "sh", home, lock_wait=0.2)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_index_records_the_weights_identity_and_refuses_other_weights(tmp_path):
