@@ -18,19 +18,22 @@ import duckdb
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atlas import Atlas, position_box
+from .atlas import NO_POSITIVE_CLASS, Atlas, position_box
 from .atlasdir import list_atlases
 from .errors import AtlasqError
 from .heatmap import colour_bar, paint_cells, scale
 from .histogram import CellImages, Comparison, cell_images, compare, histogram, placement_state
 from .home import RESERVED, check_name
 from .images import ImageDecodeError, open_rgb, real_path
-from .store import DB_FILE, IndexStore, default_home, index_folder
+from .store import DB_FILE, ImageFilter, IndexStore, default_home, index_folder
 
 __all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile",
            "list_atlases", "CellOverlay", "overlay_counts", "overlay_class", "overlay_compare", "overlay_search",
            "atlas_picture", "cell_page", "safe_image_path", "index_root", "index_source", "index_stamp", "thumbnail",
-           "image_details", "search_upload", "search_indexed", "placement_state", "overlay_legend"]
+           "image_details", "search_upload", "search_indexed", "placement_state", "overlay_legend",
+           "ImageFilter", "SCORE_HELP", "ZIP_CAP_BYTES", "compatibility", "index_layers", "atlas_layers", "cell_rows",
+           "overlay_of_rows", "SelectionPage", "selection_page", "selection_files", "selection_csv", "zip_refusal",
+           "selection_zip", "dataset_facts", "icon_uri", "class_number"]
 
 VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
 
@@ -380,3 +383,202 @@ def _search_result(store: IndexStore, atlas: Atlas, hits: list, kind: str) -> di
     """Search hits, and the cells (per level) their activations occupy on ``atlas``."""
     return {"hits": [{"id": h.id, "path": h.path, "score": round(h.score, 4)} for h in hits], "search": kind,
             "cells": store.cells_of_images(atlas.manifest["name"], [h.id for h in hits])}
+
+
+# ----------------------------------------------------------------------------- the app's views (issue 12)
+#: Attribution scores, as the app's tooltips and help explain them.
+SCORE_HELP = ("Score: the cell's mean attribution to the class, h·∂logit/∂h averaged over the reference "
+              "activations in the cell (logit units; positive: the cell's activations raise that class's "
+              "logit). Only classes with a positive score are called top classes.")
+#: Above this many bytes of images, the app does not zip a selection (the CSV of paths still works).
+ZIP_CAP_BYTES = 200 * 1024 * 1024
+
+
+def compatibility(atlas: Atlas, index: str, home: Path | None = None) -> str | None:
+    """Why ``index`` cannot be placed on ``atlas`` (another model, other weights, not its layer),
+    or None when it can (see :func:`atlasq.histogram.check_compatible`)."""
+    from .histogram import check_compatible
+
+    try:
+        with IndexStore(index_folder(index, home)) as store:
+            check_compatible(atlas, store.meta(), index)
+    except AtlasqError as exc:
+        return str(exc)
+    return None
+
+
+def index_layers(index: str, home: Path | None = None) -> list[str]:
+    """The layers whose activations ``index`` samples."""
+    with IndexStore(index_folder(index, home)) as store:
+        return list(store.meta().get("layers") or [])
+
+
+def atlas_layers(names: list[str], home: Path | None = None) -> dict[str, str]:
+    """Atlas name → its layer (atlases that cannot be read are left out)."""
+    from .atlasdir import AtlasFolder
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = AtlasFolder.named(name, home).read_manifest()["layer"]
+        except (AtlasqError, OSError, KeyError, ValueError):
+            continue
+    return out
+
+
+def cell_rows(atlas: Atlas, index: str | None, level: int, where: ImageFilter = ImageFilter(), *,
+              home: Path | None = None) -> tuple[list[dict], dict]:
+    """Every kept cell of ``level`` with the images of ``index`` (kept by ``where``) there:
+    ``i, j, activations, images, share`` (of the index's placed activations), ``top_label``,
+    ``top_labels``, ``top_scores`` (positive classes only), and the totals
+    (``activations, off_atlas, images``). Without an index, the atlas's own reference counts."""
+    cells = _cells(atlas, level)
+    if index is None:
+        counts = {(int(i), int(j)): (int(n), 0) for i, j, n in zip(cells["i"], cells["j"], cells["count"])}
+        totals = {"activations": int(sum(cells["count"])), "off_atlas": 0, "images": 0}
+    else:
+        with IndexStore(index_folder(index, home)) as store:
+            raw = store.filtered_cell_counts(atlas.name, level, where)
+            totals = store.filtered_totals(atlas.name, level, where)
+        counts = {(int(i), int(j)): (int(a), int(b))
+                  for i, j, a, b in zip(raw["i"], raw["j"], raw["activations"], raw["images"])}
+    total = totals["activations"] or 1
+    rows = []
+    for i, j, labels, scores in zip(cells["i"], cells["j"], cells["top_labels"], cells["top_scores"]):
+        acts, images = counts.get((i, j), (0, 0))
+        rows.append({"i": int(i), "j": int(j), "activations": acts, "images": images, "share": acts / total,
+                     "top_label": labels[0] if labels else NO_POSITIVE_CLASS, "top_labels": list(labels[:3]),
+                     "top_scores": [round(float(s), 4) for s in scores[:3]]})
+    return rows, totals
+
+
+def overlay_of_rows(rows: list[dict], *, legend: str, log: bool = True) -> CellOverlay:
+    """A count overlay from :func:`cell_rows` (empty cells carry NaN: "none", not "few")."""
+    return CellOverlay([{"i": r["i"], "j": r["j"], "value": float(r["activations"]) if r["activations"] else float("nan"),
+                         "count": r["activations"], "images": r["images"], "top_labels": r["top_labels"]}
+                        for r in rows], log=log, legend=legend)
+
+
+@dataclass
+class SelectionPage:
+    """One page of the images of a selection of cells (their union), most typical first."""
+
+    cells: list                 # (i, j)
+    images: list                # dicts: image_id, path, cell_distance, activations, positions, bytes
+    total_images: int
+    page: int
+    per_page: int
+
+    @property
+    def has_more(self) -> bool:
+        return (self.page + 1) * self.per_page < self.total_images
+
+
+def selection_page(atlas: Atlas, index: str, level: int, cells: list[tuple[int, int]], *,
+                   where: ImageFilter = ImageFilter(), page: int = 0, per_page: int = 12,
+                   home: Path | None = None) -> SelectionPage:
+    """A page of the images of ``index`` (kept by ``where``) in any of ``cells``."""
+    _cells(atlas, level)
+    with IndexStore(index_folder(index, home)) as store:
+        members, total = store.selection_members(atlas.name, level, list(cells), where, limit=per_page,
+                                                 offset=page * per_page)
+    return SelectionPage(list(cells), members, total, page, per_page)
+
+
+def selection_files(atlas: Atlas, index: str, level: int, cells: list[tuple[int, int]], *,
+                    where: ImageFilter = ImageFilter(), home: Path | None = None) -> list[dict]:
+    """Every image of the selection (``image_id, path, bytes``), most typical first."""
+    with IndexStore(index_folder(index, home)) as store:
+        members, _ = store.selection_members(atlas.name, level, list(cells), where)
+    return [{"image_id": m["image_id"], "path": m["path"], "bytes": int(m["bytes"] or 0)} for m in members]
+
+
+def selection_csv(files: list[dict]) -> bytes:
+    """The selection's image paths (relative to the index's folder) as CSV: ``image_id,path``."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image_id", "path"])
+    writer.writerows((f["image_id"], f["path"]) for f in files)
+    return buffer.getvalue().encode()
+
+
+def zip_refusal(files: list[dict], cap: int | None = None) -> str | None:
+    """Why the selection is not zipped (its files add up to more than ``cap`` bytes, default
+    :data:`ZIP_CAP_BYTES`), or None."""
+    cap = ZIP_CAP_BYTES if cap is None else cap
+    total = sum(f["bytes"] for f in files)
+    if total <= cap:
+        return None
+    return (f"The {len(files):,} selected images hold {total / 2**20:,.0f} MB, more than the "
+            f"{cap / 2**20:,.0f} MB the app zips; download the CSV of paths instead, or select fewer cells.")
+
+
+def selection_zip(root: Path, files: list[dict], cap: int | None = None) -> bytes:
+    """The selection's files, under their stored paths, in one zip (stored, not recompressed: they
+    are already compressed images). Files are copied in chunks by :mod:`zipfile`; one that cannot be
+    read is left out and named in ``MISSING.txt``. Raises :class:`AppError` above ``cap``."""
+    import zipfile
+
+    problem = zip_refusal(files, cap)
+    if problem:
+        raise AppError(problem)
+    buffer, missing = io.BytesIO(), []
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for f in files:
+            try:
+                archive.write(safe_image_path(root, f["path"]), arcname=f["path"])
+            except (AppError, OSError) as exc:
+                missing.append(f"{f['path']}: {exc}")
+        if missing:
+            archive.writestr("MISSING.txt", "\n".join(missing) + "\n")
+    return buffer.getvalue()
+
+
+def dataset_facts(atlas: Atlas, index: str, level: int, where: ImageFilter = ImageFilter(), *,
+                  home: Path | None = None, top: int = 8) -> dict:
+    """What the dataset summary shows: images and errors of the index, its off-atlas share (and
+    the images with the most off-atlas activations), its most frequent top-1 predictions, and the
+    atlas's model, weights, layer and icon fidelity."""
+    categories = atlas.manifest["categories"]
+    with IndexStore(index_folder(index, home)) as store:
+        images, errors = store.count("images"), store.count("errors")
+        totals = store.filtered_totals(atlas.name, level, where)
+        predicted = store.top_predictions(where, top)
+        off = store.off_atlas_images(atlas.name, level, where)
+        kept = images if where.everything else totals["images"]
+    m = atlas.manifest
+    fidelity = (m.get("icon_fidelity") or {}).get(str(level))
+    return {"images": images, "errors": errors, "kept_images": kept, "activations": totals["activations"],
+            "off_atlas": totals["off_atlas"],
+            "off_atlas_share": totals["off_atlas"] / totals["activations"] if totals["activations"] else 0.0,
+            "top_predicted": [(categories[c] if c < len(categories) else str(c), n) for c, n in predicted],
+            "off_atlas_images": off,
+            "atlas": {"name": m["name"], "model": m["model"], "weights": m["weights"],
+                      "random_weights": bool(m.get("random_weights")), "layer": m["layer"],
+                      "icon_fidelity": fidelity, "icon_size": m.get("icon_size")}}
+
+
+def icon_uri(atlas: Atlas, level: int, i: int, j: int, side: int = 40) -> str | None:
+    """A small data URI of cell (i, j)'s icon (or its tile of the mosaic), for tables and tooltips."""
+    path = atlas.icon_path(level, i, j)
+    try:
+        image = Image.open(path).convert("RGB") if path.is_file() else _tile_of(atlas, level, i, j)
+    except OSError:
+        return None
+    image.thumbnail((side, side))
+    return data_uri(image, "PNG")
+
+
+def _tile_of(atlas: Atlas, level: int, i: int, j: int) -> Image.Image:
+    mosaic = Image.open(atlas.tiles_path(level))
+    tile = mosaic.size[0] / level
+    return mosaic.crop((round(j * tile), round(i * tile), round((j + 1) * tile), round((i + 1) * tile))).convert("RGB")
+
+
+def class_number(atlas: Atlas, name: str) -> int:
+    categories = atlas.manifest["categories"]
+    if name not in categories:
+        raise AppError(f"unknown class {name!r}")
+    return categories.index(name)

@@ -49,6 +49,8 @@ __all__ = ["AtlasOptions", "AtlasError", "Atlas", "build_atlas", "load_atlas", "
            "BuildPlan", "AtlasLayout", "AtlasCells", "CellTable", "IconResult", "AtlasSummary"]
 
 TOP_CLASSES = 5
+#: What stands for the top label of a cell whose mean attribution is positive for no class.
+NO_POSITIVE_CLASS = "(no positive class)"
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,7 @@ class Atlas:
     cells: "pa.Table"
     reference: "pa.Table"
     _rows: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cells: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def files(self) -> AtlasFolder:
@@ -264,8 +267,17 @@ class Atlas:
         return self.files.positions()
 
     def cells_at(self, level: int) -> dict[str, np.ndarray | list]:
-        table = self.cells.filter(pa.compute.equal(self.cells["level"], level))
-        return table.to_pydict()
+        """The kept cells of ``level`` as columns. ``top_classes``/``top_labels``/``top_scores`` hold
+        only classes with a positive mean attribution (a class the cell argues against is not one of
+        its top classes), so a cell may have fewer than five, or none. Read once per level."""
+        if level not in self._cells:
+            table = self.cells.filter(pa.compute.equal(self.cells["level"], level)).to_pydict()
+            for n, scores in enumerate(table.get("top_scores", [])):
+                keep = [s > 0 for s in scores]
+                for column in ("top_classes", "top_labels", "top_scores"):
+                    table[column][n] = [v for v, k in zip(table[column][n], keep) if k]
+            self._cells[level] = table
+        return self._cells[level]
 
     def row_of_cell(self, level: int) -> np.ndarray:
         """(G·G,) flat cell id i·G + j → its row in :meth:`cells_at` order, -1 for a cell not kept.
@@ -322,7 +334,8 @@ def atlas_summary(name: str | Path, home: Path | None = None) -> dict:
     levels = []
     for g in atlas.levels:
         cells = atlas.cells_at(g)
-        labels, counts = np.unique([t[0] for t in cells["top_labels"]], return_counts=True)
+        labels, counts = np.unique([t[0] if t else NO_POSITIVE_CLASS for t in cells["top_labels"]],
+                                   return_counts=True)
         order = np.argsort(-counts, kind="stable")
         levels.append({"size": g, "cells": len(cells["i"]), "activations": int(sum(cells["count"])),
                        "top_labels": [(str(labels[o]), int(counts[o])) for o in order],

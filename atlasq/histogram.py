@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .atlas import Atlas, load_atlas
+from .atlas import NO_POSITIVE_CLASS, Atlas, load_atlas
 from .atlasdir import AtlasOptionError
 from .errors import AtlasqError, IncompatibleError, InvalidOptionError
 from .home import comparison_folder
@@ -439,7 +439,7 @@ def histogram(atlas_name: str | Atlas, index_name: str, *, level: int | None = N
         acts, images = lookup.get((i, j), (0, 0))
         rows.append(HistogramCell(i=i, j=j, activations=acts, images=images,
                                   share=acts / totals.activations if totals.activations else 0.0,
-                                  top_label=labels[0], top_labels=list(labels[:3]),
+                                  top_label=labels[0] if labels else NO_POSITIVE_CLASS, top_labels=list(labels[:3]),
                                   top_scores=[round(float(s), 6) for s in scores[:3]]))
     return Histogram(atlas=name, index=index_name, level=g, totals=totals, cells=rows, placed=placed,
                      off_atlas_threshold=atlas.files.placement_record().get("threshold"))

@@ -421,6 +421,84 @@ class IndexStore:
             out.setdefault(int(level), {})[(int(i), int(j))] = int(n)
         return out
 
+    # --- the app's views of placements, narrowed by an image filter (see ImageFilter)
+
+    def filtered_cell_counts(self, atlas: str, level: int, where: "ImageFilter") -> dict[str, np.ndarray]:
+        """Like :meth:`cell_counts`, counting only the images ``where`` keeps (the stored table
+        when it keeps every image)."""
+        if where.everything or not self._placements_exist():
+            return self.cell_counts(atlas, level)
+        sql, params = where.sql()
+        return self.con.execute(
+            f"SELECT i, j, count(*) AS activations, count(DISTINCT image_id) AS images FROM placements "
+            f"WHERE atlas = $atlas AND level = $level AND i IS NOT NULL AND NOT off_atlas "
+            f"AND image_id IN (SELECT id FROM images WHERE {sql}) GROUP BY i, j ORDER BY i, j",
+            {"atlas": atlas, "level": level, **params}).fetchnumpy()
+
+    def filtered_totals(self, atlas: str, level: int, where: "ImageFilter") -> dict[str, int]:
+        """Like :meth:`placement_totals` (without ``outside_kept_cells``, which needs the atlas),
+        for the images ``where`` keeps."""
+        if where.everything or not self._placements_exist():
+            return self.placement_totals(atlas, level)
+        sql, params = where.sql()
+        row = self.con.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE off_atlas), count(DISTINCT image_id) FROM placements "
+            f"WHERE atlas = $atlas AND level = $level AND image_id IN (SELECT id FROM images WHERE {sql})",
+            {"atlas": atlas, "level": level, **params}).fetchone()
+        return {"activations": int(row[0]), "off_atlas": int(row[1]), "outside_kept_cells": 0, "images": int(row[2])}
+
+    def selection_members(self, atlas: str, level: int, cells: list[tuple[int, int]], where: "ImageFilter", *,
+                          limit: int | None = None, offset: int = 0) -> tuple[list[dict], int]:
+        """The images (kept by ``where``) with on-atlas activations in any of ``cells``: one page,
+        most typical first (smallest cosine distance of an activation to its cell's mean), each
+        with its positions in those cells; and how many such images there are in all."""
+        if not self._placements_exist() or not cells:
+            return [], 0
+        sql, params = where.sql()
+        flat = [int(i) * 65536 + int(j) for i, j in cells]
+        chosen = ("SELECT image_id, k, y, x, i, j, cell_distance FROM placements WHERE atlas = $atlas "
+                  "AND level = $level AND NOT off_atlas AND i IS NOT NULL "
+                  "AND (i::INTEGER * 65536 + j::INTEGER) IN (SELECT unnest($cells)) "
+                  f"AND image_id IN (SELECT id FROM images WHERE {sql})")
+        page = " LIMIT $limit OFFSET $offset" if limit is not None else ""
+        values = {"atlas": atlas, "level": level, "cells": flat, **params}
+        if limit is not None:
+            values.update(limit=int(limit), offset=int(offset))
+        query = f"""
+            WITH chosen AS ({chosen}),
+                 best AS (SELECT image_id, min(cell_distance) AS cell_distance FROM chosen GROUP BY image_id
+                          ORDER BY cell_distance, image_id{page})
+            SELECT b.image_id, b.cell_distance, count(*) AS activations,
+                   list(struct_pack(k := c.k, y := c.y, x := c.x, i := c.i, j := c.j,
+                                    cell_distance := c.cell_distance) ORDER BY c.cell_distance, c.k) AS positions,
+                   any_value(im.path) AS path, any_value(im.bytes) AS bytes
+            FROM best b JOIN chosen c ON c.image_id = b.image_id JOIN images im ON im.id = b.image_id
+            GROUP BY b.image_id, b.cell_distance ORDER BY b.cell_distance, b.image_id"""
+        members = _dicts(self.con.execute(query, values))
+        total = self.con.execute(f"SELECT count(DISTINCT image_id) FROM ({chosen})",
+                                 {k: v for k, v in values.items() if k not in ("limit", "offset")}).fetchone()[0]
+        return members, int(total)
+
+    def top_predictions(self, where: "ImageFilter", n: int = 10) -> list[tuple[int, int]]:
+        """The ``n`` most frequent top-1 predicted classes among the images ``where`` keeps, with counts."""
+        sql, params = where.sql()
+        return [(int(c), int(k)) for c, k in self.con.execute(
+            f"SELECT top5_class[1] AS c, count(*) AS n FROM images WHERE {sql} AND top5_class[1] IS NOT NULL "
+            f"GROUP BY c ORDER BY n DESC, c LIMIT {int(n)}", params).fetchall()]
+
+    def off_atlas_images(self, atlas: str, level: int, where: "ImageFilter", limit: int = 12) -> list[dict]:
+        """Images (kept by ``where``) with off-atlas activations, those with the largest share first."""
+        if not self._placements_exist():
+            return []
+        sql, params = where.sql()
+        return _dicts(self.con.execute(
+            f"SELECT image_id, path, off AS off_atlas, n AS activations FROM ("
+            f"SELECT p.image_id, any_value(im.path) AS path, count(*) FILTER (WHERE p.off_atlas) AS off, "
+            f"count(*) AS n FROM placements p JOIN images im ON im.id = p.image_id "
+            f"WHERE p.atlas = $atlas AND p.level = $level AND p.image_id IN (SELECT id FROM images WHERE {sql}) "
+            f"GROUP BY p.image_id) WHERE off > 0 ORDER BY off / n DESC, off DESC, image_id LIMIT {int(limit)}",
+            {"atlas": atlas, "level": level, **params}))
+
     def _insert(self, table: str, columns: "dict[str, list] | pa.Table") -> None:
         frame = columns if isinstance(columns, pa.Table) else pa.table(columns)
         self.con.register("incoming", frame)
@@ -678,6 +756,32 @@ def _damaged_database(db: Path, exc: Exception) -> DamagedError:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return DamagedError(f"{db} cannot be read as an index database ({first}). Move the index folder "
                         f"aside and build it again with `atlasq index DIR --name {db.parent.name}`")
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Which images of an index a view counts and shows: those whose top-1 predicted class is one
+    of ``classes`` (all when empty) and whose path matches ``pattern`` (a glob such as
+    ``*/cat_*.jpg`` when it holds ``*``, ``?`` or ``[``, else a case-insensitive substring)."""
+
+    classes: tuple[int, ...] = ()
+    pattern: str = ""
+
+    @property
+    def everything(self) -> bool:
+        return not self.classes and not self.pattern
+
+    def sql(self) -> tuple[str, dict]:
+        """A condition on table ``images`` and its parameters."""
+        parts, params = ["TRUE"], {}
+        if self.classes:
+            parts.append("top5_class[1] IN (SELECT unnest($classes))")
+            params["classes"] = [int(c) for c in self.classes]
+        if self.pattern:
+            glob = any(ch in self.pattern for ch in "*?[")
+            parts.append("path GLOB $pattern" if glob else "contains(lower(path), lower($pattern))")
+            params["pattern"] = self.pattern
+        return " AND ".join(parts), params
 
 
 def _dicts(cursor) -> list[dict]:

@@ -1,11 +1,15 @@
-"""atlasq's Streamlit app: the atlas as a concept histogram; click a cell to see its images.
+"""atlasq's Streamlit app: the atlas map with a dataset's concept histogram beside it; select cells
+to see (and export) their images.
 
     atlasq app --index photos --atlas imagenet-4c
     streamlit run app.py -- --home indexes --index photos --atlas imagenet-4c   (from a checkout)
 
 This file is the page script Streamlit runs (it lives in the package so that an installed atlasq
-has it; the root ``app.py`` runs it from a checkout). UI only: everything it shows is computed in
-atlasq.appdata.
+has it; the root ``app.py`` runs it from a checkout). UI only: the numbers come from
+:mod:`atlasq.appdata`, the views from :mod:`atlasq.streamlit`.
+
+The view lives in the URL (``?index=…&atlas=…&level=…&sel=3.4,3.5&page=…``): it is read once when
+a session starts and written on every run, so a reload or a shared link shows the same view.
 """
 
 from __future__ import annotations
@@ -16,46 +20,158 @@ import os
 import sys
 from pathlib import Path
 
-import altair as alt
 import duckdb
 import pandas as pd
 import streamlit as st
 
 from atlasq import appdata
+from atlasq.appdata import ImageFilter
 from atlasq.atlas import load_atlas
 from atlasq.atlasdir import AtlasFolder
 from atlasq.errors import AtlasqError
 from atlasq.histogram import place_index
+from atlasq.streamlit import views
 
 st.set_page_config(page_title="atlasq", layout="wide")
 
 
 def _arguments() -> argparse.Namespace:
-    """Command-line choices (after `--`); ``?index=…&atlas=…`` in the URL overrides them, so a
-    view can be shared as a link."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--home", default=os.environ.get("ATLASQ_HOME") or "indexes")
     parser.add_argument("--index")
     parser.add_argument("--atlas")
-    args = parser.parse_known_args(sys.argv[1:])[0]
-    args.index = st.query_params.get("index", args.index)
-    args.atlas = st.query_params.get("atlas", args.atlas)
-    return args
+    return parser.parse_known_args(sys.argv[1:])[0]
 
 
 ARGS = _arguments()
 HOME = Path(ARGS.home)
 PER_PAGE = 12
+OVERLAYS = {"counts": "dataset counts", "class": "class attribution", "compare": "compare two datasets"}
+STYLES = {"badge": "badges (icons untouched)", "heat": "heat layer", "off": "off"}
 
 
+# ----------------------------------------------------------------------------- TEMPORARY map adapter
+# Until atlasq.streamlit.atlas_map (the zoomable component) is merged: the same signature around
+# the static picture. A "zoom" slider stands for the wheel (it picks the grid level); a click
+# selects a cell, a shift-click adds one.
+from dataclasses import dataclass  # noqa: E402
+from typing import Mapping  # noqa: E402
+
+import altair as alt  # noqa: E402
+from PIL import ImageDraw  # noqa: E402
+
+
+@dataclass(frozen=True)
+class MapState:
+    level: int
+    zoom: float
+    center: tuple[float, float]
+    selected: tuple[tuple[int, int, int], ...]
+    clicked: tuple[int, int, int] | None
+
+
+def atlas_map(atlas, overlays: Mapping[int, appdata.CellOverlay] | None = None, *, tiles="icons",
+              state: MapState | None = None, overlay_style="badge", heat_opacity=0.5, height=640,
+              key="atlas_map") -> MapState:
+    levels = atlas.levels
+    level = state.level if state is not None and state.level in levels else min(levels)
+    level = st.select_slider("zoom (grid level)", levels, value=level, key=f"{key}_level",
+                             format_func=lambda g: f"{g} × {g}")
+    chart_key = f"{key}_{level}"
+    chart = st.session_state.get(chart_key)
+    points = (chart or {}).get("selection", {}).get("cell") or []
+    picked = tuple((level, int(p["i"]), int(p["j"])) for p in points)
+    seen = st.session_state.get(f"_{chart_key}_seen")
+    st.session_state[f"_{chart_key}_seen"] = picked
+    selected = picked if picked != seen else tuple(c for c in (state.selected if state else ()) if c[0] == level)
+    overlay = (overlays or {}).get(level)
+    side = 420
+    picture = appdata.atlas_picture(atlas, level, overlay if overlay_style == "heat" or
+                                    (overlay is not None and overlay.opacity_only) else None, tiles=tiles, side=side)
+    draw, tile = ImageDraw.Draw(picture), side / level
+    for _, i, j in selected:
+        draw.rectangle([j * tile, i * tile, (j + 1) * tile - 1, (i + 1) * tile - 1], outline=(255, 0, 80), width=3)
+    cells = pd.DataFrame([{"i": c["i"], "j": c["j"], "i2": c["i"] + 1, "j2": c["j"] + 1, "count": c["count"],
+                           "cell": f"{c['i']},{c['j']}", "classes": ", ".join(c["top_labels"])}
+                          for c in (overlay.cells if overlay else [])])
+    domain = alt.Scale(domain=[0, level], nice=False, zero=False)
+    flipped = alt.Scale(domain=[0, level], nice=False, zero=False, reverse=True)
+    background = alt.Chart(pd.DataFrame({"x": [level / 2], "y": [level / 2], "url": [appdata.data_uri(picture)]})) \
+        .mark_image(width=side, height=side).encode(x=alt.X("x:Q", scale=domain, axis=None),
+                                                    y=alt.Y("y:Q", scale=flipped, axis=None), url="url:N")
+    pick = alt.selection_point(name="cell", fields=["i", "j"], on="click", toggle="event.shiftKey")
+    boxes = alt.Chart(cells).mark_rect(fill="white", fillOpacity=0.01, stroke="black", strokeOpacity=0.08).encode(
+        x=alt.X("j:Q", scale=domain, axis=None), x2="j2:Q", y=alt.Y("i:Q", scale=flipped, axis=None), y2="i2:Q",
+        tooltip=[alt.Tooltip("cell:N"), alt.Tooltip("classes:N", title="top classes"),
+                 alt.Tooltip("count:Q", title="activations")]).add_params(pick)
+    layered = alt.layer(background, boxes).properties(
+        width=side, height=side, padding=0, autosize=alt.AutoSizeParams(type="none")).configure_view(stroke=None)
+    st.altair_chart(layered, on_select="rerun", selection_mode="cell", key=chart_key, theme=None, width="content")
+    return MapState(level=level, zoom=1.0, center=(0.5, 0.5), selected=selected,
+                    clicked=selected[-1] if selected else None)
+
+
+# ----------------------------------------------------------------------------- the URL
+def _restore_from_url() -> None:
+    """Once per session, before any widget is drawn: the view the URL names (a reload or a shared
+    link), else the command line's choices."""
+    if st.session_state.get("_restored"):
+        return
+    st.session_state["_restored"] = True
+    q = st.query_params
+    st.session_state["atlas_name"] = q.get("atlas", ARGS.atlas)
+    st.session_state["index_name"] = q.get("index", ARGS.index)
+    st.session_state["_wanted_atlas"] = st.session_state["atlas_name"]
+    st.session_state["_wanted_index"] = st.session_state["index_name"]
+    for key, name, kind in (("level", "level", int), ("gallery_page", "page", int), ("view", "overlay", str),
+                            ("class_name", "class", str), ("other", "compare", str), ("path_pattern", "path", str),
+                            ("zoom", "zoom", float), ("tiles", "tiles", str)):
+        if name in q:
+            try:
+                st.session_state[key] = kind(q[name])
+            except ValueError:
+                pass
+    if "predicted" in q:
+        st.session_state["predicted"] = [c for c in q.get_all("predicted") if c]
+    if "center" in q:
+        try:
+            x, y = map(float, q["center"].split(","))
+            st.session_state["center"] = (x, y)
+        except ValueError:
+            pass
+    if "sel" in q:
+        st.session_state["sel_cells"] = [c.replace(".", ",") for c in q["sel"].split("_") if c.count(".") == 1]
+
+
+def _write_url() -> None:
+    s = st.session_state
+    params = {"atlas": s.get("atlas_name"), "index": s.get("index_name"), "level": s.get("level"),
+              "overlay": s.get("view"), "zoom": f"{s.get('zoom', 1.0):g}",
+              "center": "{:.3f},{:.3f}".format(*s.get("center", (0.5, 0.5))),
+              "sel": "_".join(c.replace(",", ".") for c in s.get("sel_cells") or []) or None,
+              "page": s.get("gallery_page") or None, "tiles": s.get("tiles"),
+              "class": s.get("class_name") if s.get("view") == "class" else None,
+              "compare": s.get("other") if s.get("view") == "compare" else None,
+              "predicted": s.get("predicted") or None, "path": s.get("path_pattern") or None}
+    wanted = {k: ([str(x) for x in v] if isinstance(v, list) else str(v)) for k, v in params.items() if v is not None}
+    current = {k: (st.query_params.get_all(k) if isinstance(v, list) else st.query_params.get(k))
+               for k, v in wanted.items()}
+    if current != wanted or set(st.query_params) - set(wanted):
+        st.query_params.from_dict(wanted)
+
+
+# ----------------------------------------------------------------------------- cached reads
 @st.cache_resource(show_spinner=False)
 def cached_atlas(name: str, stamp: float):
     return load_atlas(name, HOME)
 
 
+def atlas_by_name(name: str):
+    return cached_atlas(name, AtlasFolder.named(name, HOME).modified())
+
+
 @st.cache_resource(show_spinner="loading the network…")
 def cached_model(network: str):
-    """One loaded network per description (JSON of :func:`appdata.index_source`'s ``network``)."""
     from atlasq.api import model_for_index
 
     return model_for_index(json.loads(network), device="cpu")
@@ -67,257 +183,379 @@ def cached_scan(home: str, stamp: tuple) -> tuple[list[str], dict[str, str]]:
 
 
 @st.cache_data(show_spinner=False)
-def cached_source(index: str, home: str, stamp: int) -> dict:
-    return appdata.index_source(index, Path(home))
+def cached_source(index: str, stamp: int) -> dict:
+    return appdata.index_source(index, HOME)
 
 
 def index_source(index: str) -> dict:
-    """Where the index's images are and which network made it, read again whenever its database
-    changes: an index rebuilt under the same name is never shown with the old one's folder or network."""
-    return cached_source(index, str(HOME), appdata.index_stamp(index, HOME))
+    return cached_source(index, appdata.index_stamp(index, HOME))
 
 
 def model_of(index: str):
     return cached_model(json.dumps(index_source(index)["network"], sort_keys=True))
 
 
-def atlas_by_name(name: str):
-    return cached_atlas(name, AtlasFolder.named(name, HOME).modified())
+@st.cache_data(show_spinner=False)
+def cached_compatibility(atlas_name: str, atlas_stamp: float, index: str, stamp: int) -> str | None:
+    return appdata.compatibility(atlas_by_name(atlas_name), index, HOME)
 
 
-def _choose(label: str, options: list[str], wanted: str | None, key: str) -> str | None:
-    if not options:
-        return None
-    index = options.index(wanted) if wanted in options else 0
-    return st.sidebar.selectbox(label, options, index=index, key=key, on_change=reset_selection)
+def compatibility(atlas, index: str) -> str | None:
+    return cached_compatibility(atlas.name, atlas.files.modified(), index, appdata.index_stamp(index, HOME))
 
 
-def _unavailable(tile: appdata.ImageTile) -> str:
-    """What a caption adds for an image that cannot be shown (moved, unreadable, linked elsewhere)."""
-    return f" · unavailable: {tile.unavailable}" if tile.unavailable else ""
+@st.cache_data(show_spinner=False)
+def cached_layers(index: str, stamp: int) -> list[str]:
+    return appdata.index_layers(index, HOME)
 
 
-def reset_selection() -> None:
-    for key in ("cell", "image", "search", "last_chart", "last_picker"):
+@st.cache_data(show_spinner=False)
+def cached_atlas_layers(names: tuple[str, ...], stamps: tuple) -> dict[str, str]:
+    return appdata.atlas_layers(list(names), HOME)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_rows(atlas_name: str, atlas_stamp: float, index: str | None, stamp: int, level: int,
+                where: ImageFilter) -> tuple[list[dict], dict]:
+    return appdata.cell_rows(atlas_by_name(atlas_name), index, level, where, home=HOME)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_compare(atlas_name: str, atlas_stamp: float, a: str, b: str, stamps: tuple, level: int):
+    return appdata.overlay_compare(atlas_by_name(atlas_name), a, b, level, home=HOME)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_facts(atlas_name: str, atlas_stamp: float, index: str, stamp: int, level: int, where: ImageFilter):
+    return appdata.dataset_facts(atlas_by_name(atlas_name), index, level, where, home=HOME)
+
+
+@st.cache_data(show_spinner=False)
+def cached_placement(atlas_name: str, atlas_stamp: float, index: str, stamp: int) -> str:
+    return appdata.placement_state(atlas_by_name(atlas_name), index, HOME)
+
+
+def _stamp(index: str | None) -> int:
+    return appdata.index_stamp(index, HOME) if index else 0
+
+
+def _selection_changed_elsewhere() -> None:
+    """The histogram's own row checkboxes start afresh (a new key) when the selection changes elsewhere."""
+    st.session_state["_hist_gen"] = st.session_state.get("_hist_gen", 0) + 1
+    st.session_state["gallery_page"] = 0
+
+
+def clear_selection() -> None:
+    for key in ("sel_cells", "search", "_map_seen"):
         st.session_state.pop(key, None)
-    st.session_state["page"] = 0
+    _selection_changed_elsewhere()
 
 
-# ----------------------------------------------------------------------------- sidebar
+# ----------------------------------------------------------------------------- sidebar: what to show
+_restore_from_url()
 st.sidebar.title("atlasq")
 (indexes, unreadable), atlases = cached_scan(str(HOME), appdata.scan_stamp(HOME)), appdata.list_atlases(HOME)
 if not atlases:
     st.info(f"No finished atlas under {HOME}. Build one with `atlasq atlas build --index NAME --name ATLAS` "
             f"(or run `atlasq demo`), then reload.")
     st.stop()
-atlas_name = _choose("Atlas", atlases, ARGS.atlas, "atlas_name")
-index_name = _choose("Dataset (index)", indexes, ARGS.index, "index_name")
-if ARGS.index in unreadable:
-    st.warning(f"Dataset {ARGS.index!r} cannot be shown: {unreadable[ARGS.index]}")
-if unreadable:
-    with st.sidebar.expander(f"{len(unreadable)} folder{'s' * (len(unreadable) > 1)} under {HOME} not shown"):
-        for name, problem in unreadable.items():
-            st.caption(f"**{name}**: {problem}")
+if st.session_state.get("atlas_name") not in atlases:
+    st.session_state["atlas_name"] = atlases[0]
+atlas_name = st.sidebar.selectbox("Atlas", atlases, key="atlas_name", on_change=clear_selection)
 try:
     atlas = atlas_by_name(atlas_name)
 except (AtlasqError, OSError) as exc:
     st.error(f"Cannot open atlas {atlas_name!r}: {exc}")
     st.stop()
-level = st.sidebar.selectbox("Grid level", atlas.levels, key="level", on_change=reset_selection,
-                             format_func=lambda g: f"{g} × {g}")
+
+problems = {name: compatibility(atlas, name) for name in indexes}
+wanted_index = st.session_state.get("_wanted_index")
+if wanted_index in unreadable:
+    st.warning(f"Dataset {wanted_index!r} cannot be shown: {unreadable[wanted_index]}")
+if st.session_state.get("index_name") not in indexes:
+    usable = [name for name in indexes if problems[name] is None]
+    st.session_state["index_name"] = (usable or indexes or [None])[0]
+index_name = st.sidebar.selectbox(
+    "Dataset (index)", indexes, key="index_name", on_change=clear_selection,
+    format_func=lambda n: n if problems.get(n) is None else f"⚠ {n} (cannot be placed on this atlas)") \
+    if indexes else None
+if unreadable:
+    with st.sidebar.expander(f"{len(unreadable)} folder{'s' * (len(unreadable) > 1)} under {HOME} not shown"):
+        for name, problem in unreadable.items():
+            st.caption(f"**{name}**: {problem}")
+problem = problems.get(index_name) if index_name else None
+shown_index = index_name if index_name and problem is None else None  # whose counts and images are shown
+
+# several layers in the dataset, and atlases for them: switch between them
+if index_name:
+    layer_of = cached_atlas_layers(tuple(atlases), tuple(AtlasFolder.named(a, HOME).modified() for a in atlases))
+    layers = [layer for layer in cached_layers(index_name, _stamp(index_name)) if layer in layer_of.values()]
+    if len(layers) > 1:
+        def _switch_layer() -> None:
+            chosen = st.session_state["layer"]
+            st.session_state["atlas_name"] = next(a for a in atlases if layer_of.get(a) == chosen)
+            clear_selection()
+        st.session_state["layer"] = atlas.manifest["layer"]
+        st.sidebar.radio("Layer", layers, key="layer", horizontal=True, on_change=_switch_layer,
+                         help="this dataset samples several layers; each has its own atlas")
+
+if st.session_state.get("view") not in OVERLAYS:
+    st.session_state["view"] = "counts"
+view = st.sidebar.radio("Overlay", list(OVERLAYS), key="view", format_func=OVERLAYS.get, on_change=clear_selection)
+class_name = None
+if view == "class":
+    categories = atlas.manifest["categories"]
+    if st.session_state.get("class_name") not in categories:
+        st.session_state["class_name"] = categories[0]
+    class_name = st.sidebar.selectbox("Class", categories, key="class_name",
+                                      help="cells fade with their mean attribution to this class")
+other = None
+if view == "compare" and shown_index:
+    candidates = [n for n in indexes if n != shown_index and problems[n] is None]
+    refused = {n: problems[n] for n in indexes if n != shown_index and problems[n] is not None}
+    if st.session_state.get("other") not in candidates:
+        st.session_state.pop("other", None)
+    other = st.sidebar.selectbox("Compare with", candidates, index=None, key="other",
+                                 placeholder="choose a dataset" if candidates else "no other dataset fits this atlas")
+    for name, why in refused.items():
+        st.sidebar.caption(f"⚠ **{name}** not offered: {why}")
+
+with st.sidebar.expander("Filters", expanded=bool(st.session_state.get("predicted") or
+                                                  st.session_state.get("path_pattern"))):
+    categories = atlas.manifest["categories"]
+    st.session_state["predicted"] = [c for c in st.session_state.get("predicted", []) if c in categories]
+    predicted = st.multiselect("Predicted class (top-1)", categories, key="predicted")
+    pattern = st.text_input("Path pattern", key="path_pattern", placeholder="cats/  or  */IMG_*.jpg",
+                            help="a glob when it holds * ? or [, else any path containing it (any case)")
+where = ImageFilter(tuple(appdata.class_number(atlas, c) for c in predicted), pattern.strip())
+if not where.everything:
+    st.sidebar.caption("Counts, bars and images show only the images that pass the filters.")
+
+if st.session_state.get("tiles") not in ("icons", "exemplars"):
+    st.session_state["tiles"] = "icons"
 tiles = st.sidebar.radio("Tiles", ["icons", "exemplars"], horizontal=True, key="tiles",
                          format_func=lambda t: "feature visualizations" if t == "icons" else "real exemplars")
-view = st.sidebar.radio("Overlay", ["counts", "class", "compare"], key="view",
-                        format_func={"counts": "dataset counts", "class": "class attribution",
-                                     "compare": "compare two datasets"}.get)
-scale = st.sidebar.radio("Colour scale", ["log", "linear"], horizontal=True, key="scale")
+style = st.sidebar.radio("Counts on the map", list(STYLES), key="overlay_style", format_func=STYLES.get)
+opacity = st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.5, 0.05, key="heat_opacity", disabled=style != "heat")
+st.sidebar.caption(appdata.SCORE_HELP)
 
 if atlas.manifest.get("random_weights"):
     st.warning("This atlas was built with RANDOM weights: for tests and smoke runs only; its cells mean nothing.")
+if problem:
+    st.warning(f"Dataset {index_name!r} cannot be shown on atlas {atlas_name!r}: {problem}. "
+               f"The map shows the atlas's own reference counts.")
 
-# ----------------------------------------------------------------------------- overlay
-overlay, comparison, state, root = None, None, None, None
-try:
-    if index_name is not None:
-        root = Path(index_source(index_name)["root"])
-        state = appdata.placement_state(atlas, index_name, HOME)
+# ----------------------------------------------------------------------------- placing
+atlas_stamp = atlas.files.modified()
+for name in [n for n in (shown_index, other) if n]:
+    state = cached_placement(atlas_name, atlas_stamp, name, _stamp(name))
     if state in ("missing", "stale"):
-        st.info(f"Dataset {index_name!r} is {'not placed' if state == 'missing' else 'not fully placed'} on atlas "
-                f"{atlas_name!r} yet; its counts below are {'empty' if state == 'missing' else 'partial'}.")
-        if st.button("Place it now", key="place"):
+        st.info(f"Dataset {name!r} is {'not placed' if state == 'missing' else 'not fully placed'} on atlas "
+                f"{atlas_name!r} yet; its counts are {'empty' if state == 'missing' else 'partial'}.")
+        if st.button(f"Place {name} now", key=f"place_{name}"):
             with st.spinner("placing…"):
-                place_index(atlas_name, index_name, home=HOME)
+                place_index(atlas_name, name, home=HOME)
+            st.cache_data.clear()
             st.rerun()
-    if st.session_state.get("search"):
-        hits = st.session_state["search"]
-        overlay = appdata.overlay_search(atlas, level, hits["cells"].get(level, {}))
-    elif view == "class":
-        categories = atlas.manifest["categories"]
-        class_name = st.sidebar.selectbox("Class", categories, key="class_name")
-        overlay = appdata.overlay_class(atlas, level, class_name)
-    elif view == "compare" and index_name is not None:
-        others = [i for i in indexes if i != index_name]
-        other = st.sidebar.selectbox("Compare with", others, key="other") if others else None
-        if other is None:
-            st.sidebar.warning("Comparing needs a second index.")
+
+# ----------------------------------------------------------------------------- overlays, one per level
+if st.session_state.get("level") not in atlas.levels:
+    st.session_state["level"] = min(atlas.levels)
+try:
+    rows_by_level = {g: cached_rows(atlas_name, atlas_stamp, shown_index, _stamp(shown_index), g, where)
+                     for g in atlas.levels}
+    comparisons = {}
+    if other:
+        comparisons = {g: cached_compare(atlas_name, atlas_stamp, shown_index, other,
+                                         (_stamp(shown_index), _stamp(other)), g) for g in atlas.levels}
+    search = st.session_state.get("search")
+    overlays = {}
+    for g in atlas.levels:
+        rows, totals = rows_by_level[g]
+        if search:
+            overlays[g] = appdata.overlay_search(atlas, g, search["cells"].get(g, {}))
+        elif view == "class" and class_name:
+            overlays[g] = appdata.overlay_class(atlas, g, class_name)
+        elif g in comparisons:
+            overlays[g] = comparisons[g][0]
         else:
-            overlay, comparison = appdata.overlay_compare(atlas, index_name, other, level, home=HOME)
-    if overlay is None:
-        overlay = appdata.overlay_counts(atlas, index_name, level, home=HOME, log=scale == "log")
-    elif view != "class":
-        overlay.log = scale == "log" and not overlay.diverging
+            overlays[g] = appdata.overlay_of_rows(
+                rows, legend=(f"{shown_index}: activations per cell; {totals['off_atlas'] / max(totals['activations'], 1):.1%}"
+                              f" of {totals['activations']:,} off-atlas") if shown_index
+                else "reference activations per cell")
 except (appdata.AppError, ValueError, FileNotFoundError, RuntimeError, duckdb.Error) as exc:
-    # e.g. an index damaged or emptied since it was listed, or one another process is writing for too long
     st.error(f"Cannot show dataset {index_name!r}: {exc}" if index_name is not None else str(exc))
     st.stop()
 
-
-def sync_selection() -> None:
-    """Take a click on the atlas or a choice in the cell picker into ``cell`` before anything is
-    drawn, so the page shows the new cell in this run (no second run per click)."""
-    chart = st.session_state.get(f"atlas_{level}")
-    chart_cells = (chart or {}).get("selection", {}).get("cell") or []
-    clicked = (int(chart_cells[0]["i"]), int(chart_cells[0]["j"])) if chart_cells else None
-    picked = st.session_state.get(f"cell_picker_{level}")
-    picked = tuple(map(int, picked.split(","))) if picked and picked != "—" else None
-    for source, value in (("chart", clicked), ("picker", picked)):
-        if value is not None and st.session_state.get(f"last_{source}") != value:
-            st.session_state[f"last_{source}"] = value
-            st.session_state["cell"], st.session_state["page"], st.session_state["image"] = value, 0, None
+# ----------------------------------------------------------------------------- summary
+if shown_index:
+    with st.container(border=True):
+        opened_off = views.dataset_summary(atlas, shown_index, level=st.session_state["level"], where=where,
+                                           home=HOME, facts=cached_facts(atlas_name, atlas_stamp, shown_index,
+                                                                         _stamp(shown_index),
+                                                                         st.session_state["level"], where))
+else:
+    opened_off = None
 
 
-# ----------------------------------------------------------------------------- atlas view
-sync_selection()
-left, right = st.columns([3, 2], gap="medium")
+# ----------------------------------------------------------------------------- map and histogram
+def _cells_of(keys: list[str]) -> list[tuple[int, int]]:
+    return [tuple(map(int, k.split(","))) for k in keys]
+
+
+def _take_histogram_choice(cells: list[tuple[int, int]]) -> None:
+    """Rows clicked in the histogram: their cells become the selection (before the next run draws)."""
+    st.session_state["sel_cells"] = [f"{i},{j}" for i, j in cells]
+    st.session_state["gallery_page"] = 0
+    st.session_state.pop("search", None)
+
+
+left, right = st.columns([5, 4], gap="small")
 with left:
-    st.caption(overlay.legend + ("" if overlay.opacity_only else f" · {scale} scale"))
-    selected = st.session_state.get("cell")
-    picture = appdata.atlas_picture(atlas, level, overlay, tiles=tiles, selected=selected)
-    side = picture.size[0]
-    cells = pd.DataFrame([{"i": c["i"], "j": c["j"], "i2": c["i"] + 1, "j2": c["j"] + 1, "count": c["count"],
-                           "cell": f"{c['i']},{c['j']}", "classes": ", ".join(c["top_labels"]),
-                           "value": c["value"] if pd.notna(c["value"]) else None} for c in overlay.cells])
-    domain = alt.Scale(domain=[0, level], nice=False, zero=False)
-    flipped = alt.Scale(domain=[0, level], nice=False, zero=False, reverse=True)
-    background = alt.Chart(pd.DataFrame({"x": [level / 2], "y": [level / 2], "url": [appdata.data_uri(picture)]})) \
-        .mark_image(width=side, height=side).encode(x=alt.X("x:Q", scale=domain, axis=None),
-                                                    y=alt.Y("y:Q", scale=flipped, axis=None), url="url:N")
-    pick = alt.selection_point(name="cell", fields=["i", "j"], on="click")
-    boxes = alt.Chart(cells).mark_rect(fill="white", fillOpacity=0.01, stroke="black", strokeOpacity=0.08).encode(
-        x=alt.X("j:Q", scale=domain, axis=None), x2="j2:Q", y=alt.Y("i:Q", scale=flipped, axis=None), y2="i2:Q",
-        tooltip=[alt.Tooltip("cell:N"), alt.Tooltip("classes:N", title="top classes"),
-                 alt.Tooltip("count:Q", title="activations"), alt.Tooltip("value:Q", format=".3g")],
-    ).add_params(pick)
-    # no autosizing and no padding: the plot is exactly side × side pixels, cell (i, j) at
-    # (j, i) × side / level, so the picture and the clickable cells line up
-    chart = alt.layer(background, boxes).properties(
-        width=side, height=side, padding=0, autosize=alt.AutoSizeParams(type="none")).configure_view(stroke=None)
-    st.altair_chart(chart, on_select="rerun", selection_mode="cell", key=f"atlas_{level}", theme=None,
-                    width="content")
-    legend = appdata.overlay_legend(overlay, width=side)
-    if legend is not None:
-        st.image(legend, output_format="PNG")
-    # the same choice without a pointer: every kept cell, fullest first
-    ranked = sorted(overlay.cells, key=lambda c: -c["count"])
-    labels = {f"{c['i']},{c['j']}": f"cell {c['i']},{c['j']} · {', '.join(c['top_labels'][:2])} ({c['count']})"
-              for c in ranked}
-    st.selectbox("…or choose a cell", ["—"] + list(labels), format_func=lambda k: labels.get(k, k),
-                 key=f"cell_picker_{level}")
+    level_now = st.session_state["level"]
+    selected_now = tuple((level_now, i, j) for i, j in _cells_of(st.session_state.get("sel_cells") or []))
+    map_state = atlas_map(atlas, overlays, tiles=tiles, overlay_style=style, heat_opacity=opacity, key="atlas_map",
+                          state=MapState(level=level_now, zoom=st.session_state.get("zoom", 1.0),
+                                         center=st.session_state.get("center", (0.5, 0.5)),
+                                         selected=selected_now, clicked=None))
+    seen = st.session_state.get("_map_seen")
+    now = (map_state.level, map_state.selected)
+    st.session_state["zoom"], st.session_state["center"] = map_state.zoom, tuple(map_state.center)
+    if seen is not None and now != seen:
+        if map_state.level != level_now:
+            st.session_state["level"] = map_state.level
+            st.session_state["sel_cells"] = []
+        if map_state.selected != seen[1]:
+            st.session_state["sel_cells"] = [f"{i},{j}" for g, i, j in map_state.selected if g == map_state.level]
+        st.session_state.pop("search", None)
+        _selection_changed_elsewhere()
+    st.session_state["_map_seen"] = now
+    level = st.session_state["level"]
+    st.caption(overlays[level].legend)
 
-    if comparison is not None:
-        st.markdown(f"**{comparison.b} vs {comparison.a}**: Jensen–Shannon divergence "
-                    f"{comparison.jensen_shannon_bits:.4f} bits; {comparison.significant_cells} of "
-                    f"{comparison.cells} cells differ (q < {comparison.alpha}).")
-        for title, rows in (("More in " + comparison.b, comparison.over_represented_in_b[:8]),
-                            ("Less in " + comparison.b, comparison.under_represented_in_b[:8])):
-            st.markdown(f"*{title}*")
-            for c in rows:
-                if st.button(f"cell {c.i},{c.j} · {c.top_label} · {c.share_a:.1%} → {c.share_b:.1%}",
-                             key=f"cmp_{title}_{c.i}_{c.j}"):
-                    st.session_state["cell"], st.session_state["page"] = (c.i, c.j), 0
-                    st.rerun()
-
-    with st.expander("Search by image (or press ≈ under any image)",
-                     expanded=bool(st.session_state.get("search"))):
-        upload = st.file_uploader("An image to find in the dataset", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"],
-                                  key="upload")
-        if upload is not None and index_name is not None:
-            digest = (upload.name, upload.size)
-            if st.session_state.get("search_for") != digest:
-                try:
-                    st.session_state["search"] = appdata.search_upload(atlas, index_name, upload.getvalue(),
-                                                                       upload.name, home=HOME,
-                                                                       model=model_of(index_name))
-                    st.session_state["search_for"] = digest
-                except (appdata.AppError, ValueError, RuntimeError) as exc:
-                    st.error(str(exc))
-                st.rerun()
-        hits = st.session_state.get("search")
-        if hits:
-            if st.button("Clear search", key="clear_search"):
-                st.session_state.pop("search", None)
-                st.session_state["search_for"] = (upload.name, upload.size) if upload is not None else None
-                st.rerun()
-            st.markdown("**Nearest images** (their cells are lit on the atlas)")
-            for n, hit in enumerate(hits["hits"]):
-                if n % 4 == 0:
-                    columns = st.columns(4)
-                with columns[n % 4]:
-                    tile = appdata.image_tile(atlas, root, hit["path"], [], side=160)
-                    st.image(tile.image, output_format="JPEG",
-                             caption=f"{hit['path']} ({hit['score']:.3f})" + _unavailable(tile))
-
-# ----------------------------------------------------------------------------- the selected cell
+rows, totals = rows_by_level[level]
+labels = {f"{r['i']},{r['j']}": f"{r['i']},{r['j']} · {r['top_label']} ({r['activations']:,})" for r in rows}
+st.session_state["sel_cells"] = [c for c in st.session_state.get("sel_cells") or [] if c in labels]
 with right:
-    cell = st.session_state.get("cell")
-    if cell is None:
-        st.markdown("Click a cell of the atlas (or choose one below it) to see the dataset's images there.")
-    elif index_name is None:
-        st.info("Choose a dataset to see its images in this cell.")
-    else:
-        i, j = cell
-        page = st.session_state.get("page", 0)
-        try:
-            result = appdata.cell_page(atlas, index_name, level, i, j, page=page, per_page=PER_PAGE, home=HOME)
-            model = model_of(index_name)
-        except (AtlasqError, ValueError, FileNotFoundError) as exc:
-            st.error(str(exc))
-            st.stop()
-        st.subheader(f"Cell {i},{j}")
-        st.markdown(" · ".join(f"{label} ({score:.3g})" for label, score in
-                               zip(result.top_labels, result.top_scores)) or "no labels")
-        st.caption(f"{result.total_images} images of {index_name} here; most typical first; "
-                   f"red squares: the sampled positions")
-        for n, member in enumerate(result.images):
-            if n % 3 == 0:  # one row of columns per three images, so rows line up (and read in order)
-                columns = st.columns(3)
-            with columns[n % 3]:
-                tile = appdata.image_tile(atlas, root, member.path, member.positions, model=model)
-                st.image(tile.image, caption=member.path + _unavailable(tile), output_format="JPEG")
-                opened, similar = st.columns(2)
-                if opened.button("⤢", key=f"open_{member.image_id}", help="open: predictions and cells"):
-                    st.session_state["image"] = member.image_id
-                    st.rerun()
-                if similar.button("≈", key=f"similar_{member.image_id}", help="similar images"):
-                    st.session_state["search"] = appdata.search_indexed(atlas, index_name, member.image_id,
-                                                                        home=HOME)
-                    st.rerun()
-        previous, _, following = st.columns([1, 2, 1])
-        if page > 0 and previous.button("◀ previous", key="prev"):
-            st.session_state["page"] = page - 1
-            st.rerun()
-        if result.has_more and following.button("next ▶", key="next"):
-            st.session_state["page"] = page + 1
-            st.rerun()
+    views.concept_histogram(
+        atlas, shown_index, level=level, rows=rows, comparison=comparisons[level][1] if other else None,
+        where=where, home=HOME, selected=_cells_of(st.session_state["sel_cells"]),
+        key=f"concept_histogram_{level}_{st.session_state.get('_hist_gen', 0)}", on_select=_take_histogram_choice,
+        height=520)
+    if other:
+        c = comparisons[level][1]
+        st.caption(f"**{c.b} vs {c.a}**: Jensen–Shannon divergence {c.jensen_shannon_bits:.4f} bits; "
+                   f"{c.significant_cells} of {c.cells} cells differ (q < {c.alpha}); filters do not apply here.")
 
-        image_id = st.session_state.get("image")
-        if image_id is not None:
-            details = appdata.image_details(atlas, index_name, image_id, home=HOME)
-            st.divider()
-            st.markdown(f"**{details['path']}** ({details['width']}×{details['height']})")
-            positions = [p for p in details["placements"] if p["level"] == level]
-            tile = appdata.image_tile(atlas, root, details["path"], positions, side=480, model=model)
-            st.image(tile.image, caption=_unavailable(tile).strip(" ·") or None, output_format="JPEG")
-            st.table(pd.DataFrame(details["top5"]))
-            st.table(pd.DataFrame([{"position": f"({p['y']},{p['x']})", "cell": "off-atlas" if p["off_atlas"] else
-                                    f"{p['i']},{p['j']}", "distance": round(p["distance"], 4)} for p in positions]))
+st.multiselect("Selected cells", list(labels), key="sel_cells", format_func=labels.get,
+               placeholder="click cells on the map (shift-click adds) or rows of the histogram",
+               on_change=_selection_changed_elsewhere)
+
+
+# ----------------------------------------------------------------------------- images: the selection or a search
+@st.dialog("Image", width="large")
+def image_dialog(image_id: int, index: str, level: int) -> None:
+    details = appdata.image_details(atlas, index, image_id, home=HOME)
+    root = appdata.index_root(index, HOME)
+    model = model_of(index)
+    tabs = st.tabs(["Image", "Inspect", "Layers"])
+    with tabs[0]:
+        positions = [p for p in details["placements"] if p["level"] == level]
+        tile = appdata.image_tile(atlas, root, details["path"], positions, side=560, model=model)
+        picture, facts = st.columns([3, 2])
+        picture.image(tile.image, output_format="JPEG", width="stretch",
+                      caption=f"{details['width']}×{details['height']}" +
+                              (f" · unavailable: {tile.unavailable}" if tile.unavailable else ""))
+        with facts:
+            st.code(details["path"], language=None)  # the copy button copies the path
+            st.markdown("**Top-5 predictions**")
+            st.dataframe(pd.DataFrame(details["top5"]), hide_index=True, width="stretch",
+                         column_config={"probability": st.column_config.ProgressColumn(
+                             "probability", min_value=0.0, max_value=1.0, format="percent")})
+            st.markdown(f"**Its activations on the atlas** (level {level})")
+            st.dataframe(pd.DataFrame([{"position": f"({p['y']},{p['x']})",
+                                        "cell": "off-atlas" if p["off_atlas"] else f"{p['i']},{p['j']}",
+                                        "distance": round(p["distance"], 4)} for p in positions]),
+                         hide_index=True, width="stretch")
+    with tabs[1]:
+        _optional_view("inspect_view", index, details, level)
+    with tabs[2]:
+        _optional_view("layers_view", index, details, level)
+
+
+def _optional_view(name: str, index: str, details: dict, level: int) -> None:
+    """The Inspect and Layers views of the image, where this atlasq has them."""
+    import atlasq.streamlit as aq
+
+    try:
+        view_function = getattr(aq, name)
+    except (AttributeError, ImportError):
+        st.caption(f"This version of atlasq has no {name.replace('_', ' ')}.")
+        return
+    if name == "inspect_view":
+        view_function(index, details["path"], atlas=atlas, home=HOME)
+    else:
+        view_function(index, details["id"], home=HOME)
+
+
+@st.fragment
+def images_panel(index: str | None, level: int, cells: list[tuple[int, int]], where: ImageFilter) -> None:
+    """The gallery of the selected cells or the search results; paging, opening and exporting
+    rerun this part only."""
+    if index is None:
+        st.caption("Choose a dataset that fits this atlas to see images.")
+        return
+    search = st.session_state.get("search")
+    if search:
+        choice = _search_results(index, search)
+    else:
+        choice = views.cell_gallery(atlas, index, [(level, i, j) for i, j in cells], where=where, home=HOME,
+                                    per_page=PER_PAGE, key="gallery", model=model_of(index))
+    if choice.opened is not None:
+        st.session_state["image"] = choice.opened
+        image_dialog(choice.opened, index, level)
+    if choice.similar is not None:
+        st.session_state["search"] = {**appdata.search_indexed(atlas, index, choice.similar, home=HOME),
+                                      "query_id": choice.similar}
+        st.rerun(scope="app")  # the map lights the results' cells
+    _write_url()
+
+
+def _search_results(index: str, search: dict) -> views.GalleryChoice:
+    root = appdata.index_root(index, HOME)
+    head = st.columns([1, 4, 1], vertical_alignment="center")
+    if search.get("query_id") is not None:
+        query = appdata.image_details(atlas, index, search["query_id"], home=HOME)["path"]
+        head[0].image(appdata.image_tile(atlas, root, query, [], side=160).image, caption="query", width="stretch")
+        title = query
+    else:
+        head[0].image(search["query_image"], caption="query", width="stretch")
+        title = search.get("query_name", "the uploaded image")
+    head[1].markdown(f"**Nearest images to {title}** (their cells are lit on the map)")
+    if head[2].button("Clear search", key="clear_search", width="stretch"):
+        st.session_state.pop("search", None)
+        st.rerun(scope="app")
+    return views.image_grid(atlas, root, search["hits"], key="hits", columns=4,
+                            caption=lambda m, t: f"{m['path']} ({m['score']:.3f})" +
+                                                 (f" · unavailable: {t.unavailable}" if t.unavailable else ""))
+
+
+images_panel(shown_index, level, _cells_of(st.session_state["sel_cells"]), where)
+if opened_off is not None and shown_index:
+    image_dialog(opened_off, shown_index, level)
+
+with st.expander("Search by image (or press ≈ under any image)"):
+    upload = st.file_uploader("An image to find in the dataset", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"],
+                              key="upload")
+    if upload is not None and shown_index is not None and st.session_state.get("search_for") != (upload.name,
+                                                                                                  upload.size):
+        try:
+            found = appdata.search_upload(atlas, shown_index, upload.getvalue(), upload.name, home=HOME,
+                                          model=model_of(shown_index))
+            st.session_state["search"] = {**found, "query_image": upload.getvalue(), "query_name": upload.name}
+            st.session_state["search_for"] = (upload.name, upload.size)
+        except (appdata.AppError, ValueError, RuntimeError) as exc:
+            st.error(str(exc))
+        st.rerun()
+
+_write_url()

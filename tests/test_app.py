@@ -55,11 +55,14 @@ def app_home(atlas_home, copy_home, tmp_path_factory):
     return home
 
 
-def _app(home: Path, monkeypatch, index: str = "sample") -> AppTest:
-    """The package's page script (what `atlasq app` serves), as AppTest runs it."""
+def _app(home: Path, monkeypatch, index: str = "sample", query: dict | None = None) -> AppTest:
+    """The package's page script (what `atlasq app` serves), as AppTest runs it (with ``query`` as
+    the URL's parameters)."""
     monkeypatch.setenv("ATLASQ_HOME", str(home))
     monkeypatch.setattr(sys, "argv", ["webapp.py", "--atlas", "app", "--index", index])
     at = AppTest.from_file(str(serve.PAGE), default_timeout=120)
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
     return at.run()
 
 
@@ -76,74 +79,176 @@ def _copy_home(app_home: Path, home: Path, images: Path | None = None) -> Path:
 
 
 def _captions(at: AppTest) -> list[str]:
-    """Captions of the images shown, in page order (the colour bar has none)."""
-    return [image.proto.imgs[0].caption for image in at.get("image") if image.proto.imgs[0].caption]
+    """Captions of the gallery's images, in page order."""
+    return [image.proto.imgs[0].caption for image in at.get("image")
+            if image.proto.imgs[0].caption and image.proto.imgs[0].caption != "query"]
 
 
-def _fullest_cell(home: Path, index: str = "sample", level: int = 10) -> dict:
+def _cells_by_images(home: Path, index: str = "sample", level: int = 10) -> list:
     result = histogram("app", index, home=home, level=level, place=False)
-    return max(result.cells, key=lambda c: c.images)
+    return sorted((c for c in result.cells if c.images), key=lambda c: -c.images)
+
+
+def _union(home: Path, cells: list, index: str = "sample", level: int = 10, keep=lambda path, top1: True) -> list[str]:
+    """The paths of the images in any of ``cells``, most typical first (an image ranks by its best
+    activation in any of them), computed from :func:`cell_images` one cell at a time."""
+    best: dict[int, tuple[float, str]] = {}
+    for c in cells:
+        for m in cell_images("app", index, c.i, c.j, home=home, level=level, k=100_000).images:
+            if m.image_id not in best or m.cell_distance < best[m.image_id][0]:
+                best[m.image_id] = (m.cell_distance, m.path)
+    with IndexStore(index_folder(index, home)) as store:
+        top1 = {r["id"]: r["top5_class"][0] for r in store.images(list(best))}
+    return [path for image_id, (d, path) in sorted(best.items(), key=lambda kv: (round(kv[1][0], 6), kv[0]))
+            if keep(path, top1[image_id])]
+
+
+def _text(at: AppTest) -> str:
+    return " ".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [i.value for i in at.info])
 
 
 # ----------------------------------------------------------------------------- app logic (AppTest)
 
-def test_app_starts_on_the_atlas_with_counts_and_no_cell(app_home, monkeypatch):
+def test_app_starts_with_summary_map_and_histogram_and_no_selection(app_home, monkeypatch):
     at = _app(app_home, monkeypatch)
     assert not at.exception, at.exception
-    assert "activations per cell" in " ".join(c.value for c in at.caption)
-    assert any("Click a cell" in m.value for m in at.markdown)
+    assert "activations per cell" in _text(at)
+    metrics = {m.label: m.value for m in at.metric}
+    with IndexStore(index_folder("sample", app_home)) as store:
+        assert metrics["images"] == f"{store.count('images'):,}" and metrics["indexing errors"] == "0"
+    assert metrics["off-atlas"].endswith("%") and metrics["icon fidelity"]
+    assert "layer mixed5a" in _text(at) and "top predicted classes" in _text(at)
+    frame = at.dataframe[0].value  # the concept histogram: fullest cell first, shares as bars
+    fullest = _cells_by_images(app_home)[0]
+    assert frame["cell"][0] == f"{fullest.i},{fullest.j}" and list(frame["activations"]) == \
+        sorted(frame["activations"], reverse=True)
+    assert "Select cells" in _text(at)
     assert not at.warning  # demo weights are real weights: no random-weights banner
 
 
-def test_choosing_a_cell_shows_its_images_and_pages_through_them(app_home, monkeypatch):
-    cell = _fullest_cell(app_home)
+def test_selected_cells_show_the_union_of_their_images_page_by_page(app_home, monkeypatch):
+    cells = _cells_by_images(app_home)[:2]
+    expected = _union(app_home, cells)
     at = _app(app_home, monkeypatch)
-    at.selectbox(key="cell_picker_10").set_value(f"{cell.i},{cell.j}").run()
-    assert at.session_state["cell"] == (cell.i, cell.j)
-    assert at.subheader[0].value == f"Cell {cell.i},{cell.j}"
-    expected = [m.path for m in cell_images("app", "sample", cell.i, cell.j, home=app_home, k=1000).images]
-    assert len(expected) > 12  # the fullest cell needs a second page
-    assert _captions(at) == expected[:12]
-    at.button(key="next").click().run()
-    assert at.session_state["page"] == 1 and _captions(at) == expected[12:24]
-    at.button(key="prev").click().run()
-    assert at.session_state["page"] == 0 and _captions(at) == expected[:12]
-    first_id = cell_images("app", "sample", cell.i, cell.j, home=app_home, k=1).images[0].image_id
-    at.button(key=f"open_{first_id}").click().run()
-    assert at.session_state["image"] == first_id
-    assert any(expected[0] in m.value for m in at.markdown)
-    assert len(at.table) == 2  # top-5 predictions, and where its activations fall
-    at.button(key=f"similar_{first_id}").click().run()
-    hits = at.session_state["search"]["hits"]
-    assert first_id not in [h["id"] for h in hits]
-    # The app shows the library's neighbours of that image, in order; whether neighbours share
-    # the query's class is the network's quality, measured over all images in test_search.py.
-    library = search_index("sample", str(first_id), k=len(hits), home=app_home)["hits"]
-    assert len(hits) >= 8 and [h["id"] for h in hits] == [h["id"] for h in library]
-    assert "activations of the search results" in " ".join(c.value for c in at.caption)
-
-
-def test_compare_mode_lists_cells_that_select_on_click(app_home, monkeypatch):
-    at = _app(app_home, monkeypatch)
-    at.sidebar.radio(key="view").set_value("compare").run()
-    at.sidebar.selectbox(key="other").set_value("two").run()
+    at.multiselect(key="sel_cells").set_value([f"{c.i},{c.j}" for c in cells]).run()
     assert not at.exception, at.exception
-    text = " ".join(m.value for m in at.markdown)
-    assert "Jensen–Shannon" in text and "More in two" in text
-    over = [b for b in at.button if b.key.startswith("cmp_More")]
-    assert over and any(label in over[0].label for label in ("red_discs", "stripes"))
-    over[0].click().run()
-    assert at.session_state["cell"] is not None and at.subheader
+    assert f"{len(expected):,} images" in _text(at) and len(expected) > 12
+    assert _captions(at) == expected[:12]
+    at.button(key="gallery_next").click().run()
+    assert at.session_state["gallery_page"] == 1 and _captions(at) == expected[12:24]
+    assert at.query_params["page"] == ["1"] and at.query_params["sel"] == ["_".join(f"{c.i}.{c.j}" for c in cells)]
+    at.button(key="gallery_prev").click().run()
+    assert _captions(at) == expected[:12]
+    # the histogram marks the selected cells
+    marked = [c for c in at.dataframe[0].value["cell"] if c.startswith("● ")]
+    assert sorted(marked) == sorted(f"● {c.i},{c.j}" for c in cells)
 
 
-def test_class_view_and_level_switch(app_home, monkeypatch):
+def test_filters_by_predicted_class_and_path_change_counts_bars_and_images(app_home, monkeypatch):
+    cells = _cells_by_images(app_home)[:3]
     at = _app(app_home, monkeypatch)
-    at.sidebar.radio(key="view").set_value("class").run()
-    at.sidebar.selectbox(key="class_name").set_value("stripes").run()
-    assert not at.exception and "attribution to stripes" in " ".join(c.value for c in at.caption)
-    at.session_state["cell"] = (0, 0)
-    at.sidebar.selectbox(key="level").set_value(20).run()
-    assert not at.exception and "cell" not in at.session_state  # a new level clears the selection
+    at.multiselect(key="sel_cells").set_value([f"{c.i},{c.j}" for c in cells]).run()
+    all_bars = at.dataframe[0].value["activations"].sum()
+    at.multiselect(key="predicted").set_value(["stripes"]).run()
+    assert not at.exception, at.exception
+    stripes = demo_model.CATEGORIES.index("stripes")
+    expected = _union(app_home, cells, keep=lambda path, top1: top1 == stripes)
+    assert 0 < len(expected) < len(_union(app_home, cells))
+    assert f"{len(expected):,} images" in _text(at) and _captions(at) == expected[:12]
+    bars = at.dataframe[0].value["activations"].sum()
+    with IndexStore(index_folder("sample", app_home)) as store:
+        counted = store.con.execute(
+            "SELECT count(*) FROM placements p JOIN images im ON im.id = p.image_id WHERE atlas = 'app' AND level = 10 "
+            "AND NOT off_atlas AND i IS NOT NULL AND im.top5_class[1] = ?", [stripes]).fetchone()[0]
+    assert 0 < bars == counted < all_bars
+    assert f"{counted:,}" in " ".join(m.value for m in at.metric) or at.metric  # the summary follows too
+    at.multiselect(key="predicted").set_value([]).run()
+    at.text_input(key="path_pattern").set_value("red_discs/").run()
+    expected = _union(app_home, cells, keep=lambda path, top1: "red_discs/" in path)
+    assert _captions(at) == expected[:12] and all(c.startswith("red_discs/") for c in _captions(at))
+    assert at.query_params["path"] == ["red_discs/"]
+
+
+def test_the_url_holds_the_view_and_a_fresh_session_restores_it(app_home, monkeypatch):
+    cells = _cells_by_images(app_home, level=20)[:2]
+    at = _app(app_home, monkeypatch)
+    at.select_slider(key="atlas_map_level").set_value(20).run()
+    at.radio(key="view").set_value("class").run()
+    at.selectbox(key="class_name").set_value("stripes").run()
+    at.multiselect(key="sel_cells").set_value([f"{c.i},{c.j}" for c in cells]).run()
+    at.button(key="gallery_next").click().run()
+    url = {k: at.query_params[k][0] for k in at.query_params}
+    assert url["level"] == "20" and url["overlay"] == "class" and url["class"] == "stripes" and url["page"] == "1"
+    assert url["index"] == "sample" and url["atlas"] == "app" and "zoom" in url
+    fresh = _app(app_home, monkeypatch, index="two", query=url)  # the link opened elsewhere
+    assert not fresh.exception, fresh.exception
+    assert fresh.session_state["index_name"] == "sample" and fresh.session_state["level"] == 20
+    assert fresh.session_state["view"] == "class" and fresh.session_state["class_name"] == "stripes"
+    assert fresh.session_state["sel_cells"] == [f"{c.i},{c.j}" for c in cells]
+    assert fresh.session_state["gallery_page"] == 1 and _captions(fresh) == _captions(at)
+    assert "attribution to stripes" in _text(fresh)
+
+
+def test_incompatible_index_is_marked_and_never_the_default_comparison(app_home, tmp_path, monkeypatch):
+    home = _copy_home(app_home, tmp_path / "home")
+    shutil.copytree(app_home / "two", home / "two")
+    shutil.copytree(app_home / "two", home / "layer4c")
+    with IndexStore(index_folder("layer4c", home), read_only=False) as store:
+        store.set_meta({"layers": ["mixed4c"]})  # as if indexed at another layer only
+    at = _app(home, monkeypatch)
+    at.radio(key="view").set_value("compare").run()
+    assert not at.exception, at.exception
+    other = at.selectbox(key="other")
+    assert other.value is None and other.options == ["two"]  # nothing chosen for the user; layer4c not offered
+    assert any("layer4c" in c.value and "not offered" in c.value and "mixed5a" in c.value for c in at.sidebar.caption)
+    assert not [b for b in at.button if b.key.startswith("place_")]
+    other.set_value("two").run()
+    frame = at.dataframe[0].value
+    assert {"share sample", "share two", "difference"} <= set(frame.columns)
+    assert any(d.startswith("★ more in two") for d in frame["difference"])
+    at = _app(home, monkeypatch, index="layer4c")  # chosen anyway: the reason, no counts, no "Place it now"
+    assert not at.exception, at.exception
+    assert any("cannot be shown on atlas" in w.value and "mixed5a" in w.value for w in at.warning)
+    assert not [b for b in at.button if b.key.startswith("place_")]
+    assert "reference activations per cell" in _text(at)
+
+
+def test_export_csv_holds_exactly_the_union_and_the_zip_its_files(app_home, monkeypatch):
+    import csv
+    import zipfile
+
+    cells = _cells_by_images(app_home)[:3]
+    atlas = load_atlas("app", app_home)
+    files = appdata.selection_files(atlas, "sample", 10, [(c.i, c.j) for c in cells], home=app_home)
+    rows = list(csv.reader(io.StringIO(appdata.selection_csv(files).decode())))
+    assert rows[0] == ["image_id", "path"] and [r[1] for r in rows[1:]] == _union(app_home, cells)
+    root = appdata.index_root("sample", app_home)
+    with zipfile.ZipFile(io.BytesIO(appdata.selection_zip(root, files[:5]))) as archive:
+        assert archive.namelist() == [f["path"] for f in files[:5]]
+        assert archive.read(files[0]["path"]) == (root / files[0]["path"]).read_bytes()
+    at = _app(app_home, monkeypatch)
+    at.multiselect(key="sel_cells").set_value([f"{c.i},{c.j}" for c in cells]).run()
+    assert not at.info and [b.proto.label for b in at.get("download_button")] == ["CSV of paths", "zip of files"]
+    monkeypatch.setattr(appdata, "ZIP_CAP_BYTES", 1000)  # far below the selection's size
+    with pytest.raises(appdata.AppError, match="more than the 0 MB"):
+        appdata.selection_zip(root, files)
+    at.run()
+    assert any("more than the" in i.value and "download the CSV" in i.value for i in at.info)
+
+
+def test_labels_are_only_classes_with_positive_attribution(app_home):
+    atlas = load_atlas("app", app_home)
+    stored = atlas.cells.to_pydict()
+    negative = sum(s <= 0 for scores in stored["top_scores"] for s in scores)
+    assert negative, "the quick atlas has cells whose stored top-5 includes classes they argue against"
+    for g in atlas.levels:
+        cells = atlas.cells_at(g)
+        assert all(s > 0 for scores in cells["top_scores"] for s in scores)
+        assert all(len(l) == len(s) == len(c) for l, s, c in zip(cells["top_labels"], cells["top_scores"],
+                                                                   cells["top_classes"]))
+    rows, _ = appdata.cell_rows(atlas, "sample", 10, home=app_home)
+    result = histogram("app", "sample", home=app_home, level=10, place=False)  # what the CLI prints
+    assert [r["top_labels"] for r in rows] == [c.top_labels for c in result.cells]
 
 
 def test_missing_atlas_and_random_weights_are_shown_as_messages(tmp_path, app_home, monkeypatch):
@@ -173,28 +278,24 @@ def test_folders_that_are_not_complete_indexes_are_left_out_with_the_reason(app_
     IndexStore.create(home / "unfinished").close()            # a database whose first run stopped early
     (home / "garbage").mkdir()
     (home / "garbage" / "index.duckdb").write_text("not a database\n" * 100)
-    with pytest.raises(ValueError):                           # a real failed run, whatever it leaves
-        build_index(SAMPLE_DATA / "stripes", "failed", home=home, progress=False,
-                    options=IndexOptions(model="demo", layers=("no_such_layer",)))
     assert appdata.list_indexes(home) == ["sample"]
     problems = appdata.index_problems(home)
     assert {"empty", "unfinished", "garbage"} <= set(problems) and "sample" not in problems
     assert "atlases" not in problems  # the home's own folders are not candidates
     assert "no index.duckdb" in problems["empty"] and "unfinished" in problems["unfinished"]
-    assert "garbage" not in appdata.list_indexes(home)
-    for name in ("unfinished", "garbage", "empty"):
+    for name in ("unfinished", "garbage"):
         at = _app(home, monkeypatch, index=name)
         assert not at.exception, at.exception
         assert any(name in w.value and "cannot be shown" in w.value for w in at.warning)
         assert at.session_state["index_name"] == "sample"  # the app falls back to a readable dataset
-        assert "activations per cell" in " ".join(c.value for c in at.caption)
+        assert "activations per cell" in _text(at)
 
 
 def test_images_turned_into_links_out_of_the_root_or_loops_get_unavailable_tiles(app_home, tmp_path, monkeypatch):
     """An indexed image later replaced by a symlink out of the index's folder, or by a symlink
     loop, is shown as a grey "unavailable" tile with the reason, not a traceback."""
     home = _copy_home(app_home, tmp_path / "home", images=tmp_path / "images")
-    cell = _fullest_cell(home)
+    cell = _cells_by_images(home)[0]
     paths = [m.path for m in cell_images("app", "sample", cell.i, cell.j, home=home, k=12).images]
     outside = tmp_path / "outside.png"
     Image.new("RGB", (64, 64), (0, 128, 255)).save(outside)
@@ -205,19 +306,12 @@ def test_images_turned_into_links_out_of_the_root_or_loops_get_unavailable_tiles
     (root / paths[1]).symlink_to(root / paths[1])             # a loop: the link points at itself
 
     at = _app(home, monkeypatch)
-    at.selectbox(key="cell_picker_10").set_value(f"{cell.i},{cell.j}").run()
+    at.multiselect(key="sel_cells").set_value([f"{cell.i},{cell.j}"]).run()
     assert not at.exception, at.exception
     captions = _captions(at)
     assert captions[0].startswith(paths[0]) and "unavailable" in captions[0] and "outside" in captions[0]
     assert captions[1].startswith(paths[1]) and "unavailable" in captions[1]
     assert captions[2:] == paths[2:]
-
-    atlas = load_atlas("app", home)
-    good, out, loop = (appdata.image_tile(atlas, root, p, []) for p in (paths[2], paths[0], paths[1]))
-    assert good.unavailable is None
-    assert "outside the index's folder" in out.unavailable
-    assert "loop" in loop.unavailable.lower() or "symbolic links" in loop.unavailable
-    assert out.image.size == loop.image.size == (192, 192)
 
 
 # ----------------------------------------------------------------------------- end to end, in a browser

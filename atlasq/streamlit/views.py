@@ -1,0 +1,279 @@
+"""The app's views, as functions for any Streamlit page: the concept histogram, the gallery of a
+selection of cells, and the dataset summary.
+
+Each draws into the current container and returns what the user chose there::
+
+    import streamlit as st
+    import atlasq.streamlit as aq
+    from atlasq.atlas import load_atlas
+
+    atlas = load_atlas("imagenet-4c")
+    cells = aq.concept_histogram(atlas, "photos", level=20)          # [(i, j), ...] the bars clicked
+    choice = aq.cell_gallery(atlas, "photos", [(20, i, j) for i, j in cells])
+    if choice.opened is not None:
+        st.write("opened image", choice.opened)
+
+The data behind them comes from :mod:`atlasq.appdata` (no Streamlit there), so the same numbers
+are available to scripts and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import streamlit as st
+
+from .. import appdata
+from ..appdata import SCORE_HELP, ImageFilter
+from ..atlas import Atlas
+
+__all__ = ["concept_histogram", "cell_gallery", "dataset_summary", "GalleryChoice", "cell_label",
+           "comparison_rows"]
+
+
+def cell_label(i: int, j: int) -> str:
+    """How a cell is named everywhere in the app: row, column."""
+    return f"{i},{j}"
+
+
+def _labels(row: dict) -> str:
+    if not row["top_labels"]:
+        return appdata.NO_POSITIVE_CLASS
+    return ", ".join(f"{label} ({score:+.2g})" for label, score in zip(row["top_labels"], row["top_scores"]))
+
+
+def comparison_rows(rows: list[dict], rows_b: list[dict], comparison) -> list[dict]:
+    """Dataset A's ``rows`` (:func:`atlasq.appdata.cell_rows`) with B's share (from ``rows_b``),
+    whether the cell differs significantly and the direction in words, from a
+    :class:`atlasq.histogram.Comparison` of A and B."""
+    cells = {(c.i, c.j): c for c in comparison.over_represented_in_b + comparison.under_represented_in_b}
+    share_b = {(r["i"], r["j"]): r["share"] for r in rows_b}
+    out = []
+    for row in rows:
+        hit = cells.get((row["i"], row["j"]))
+        out.append({**row, "share_b": share_b.get((row["i"], row["j"]), 0.0), "significant": hit is not None,
+                    "log2_ratio": hit.log2_ratio if hit is not None else None,
+                    "q": hit.q if hit is not None else None,
+                    "direction": ("" if hit is None else
+                                  f"more in {comparison.b}" if hit.log2_ratio > 0 else f"less in {comparison.b}")})
+    return out
+
+
+def concept_histogram(atlas: Atlas, index: str | None = None, *, level: int | None = None,
+                      rows: list[dict] | None = None, compare_with: str | None = None, comparison=None,
+                      where: ImageFilter = ImageFilter(), home: Path | None = None, limit: int = 60,
+                      selected: Iterable[tuple[int, int]] = (), key: str = "concept_histogram",
+                      height: int = 560, on_select=None) -> list[tuple[int, int]]:
+    """The dataset's cells as a ranked bar chart (fullest first): each cell's icon, top label
+    (positive attribution only, with its score), activations, distinct images and share of all
+    the dataset's placed activations, the share drawn as a bar. Empty cells are left out.
+
+    With ``compare_with`` (or a ready ``comparison``), the two datasets' shares side by side,
+    significant cells first and marked ★, the direction in words ("more in B").
+
+    Clicking rows selects their cells: returns the selected cells [(i, j), …] (empty: none), and
+    calls ``on_select(cells)`` (before the rerun the click causes) when given. ``rows`` may be
+    passed when already computed (:func:`atlasq.appdata.cell_rows`)."""
+    level = level if level is not None else min(atlas.levels)
+    if rows is None:
+        rows, _ = appdata.cell_rows(atlas, index, level, where, home=home)
+    if compare_with is not None and comparison is None and index is not None:
+        _, comparison = appdata.overlay_compare(atlas, index, compare_with, level, home=home)
+    if comparison is not None:  # shares of all images: filters do not apply to the comparison's test
+        rows = comparison_rows(appdata.cell_rows(atlas, comparison.a, level, home=home)[0],
+                               appdata.cell_rows(atlas, comparison.b, level, home=home)[0], comparison)
+        ranked = sorted((r for r in rows if r["activations"] or r["share_b"]),
+                        key=lambda r: (not r["significant"], -abs(r["log2_ratio"] or 0), -r["activations"]))
+    else:
+        ranked = sorted((r for r in rows if r["activations"]), key=lambda r: -r["activations"])
+    ranked = ranked[:limit]
+    if not ranked:
+        st.caption("No images of this dataset fall in any cell at this level (with the filters applied).")
+        return []
+    chosen = set(map(tuple, selected))
+    frame = pd.DataFrame({
+        "icon": [appdata.icon_uri(atlas, level, r["i"], r["j"]) for r in ranked],
+        "cell": [("● " if (r["i"], r["j"]) in chosen else "") + cell_label(r["i"], r["j"]) for r in ranked],
+        "top classes": [_labels(r) for r in ranked],
+        "activations": [r["activations"] for r in ranked],
+        "images": [r["images"] for r in ranked],
+        "share": [r["share"] for r in ranked],
+    })
+    top_share = max(max(frame["share"]), 1e-9)
+    config = {
+        "icon": st.column_config.ImageColumn("icon", width="small", help="the cell's feature visualization"),
+        "cell": st.column_config.TextColumn("cell", help="row,column on the atlas grid (● selected)", width="small"),
+        "top classes": st.column_config.TextColumn("top classes (score)", help=SCORE_HELP, width="medium"),
+        "activations": st.column_config.NumberColumn("activations", format="localized",
+                                                     help="the dataset's activations placed in the cell"),
+        "images": st.column_config.NumberColumn("images", format="localized",
+                                                help="distinct images with an activation in the cell"),
+        "share": st.column_config.ProgressColumn("share", min_value=0.0, max_value=top_share, format="percent",
+                                                 help="share of all the dataset's placed activations"),
+    }
+    if comparison is not None:
+        frame["share"] = [r["share"] for r in ranked]
+        frame.rename(columns={"share": f"share {comparison.a}"}, inplace=True)
+        frame[f"share {comparison.b}"] = [r["share_b"] for r in ranked]
+        frame["difference"] = [("★ " + r["direction"]) if r["significant"] else "" for r in ranked]
+        top_share = max(top_share, max(frame[f"share {comparison.b}"]), 1e-9)
+        config.pop("share")
+        for name in (comparison.a, comparison.b):
+            config[f"share {name}"] = st.column_config.ProgressColumn(
+                f"share {name}", min_value=0.0, max_value=top_share, format="percent",
+                help=f"share of {name}'s placed activations")
+        config["difference"] = st.column_config.TextColumn(
+            "difference", help=f"★: the shares differ (Fisher's exact test, FDR q < {comparison.alpha})")
+    order = [(r["i"], r["j"]) for r in ranked]
+    st.session_state[f"_{key}_cells"] = order  # what the rows are, for the callback of the next click
+
+    def changed() -> None:
+        on_select(_picked(st.session_state.get(key), st.session_state.get(f"_{key}_cells") or []))
+
+    event = st.dataframe(frame, column_config=config, hide_index=True,
+                         on_select=changed if on_select is not None else "rerun", selection_mode="multi-row",
+                         key=key, height=height, row_height=44, width="stretch")
+    return _picked(event, order)
+
+
+def _picked(event, order: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The cells of the rows selected in a dataframe selection ``event``."""
+    selection = (event or {}).get("selection", {}) if isinstance(event, dict) else getattr(event, "selection", {})
+    rows = selection.get("rows", []) if isinstance(selection, dict) else getattr(selection, "rows", [])
+    return [order[n] for n in rows or [] if n < len(order)]
+
+
+@dataclass
+class GalleryChoice:
+    """What the user did in :func:`cell_gallery`: an image opened (⤢) or searched from (≈)."""
+
+    opened: int | None = None
+    similar: int | None = None
+    total_images: int = 0
+
+
+def _tile_caption(path: str, tile: appdata.ImageTile) -> str:
+    return path + (f" · unavailable: {tile.unavailable}" if tile.unavailable else "")
+
+
+def image_grid(atlas: Atlas, root: Path, images: list[dict], *, key: str, columns: int = 4, model=None,
+               caption=None) -> GalleryChoice:
+    """A grid of images (dicts with ``image_id``, ``path``, optional ``positions``), each with ⤢
+    (open) and ≈ (similar images) buttons."""
+    choice = GalleryChoice()
+    for n, member in enumerate(images):
+        if n % columns == 0:  # one row of columns per ``columns`` images, so rows line up and read in order
+            row = st.columns(columns)
+        with row[n % columns]:
+            tile = appdata.image_tile(atlas, root, member["path"], member.get("positions") or [], model=model,
+                                      side=224)
+            st.image(tile.image, caption=caption(member, tile) if caption else _tile_caption(member["path"], tile),
+                     output_format="JPEG", width="stretch")
+            opened, similar = st.columns(2)
+            if opened.button("⤢", key=f"{key}_open_{member['image_id']}", help="open: predictions and cells",
+                             width="stretch"):
+                choice.opened = int(member["image_id"])
+            if similar.button("≈", key=f"{key}_similar_{member['image_id']}", help="similar images",
+                              width="stretch"):
+                choice.similar = int(member["image_id"])
+    return choice
+
+
+def cell_gallery(atlas: Atlas, index: str, selected: Iterable[tuple[int, int, int]], *,
+                 where: ImageFilter = ImageFilter(), home: Path | None = None, per_page: int = 12,
+                 columns: int = 4, key: str = "gallery", model=None, export: bool = True) -> GalleryChoice:
+    """The images of ``index`` in the union of the ``selected`` cells ((level, i, j), of one
+    level), most typical first, a page at a time (the page lives in ``st.session_state[key +
+    "_page"]``), with CSV and zip export of the whole selection. Returns the image opened (⤢) or
+    searched from (≈), if any."""
+    selected = list(selected)
+    if not selected:
+        st.caption("Select cells on the map or in the histogram to see their images.")
+        return GalleryChoice()
+    level = selected[0][0]
+    cells = sorted({(i, j) for g, i, j in selected if g == level})
+    page_key = f"{key}_page"
+    page = int(st.session_state.get(page_key, 0))
+    result = appdata.selection_page(atlas, index, level, cells, where=where, page=page, per_page=per_page, home=home)
+    if page and not result.images and result.total_images:  # the selection shrank under the page
+        st.session_state[page_key] = page = 0
+        result = appdata.selection_page(atlas, index, level, cells, where=where, page=0, per_page=per_page, home=home)
+    pages = max(1, -(-result.total_images // per_page))
+    named = ", ".join(cell_label(i, j) for i, j in cells[:8]) + (f" and {len(cells) - 8} more" if len(cells) > 8 else "")
+    st.markdown(f"**{result.total_images:,} images** of {index} in cell{'s' * (len(cells) > 1)} {named} "
+                f"(level {level}; most typical first; red squares: the sampled positions)")
+    bar = st.columns([1, 1, 2, 1.4, 1.4], vertical_alignment="center")
+    if bar[0].button("◀ previous", key=f"{key}_prev", disabled=page == 0, width="stretch"):
+        st.session_state[page_key] = page = page - 1
+        result = appdata.selection_page(atlas, index, level, cells, where=where, page=page, per_page=per_page,
+                                        home=home)
+    if bar[1].button("next ▶", key=f"{key}_next", disabled=not result.has_more, width="stretch"):
+        st.session_state[page_key] = page = page + 1
+        result = appdata.selection_page(atlas, index, level, cells, where=where, page=page, per_page=per_page,
+                                        home=home)
+    bar[2].caption(f"page {page + 1} of {pages}")
+    if export:
+        _export_buttons(bar[3], bar[4], atlas, index, level, cells, where, home, key)
+    root = appdata.index_root(index, home)
+    choice = image_grid(atlas, root, result.images, key=key, columns=columns, model=model)
+    choice.total_images = result.total_images
+    return choice
+
+
+def _export_buttons(csv_place, zip_place, atlas: Atlas, index: str, level: int, cells: list, where: ImageFilter,
+                    home: Path | None, key: str) -> None:
+    files = appdata.selection_files(atlas, index, level, cells, where=where, home=home)
+    csv_place.download_button("CSV of paths", appdata.selection_csv(files), file_name=f"{index}_selection.csv",
+                              mime="text/csv", key=f"{key}_csv", on_click="ignore", width="stretch",
+                              help=f"image_id and path of all {len(files):,} selected images")
+    refusal = appdata.zip_refusal(files)
+    if refusal:
+        zip_place.button("zip of files", key=f"{key}_zip_off", disabled=True, width="stretch", help=refusal)
+        st.info(refusal)
+        return
+    root = appdata.index_root(index, home)
+    total = sum(f["bytes"] for f in files)
+
+    def build() -> bytes:  # run only when the button is pressed (no session state needed)
+        return appdata.selection_zip(root, files)
+
+    zip_place.download_button("zip of files", build, file_name=f"{index}_selection.zip", mime="application/zip",
+                              key=f"{key}_zip", on_click="ignore", width="stretch",
+                              help=f"{len(files):,} files, {total / 2**20:,.1f} MB")
+
+
+def dataset_summary(atlas: Atlas, index: str, *, level: int | None = None, where: ImageFilter = ImageFilter(),
+                    home: Path | None = None, facts: dict | None = None, key: str = "summary") -> int | None:
+    """The dataset at a glance: images, indexing errors, off-atlas share (with a look at the images
+    with most off-atlas activations), its most frequent top-1 predictions, and the atlas's model,
+    weights, layer and icon fidelity. Returns the image opened from the off-atlas look, if any."""
+    level = level if level is not None else min(atlas.levels)
+    facts = facts or appdata.dataset_facts(atlas, index, level, where, home=home)
+    a = facts["atlas"]
+    metrics = st.columns(4)
+    metrics[0].metric("images", f"{facts['images']:,}",
+                      help="images indexed" + ("" if where.everything else f"; {facts['kept_images']:,} pass the filters"))
+    metrics[1].metric("indexing errors", f"{facts['errors']:,}", help="files that could not be read (`atlasq info`)")
+    metrics[2].metric("off-atlas", f"{facts['off_atlas_share']:.1%}",
+                      help=f"{facts['off_atlas']:,} of {facts['activations']:,} placed activations are farther "
+                           f"from every reference activation than the atlas's threshold: concepts the atlas lacks")
+    fidelity = a["icon_fidelity"]
+    metrics[3].metric("icon fidelity", "—" if fidelity is None else f"{fidelity:.0%}",
+                      help="share of this level's icons whose centre activation is closest to their own cell's "
+                           "mean activation")
+    weights = a["weights"] + (" (RANDOM)" if a["random_weights"] else "")
+    st.caption(f"atlas **{a['name']}**: model {a['model']}, weights {weights}, layer {a['layer']}")
+    if facts["top_predicted"]:
+        st.caption("top predicted classes: " + ", ".join(f"{c} ({n:,})" for c, n in facts["top_predicted"]))
+    opened = None
+    if facts["off_atlas_images"]:
+        with st.popover(f"look at off-atlas images ({len(facts['off_atlas_images'])})"):
+            root = appdata.index_root(index, home)
+            choice = image_grid(atlas, root, facts["off_atlas_images"], key=f"{key}_off", columns=4,
+                                caption=lambda m, t: f"{_tile_caption(m['path'], t)} · {m['off_atlas']}/"
+                                                     f"{m['activations']} off")
+            opened = choice.opened
+    return opened
