@@ -1,14 +1,21 @@
-"""Benchmark: how long a click on an atlas cell takes to show its images, on 100,000 images.
+"""Benchmark: how fast the app answers, on an index of 100,000 images.
 
 Builds (once, under bench/_work/app_home/) an index of sample_data/ with the demo network and an
 atlas of it, then a synthetic index of ``--images`` images placed on that atlas (see
 tests/bigindex.py). It serves `streamlit run app.py`, opens it in Debian's headless chromium
-with Playwright and clicks the fullest cells, timing each click until the cell's first 12
-images are shown. Needs /usr/bin/chromium. Timings are printed, never compared with a limit.
+with Playwright and
+
+- clicks the fullest cells on the map, timing each click until the cell's first 12 images are
+  shown (``click_to_images_s``, the median);
+- plays a scripted sequence of mixed interactions (clicks and shift-clicks on the map, paging,
+  rows of the histogram, filters, level, overlay, tiles, the image dialog), timing each from the
+  action until the app's run for it has finished (Streamlit's ``script_finished`` message, read
+  from the page's websocket) and the page shows its result (``interaction_p95_s``, the 95th
+  percentile, and ``interaction_median_s``).
+
+Needs /usr/bin/chromium. Timings are printed, never compared with a limit.
 
     python bench/app.py [--images 100000] [--clicks 5]
-
-Last line: click_to_images_s= (the median).
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from bigindex import make_placed_index  # noqa: E402
 
 from atlasq.atlas import AtlasOptions, build_atlas  # noqa: E402
 from atlasq.atlasdir import AtlasFolder  # noqa: E402
-from atlasq.histogram import cell_images, histogram  # noqa: E402
+from atlasq.histogram import histogram  # noqa: E402
 from atlasq.indexer import IndexOptions, build_index  # noqa: E402
+from atlasq.store import ImageFilter, IndexStore, index_folder  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "app_home"
 SAMPLE_DATA = REPO / "sample_data"
 CHROMIUM = "/usr/bin/chromium"
+LEVEL = 10
 
 
 def prepare(images: int) -> str:
@@ -51,6 +60,54 @@ def prepare(images: int) -> str:
     return name
 
 
+def first_page(index: str, cells: list[tuple[int, int]]) -> list[str]:
+    """The paths the gallery shows first for the union of ``cells`` (what a click must bring)."""
+    with IndexStore(index_folder(index, WORK)) as store:
+        members, _ = store.selection_members("bench", LEVEL, cells, ImageFilter(), limit=12)
+    return [m["path"] for m in members]
+
+
+class Runs:
+    """Counts the app's finished runs (whole page or fragment) as the page's websocket reports them."""
+
+    def __init__(self, page):
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        self.finished = 0
+
+        def frame(payload):
+            if isinstance(payload, (bytes, bytearray)):
+                msg = ForwardMsg()
+                try:
+                    msg.ParseFromString(bytes(payload))
+                except Exception:  # a frame of another kind: not ours to count
+                    return
+                if msg.WhichOneof("type") == "script_finished":
+                    self.finished += 1
+
+        page.on("websocket", lambda ws: ws.on("framereceived", frame))
+
+    def wait_after(self, page, before: int, timeout: float = 60.0) -> None:
+        deadline = time.perf_counter() + timeout
+        while self.finished <= before:
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the app did not finish a run")
+            page.wait_for_timeout(10)
+
+
+def captions(page) -> list[str]:
+    return page.locator("[data-testid='stImageCaption']").all_inner_texts()
+
+
+def click_cell(page, i: int, j: int, *, shift: bool = False) -> None:
+    box = page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(box["x"] + (j + 0.5) * box["width"] / LEVEL, box["y"] + (i + 0.5) * box["height"] / LEVEL)
+    if shift:
+        page.keyboard.up("Shift")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100_000)
@@ -59,9 +116,8 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     index = prepare(args.images)
-    cells = sorted(histogram("bench", index, home=WORK, level=10, place=False).cells, key=lambda c: -c.images)
-    expected = {(c.i, c.j): [m.path for m in cell_images("bench", index, c.i, c.j, home=WORK, k=12).images]
-                for c in cells[:args.clicks]}
+    cells = sorted(histogram("bench", index, home=WORK, level=LEVEL, place=False).cells, key=lambda c: -c.images)
+    cells = [(c.i, c.j) for c in cells if c.images]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -69,9 +125,9 @@ def main() -> None:
                                "--server.port", str(port), "--server.address", "127.0.0.1",
                                "--browser.gatherUsageStats", "false", "--", "--home", str(WORK), "--atlas", "bench"],
                               cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    timings = []
+    clicks, steps = [], []
     try:
-        for _ in range(120):
+        for _ in range(240):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
                 break
@@ -82,26 +138,75 @@ def main() -> None:
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(f"http://127.0.0.1:{port}/?index={index}")
-            frame_locator = page.locator("[data-testid='stVegaLiteChart'] path.background").first
-            frame_locator.wait_for(timeout=120_000)
-            for cell in cells[:args.clicks]:
-                frame = frame_locator.bounding_box()
+            runs = Runs(page)
+            page.goto(f"http://127.0.0.1:{port}/?index={index}&atlas=bench&level={LEVEL}")
+            page.locator("[data-testid='stVegaLiteChart'] path.background").first.wait_for(timeout=300_000)
+            page.get_by_text("activations per cell").first.wait_for(timeout=300_000)
+            page.wait_for_timeout(2000)
+
+            def timed(name: str, action, done=None) -> float:
+                before = runs.finished
                 started = time.perf_counter()
-                page.mouse.click(frame["x"] + (cell.j + 0.5) * frame["width"] / 10,
-                                 frame["y"] + (cell.i + 0.5) * frame["height"] / 10)
-                # done when the first 12 captions are exactly this cell's first page (not the last cell's)
-                page.wait_for_function(
-                    "want => JSON.stringify([...document.querySelectorAll(\"[data-testid='stImageCaption']\")]"
-                    ".slice(0, 12).map(e => e.innerText)) === JSON.stringify(want)", arg=expected[cell.i, cell.j],
-                    timeout=60_000)
-                timings.append(time.perf_counter() - started)
-                print(f"cell {cell.i},{cell.j} ({cell.images:,} images): {timings[-1]:.2f} s", flush=True)
+                action()
+                runs.wait_after(page, before)
+                if done is not None:
+                    page.wait_for_function(done[0], arg=done[1], timeout=60_000)
+                took = time.perf_counter() - started
+                print(f"{name}: {took:.2f} s", flush=True)
+                return took
+
+            shown = ("want => JSON.stringify([...document.querySelectorAll(\"[data-testid='stImageCaption']\")]"
+                     ".slice(0, want.length).map(e => e.innerText)) === JSON.stringify(want)")
+            for i, j in cells[:args.clicks]:
+                clicks.append(timed(f"click cell {i},{j}", lambda: click_cell(page, i, j),
+                                    (shown, first_page(index, [(i, j)]))))
+
+            a, b, c = cells[0], cells[1], cells[2]
+            sidebar = page.locator("[data-testid='stSidebar']")
+            script = [
+                ("click a cell", lambda: click_cell(page, *a), (shown, first_page(index, [a]))),
+                ("shift-click a second cell", lambda: click_cell(page, *b, shift=True), (shown, first_page(index, [a, b]))),
+                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
+                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
+                ("previous page", lambda: page.get_by_role("button", name="◀ previous").click(), None),
+                ("click another cell", lambda: click_cell(page, *c), (shown, first_page(index, [c]))),
+                ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
+                ("close the dialog", None, None),
+                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
+                ("path filter", lambda: (sidebar.get_by_text("Filters").click(),
+                                         sidebar.get_by_label("Path pattern").fill("stripes"),
+                                         sidebar.get_by_label("Path pattern").press("Enter")), None),
+                ("clear the path filter", lambda: (sidebar.get_by_label("Path pattern").fill(""),
+                                                   sidebar.get_by_label("Path pattern").press("Enter")), None),
+                ("class overlay", lambda: sidebar.get_by_text("class attribution").click(), None),
+                ("counts overlay", lambda: sidebar.get_by_text("dataset counts").click(), None),
+                ("exemplar tiles", lambda: sidebar.get_by_text("real exemplars").click(), None),
+                ("icon tiles", lambda: sidebar.get_by_text("feature visualizations").click(), None),
+                ("click a cell", lambda: click_cell(page, *a), (shown, first_page(index, [a]))),
+                ("shift-click a cell", lambda: click_cell(page, *c, shift=True), (shown, first_page(index, [a, c]))),
+                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
+                ("heat layer", lambda: sidebar.get_by_text("heat layer").click(), None),
+                ("badges", lambda: sidebar.get_by_text("badges (icons untouched)").click(), None),
+                ("click a cell", lambda: click_cell(page, *b), (shown, first_page(index, [b]))),
+                ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
+                ("close the dialog", None, None),
+            ]
+            for name, action, done in script:
+                if action is None:  # closing a dialog happens in the browser: no run to time
+                    page.keyboard.press("Escape")
+                    page.wait_for_timeout(300)
+                    continue
+                steps.append(timed(name, action, done))
             browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"click_to_images_s={statistics.median(timings):.3f}")
+    steps.sort()
+    p95 = steps[min(len(steps) - 1, round(0.95 * (len(steps) - 1)))]
+    print(f"interactions={len(steps)}")
+    print(f"interaction_median_s={statistics.median(steps):.3f}")
+    print(f"interaction_p95_s={p95:.3f}")
+    print(f"click_to_images_s={statistics.median(clicks):.3f}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ SCREENSHOTS = Path(os.environ.get("ATLASQ_SCREENSHOTS") or REPO / "tests" / "_sc
 @pytest.fixture(scope="module")
 def app_home(atlas_home, copy_home, tmp_path_factory):
     """A copy of the session's atlas_home (index ``sample``, atlas ``app``: 10×10 and 20×20, quick
-    icons) plus index ``two`` (held-out images of two classes), both placed on the atlas."""
+    icons) plus index ``two`` (held-out images of two classes), both placed on the atlas, and
+    ``layer4c`` (``two`` as if indexed at mixed4c only, so it cannot be placed on ``app``)."""
     home = copy_home(atlas_home)
     folder = tmp_path_factory.mktemp("two_files")
     for rel, _ in demo_model.held_out_paths(SAMPLE_DATA):
@@ -52,6 +53,9 @@ def app_home(atlas_home, copy_home, tmp_path_factory):
                 options=IndexOptions(model="demo", layers=("mixed5a",)))
     histogram("app", "sample", home=home)
     histogram("app", "two", home=home)
+    shutil.copytree(home / "two", home / "layer4c")
+    with IndexStore(index_folder("layer4c", home), read_only=False) as store:
+        store.set_meta({"layers": ["mixed4c"]})  # as if indexed at another layer only: cannot be placed on "app"
     return home
 
 
@@ -189,12 +193,8 @@ def test_the_url_holds_the_view_and_a_fresh_session_restores_it(app_home, monkey
     assert "attribution to stripes" in _text(fresh)
 
 
-def test_incompatible_index_is_marked_and_never_the_default_comparison(app_home, tmp_path, monkeypatch):
-    home = _copy_home(app_home, tmp_path / "home")
-    shutil.copytree(app_home / "two", home / "two")
-    shutil.copytree(app_home / "two", home / "layer4c")
-    with IndexStore(index_folder("layer4c", home), read_only=False) as store:
-        store.set_meta({"layers": ["mixed4c"]})  # as if indexed at another layer only
+def test_incompatible_index_is_marked_and_never_the_default_comparison(app_home, monkeypatch):
+    home = app_home
     at = _app(home, monkeypatch)
     at.radio(key="view").set_value("compare").run()
     assert not at.exception, at.exception
@@ -396,61 +396,154 @@ def chromium():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def browser_page(served_app, chromium):
-    page = chromium.new_page(viewport={"width": 1500, "height": 1100})
-    page.goto(served_app)
-    page.wait_for_selector("[data-testid='stVegaLiteChart'] path.background", timeout=120_000)
-    yield page
-    page.close()
+def _open(chromium, url: str, width: int = 1500, height: int = 1100):
+    """A fresh browser page (no session, no cookies) on ``url``, once the app has drawn its gallery
+    area and finished running."""
+    page = chromium.new_context(viewport={"width": width, "height": height}, accept_downloads=True).new_page()
+    page.goto(url)
+    page.get_by_text("activations per cell").first.wait_for(timeout=120_000)
+    _settled(page)
+    return page
 
 
-def test_browser_click_on_a_cell_shows_that_cells_images(browser_page, app_home):
-    page = browser_page
-    cell = _fullest_cell(app_home)
-    frame = page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
-    started = time.perf_counter()
-    page.mouse.click(frame["x"] + (cell.j + 0.5) * frame["width"] / 10,
-                     frame["y"] + (cell.i + 0.5) * frame["height"] / 10)
-    expected = [m.path for m in cell_images("app", "sample", cell.i, cell.j, home=app_home, k=12).images]
-    page.get_by_text(f"Cell {cell.i},{cell.j}").wait_for(timeout=60_000)
-    captions = page.locator("[data-testid='stImageCaption']")
-    page.wait_for_function(f"() => document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= {len(expected)}",
-                           timeout=60_000)
-    print(f"click to all {len(expected)} images: {time.perf_counter() - started:.2f} s")
-    assert captions.all_inner_texts()[:len(expected)] == expected
+def _settled(page) -> None:
+    """Wait until Streamlit has no run in progress (its status widget is gone)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=120_000)
+
+
+def _gallery_captions(page) -> list[str]:
+    return [c for c in page.locator("[data-testid='stImageCaption']").all_inner_texts() if c != "query"]
+
+
+def _shot(page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "app_cell.png"), full_page=True)
-    # What the browser drew for the first caption is that image: its pixels match the file's
-    # (resized to the drawn size) far better than the second image's.
-    drawn = page.locator(f"xpath=//*[@data-testid='stImageCaption'][normalize-space()='{expected[0]}']"
-                         "/ancestor::*[.//img][1]//img").first
-    shot = Image.open(io.BytesIO(drawn.screenshot())).convert("L")
-    root = Path(load_atlas("app", app_home).manifest["index_root"])
-    match = [_correlation(shot, Image.open(root / path).convert("L")) for path in expected[:2]]
-    assert match[0] > 0.8 and match[0] > match[1] + 0.1, match
+    page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
-def _correlation(shot: Image.Image, source: Image.Image) -> float:
-    a = np.asarray(shot, np.float32).ravel()
-    b = np.asarray(source.resize(shot.size, Image.Resampling.BILINEAR), np.float32).ravel()
-    return float(np.corrcoef(a, b)[0, 1])
+def _map_box(page):
+    return page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
 
 
-def test_browser_upload_shows_neighbours(browser_page, app_home, tmp_path):
-    page = browser_page
+def _click_cell(page, level: int, i: int, j: int, *, shift: bool = False) -> None:
+    """Click cell (i, j) on the map showing grid ``level`` (shift-click adds it to the selection)."""
+    box = _map_box(page)
+    x, y = box["x"] + (j + 0.5) * box["width"] / level, box["y"] + (i + 0.5) * box["height"] / level
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if shift:
+        page.keyboard.up("Shift")
+    _settled(page)
+
+
+def test_browser_a_deep_link_restores_the_view(served_app, chromium, app_home):
+    cells = _cells_by_images(app_home, level=20)[:2]
+    expected = _union(app_home, cells, level=20)
+    sel = "_".join(f"{c.i}.{c.j}" for c in cells)
+    page = _open(chromium, f"{served_app}/?index=sample&atlas=app&level=20&overlay=class&class=stripes&sel={sel}&page=1")
+    try:
+        page.get_by_text("attribution to stripes").first.wait_for(timeout=60_000)
+        assert _gallery_captions(page)[:12] == expected[12:24]
+        assert page.get_by_text("page 2 of").count() == 1
+        _shot(page, "app_class.png")
+        # the URL keeps the view as the page writes it back
+        url = page.url
+        assert "level=20" in url and "class=stripes" in url and f"sel={sel}" in url and "page=1" in url
+    finally:
+        page.close()
+
+
+def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(served_app, chromium, app_home):
+    cells = _cells_by_images(app_home)[:2]
+    expected = _union(app_home, cells)
+    page = _open(chromium, f"{served_app}/?index=sample&atlas=app")
+    try:
+        _shot(page, "app_counts.png")
+        _click_cell(page, 10, cells[0].i, cells[0].j)
+        _click_cell(page, 10, cells[1].i, cells[1].j, shift=True)
+        page.get_by_text(f"{len(expected):,} images").first.wait_for(timeout=60_000)
+        assert _gallery_captions(page)[:12] == expected[:12]
+        with page.expect_download() as download:
+            page.get_by_role("button", name="CSV of paths").click()
+        rows = Path(download.value.path()).read_text().splitlines()
+        assert rows[0] == "image_id,path" and [r.split(",", 1)[1] for r in rows[1:]] == expected
+        _shot(page, "app_selection.png")
+        page.locator("[data-testid='stButton'] button", has_text="⤢").first.click()
+        page.get_by_text("Top-5 predictions").wait_for(timeout=60_000)
+        dialog = page.locator("[role='dialog']").bounding_box()
+        assert dialog["width"] >= 700  # a useful size, not the image's native 65 px
+        _shot(page, "app_dialog.png")
+    finally:
+        page.close()
+
+
+def test_browser_compare_offers_only_placeable_datasets(served_app, chromium):
+    page = _open(chromium, f"{served_app}/?index=sample&atlas=app&overlay=compare")
+    try:
+        page.get_by_text("not offered").first.wait_for(timeout=60_000)
+        assert page.get_by_text("layer4c").count() >= 1
+        assert page.get_by_text("choose a dataset").count() >= 1  # nothing compared by default
+        assert page.locator("[data-testid='stException']").count() == 0
+        page.get_by_text("choose a dataset").first.click()
+        page.get_by_role("option", name="two").click()
+        page.get_by_text("more in two").first.wait_for(timeout=60_000)
+        _settled(page)
+        _shot(page, "app_compare.png")
+    finally:
+        page.close()
+
+
+def test_browser_at_1000_px_nothing_overlaps_and_no_button_is_empty(served_app, chromium, app_home):
+    cells = _cells_by_images(app_home)[:1]
+    page = _open(chromium, f"{served_app}/?index=sample&atlas=app&sel={cells[0].i}.{cells[0].j}", width=1000)
+    try:
+        page.get_by_text("CSV of paths").first.wait_for(timeout=60_000)
+        _settled(page)
+        _shot(page, "app_1000px.png")
+        empty = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stMain"] button')]
+            .filter(b => b.offsetParent !== null && !b.innerText.trim() && !b.getAttribute('aria-label')
+                         && !b.querySelector('svg,img')).length""")
+        assert empty == 0
+        # the main area's blocks side by side (map | histogram; the gallery's columns) do not overlap
+        overlaps = page.evaluate("""() => {
+            const out = [];
+            for (const row of document.querySelectorAll('[data-testid="stMain"] [data-testid="stHorizontalBlock"]')) {
+                const cols = [...row.children].map(c => c.getBoundingClientRect()).filter(r => r.width > 0);
+                for (let a = 0; a < cols.length; a++) for (let b = a + 1; b < cols.length; b++)
+                    if (cols[a].right > cols[b].left + 1 && cols[b].right > cols[a].left + 1 &&
+                        cols[a].bottom > cols[b].top + 1 && cols[b].bottom > cols[a].top + 1) out.push([a, b]);
+                for (const child of row.querySelectorAll('[data-testid="stColumn"] > div')) {
+                    const c = child.getBoundingClientRect(), p = child.parentElement.getBoundingClientRect();
+                    if (c.right > p.right + 2) out.push(['wider than its column', c.width, p.width]);
+                }
+            }
+            return out; }""")
+        assert overlaps == []
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 1000
+    finally:
+        page.close()
+
+
+def test_browser_search_results_replace_the_cell_panel(served_app, chromium, app_home, tmp_path):
     query = tmp_path / "query.png"
-    Image.open(SAMPLE_DATA / "stripes" / sorted(os.listdir(SAMPLE_DATA / "stripes"))[0]).save(query)
-    page.get_by_text("Search by image").click()
-    page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(query))
-    page.get_by_text("Nearest images").wait_for(timeout=120_000)
-    captions = [c for c in page.locator("[data-testid='stImageCaption']").all_inner_texts() if "(" in c]
-    shown = [c.rsplit(" (", 1)[0] for c in captions]
-    # The library's neighbours of that file, in order (their meaning is test_search.py's concern).
-    library = search_index("sample", str(query), k=len(shown), home=app_home)["hits"]
-    assert len(shown) >= 8 and shown == [h["path"] for h in library]
-    assert shown[0] == f"stripes/{sorted(os.listdir(SAMPLE_DATA / 'stripes'))[0]}"  # the file itself
-    page.screenshot(path=str(SCREENSHOTS / "app_search.png"), full_page=True)
+    first = sorted(os.listdir(SAMPLE_DATA / "stripes"))[0]
+    Image.open(SAMPLE_DATA / "stripes" / first).save(query)
+    cell = _cells_by_images(app_home)[0]
+    page = _open(chromium, f"{served_app}/?index=sample&atlas=app&sel={cell.i}.{cell.j}")
+    try:
+        page.get_by_text("Search by image").click()
+        page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(query))
+        page.get_by_text("Nearest images").wait_for(timeout=120_000)
+        _settled(page)
+        shown = [c.rsplit(" (", 1)[0] for c in _gallery_captions(page) if "(" in c]
+        library = search_index("sample", str(query), k=len(shown), home=app_home)["hits"]
+        assert len(shown) >= 8 and shown == [h["path"] for h in library] and shown[0] == f"stripes/{first}"
+        assert page.get_by_text("CSV of paths").count() == 0  # the results replaced the cell's gallery
+        assert page.locator("[data-testid='stButton'] button", has_text="≈").count() >= len(shown)
+        _shot(page, "app_search.png")
+    finally:
+        page.close()
 
 
 # ----------------------------------------------------------------------------- the `atlasq app` command
@@ -602,9 +695,24 @@ def _assert_page_runs(browser, url: str) -> None:
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     try:
         page.goto(url)
-        page.wait_for_selector("[data-testid='stVegaLiteChart'] path.background", timeout=120_000)
-        page.get_by_text("activations per cell").first.wait_for(timeout=60_000)
+        page.get_by_text("activations per cell").first.wait_for(timeout=120_000)
         assert page.locator("[data-testid='stException']").count() == 0
         assert page.get_by_role("button", name="Deploy").count() == 0
     finally:
         page.close()
+
+
+def test_the_readme_dashboard_runs_and_its_views_answer(app_home, monkeypatch):
+    """The README's example dashboard, run as written on the demo's names (here the test atlas
+    ``app``): it draws the summary, the histogram and (with a row chosen) that cell's images."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- dashboard example: tests/test_app.py runs this block -->\n```python\n", 1)[1]
+    code = block.split("```", 1)[0].replace('load_atlas("sample")', 'load_atlas("app")')
+    monkeypatch.setenv("ATLASQ_HOME", str(app_home))
+    at = AppTest.from_string(code, default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert {m.label for m in at.metric} >= {"images", "off-atlas", "icon fidelity"}
+    fullest = _cells_by_images(app_home)[0]
+    frame = at.dataframe[0].value
+    assert len(frame) == 20 and frame["cell"][0] == f"{fullest.i},{fullest.j}"
+    assert "Select cells" in _text(at)  # nothing chosen yet: the gallery says what to do

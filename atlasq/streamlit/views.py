@@ -39,6 +39,12 @@ def cell_label(i: int, j: int) -> str:
     return f"{i},{j}"
 
 
+def _first_label(row: dict) -> str:
+    if not row["top_labels"]:
+        return appdata.NO_POSITIVE_CLASS
+    return f"{row['top_labels'][0]} ({row['top_scores'][0]:+.2g})"
+
+
 def _labels(row: dict) -> str:
     if not row["top_labels"]:
         return appdata.NO_POSITIVE_CLASS
@@ -97,33 +103,35 @@ def concept_histogram(atlas: Atlas, index: str | None = None, *, level: int | No
     frame = pd.DataFrame({
         "icon": [appdata.icon_uri(atlas, level, r["i"], r["j"]) for r in ranked],
         "cell": [("● " if (r["i"], r["j"]) in chosen else "") + cell_label(r["i"], r["j"]) for r in ranked],
-        "top classes": [_labels(r) for r in ranked],
+        "share": [r["share"] for r in ranked],
+        "top class": [_first_label(r) for r in ranked],
         "activations": [r["activations"] for r in ranked],
         "images": [r["images"] for r in ranked],
-        "share": [r["share"] for r in ranked],
+        "other classes": [_labels({**r, "top_labels": r["top_labels"][1:], "top_scores": r["top_scores"][1:]})
+                          if len(r["top_labels"]) > 1 else "" for r in ranked],
     })
     top_share = max(max(frame["share"]), 1e-9)
     config = {
-        "icon": st.column_config.ImageColumn("icon", width="small", help="the cell's feature visualization"),
-        "cell": st.column_config.TextColumn("cell", help="row,column on the atlas grid (● selected)", width="small"),
-        "top classes": st.column_config.TextColumn("top classes (score)", help=SCORE_HELP, width="medium"),
-        "activations": st.column_config.NumberColumn("activations", format="localized",
-                                                     help="the dataset's activations placed in the cell"),
-        "images": st.column_config.NumberColumn("images", format="localized",
-                                                help="distinct images with an activation in the cell"),
+        "icon": st.column_config.ImageColumn("icon", width=44, help="the cell's feature visualization"),
+        "cell": st.column_config.TextColumn("cell", help="row,column on the atlas grid (● selected)", width=56),
         "share": st.column_config.ProgressColumn("share", min_value=0.0, max_value=top_share, format="percent",
-                                                 help="share of all the dataset's placed activations"),
+                                                 width=120, help="share of all the dataset's placed activations"),
+        "top class": st.column_config.TextColumn("top class (score)", help=SCORE_HELP, width="medium"),
+        "activations": st.column_config.NumberColumn("activations", format="localized", width=84,
+                                                     help="the dataset's activations placed in the cell"),
+        "images": st.column_config.NumberColumn("images", format="localized", width=64,
+                                                help="distinct images with an activation in the cell"),
+        "other classes": st.column_config.TextColumn("other classes (score)", help=SCORE_HELP, width="medium"),
     }
     if comparison is not None:
-        frame["share"] = [r["share"] for r in ranked]
         frame.rename(columns={"share": f"share {comparison.a}"}, inplace=True)
-        frame[f"share {comparison.b}"] = [r["share_b"] for r in ranked]
-        frame["difference"] = [("★ " + r["direction"]) if r["significant"] else "" for r in ranked]
+        frame.insert(3, f"share {comparison.b}", [r["share_b"] for r in ranked])
+        frame.insert(4, "difference", [("★ " + r["direction"]) if r["significant"] else "" for r in ranked])
         top_share = max(top_share, max(frame[f"share {comparison.b}"]), 1e-9)
         config.pop("share")
         for name in (comparison.a, comparison.b):
             config[f"share {name}"] = st.column_config.ProgressColumn(
-                f"share {name}", min_value=0.0, max_value=top_share, format="percent",
+                f"share {name}", min_value=0.0, max_value=top_share, format="percent", width=110,
                 help=f"share of {name}'s placed activations")
         config["difference"] = st.column_config.TextColumn(
             "difference", help=f"★: the shares differ (Fisher's exact test, FDR q < {comparison.alpha})")
@@ -159,6 +167,16 @@ def _tile_caption(path: str, tile: appdata.ImageTile) -> str:
     return path + (f" · unavailable: {tile.unavailable}" if tile.unavailable else "")
 
 
+def _square(image, side: int):
+    """``image`` centred on a ``side``-pixel white square, so a gallery's rows line up whatever the
+    images' shapes."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
+
+
 def image_grid(atlas: Atlas, root: Path, images: list[dict], *, key: str, columns: int = 4, model=None,
                caption=None) -> GalleryChoice:
     """A grid of images (dicts with ``image_id``, ``path``, optional ``positions``), each with ⤢
@@ -170,7 +188,7 @@ def image_grid(atlas: Atlas, root: Path, images: list[dict], *, key: str, column
         with row[n % columns]:
             tile = appdata.image_tile(atlas, root, member["path"], member.get("positions") or [], model=model,
                                       side=224)
-            st.image(tile.image, caption=caption(member, tile) if caption else _tile_caption(member["path"], tile),
+            st.image(_square(tile.image, 224), caption=caption(member, tile) if caption else _tile_caption(member["path"], tile),
                      output_format="JPEG", width="stretch")
             opened, similar = st.columns(2)
             if opened.button("⤢", key=f"{key}_open_{member['image_id']}", help="open: predictions and cells",
