@@ -98,6 +98,11 @@ def test_map_runs_in_apptest_and_refuses_unknown_styles(atlas_home, monkeypatch)
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception, at.exception
     assert json.loads(at.code[0].value)["state"]["level"] == 10
+    # what the browser sends on a click (see atlas_map's docstring), as a page's tests simulate it
+    click = MapState(20, 2.0, (0.3, 0.4), ((20, 4, 9),), (20, 4, 9))
+    at.session_state["atlas_map"] = {"view": {**click.to_dict(), "seq": 1}}
+    at.run()
+    assert MapState.from_dict(json.loads(at.code[0].value)["state"]) == click
     atlas = load_atlas("app", atlas_home)
     with pytest.raises(InvalidOptionError, match="overlay_style"):
         atlas_map(atlas, overlay_style="tint")

@@ -197,6 +197,10 @@ def atlas_map(atlas: "Atlas", overlays: Mapping[int, "CellOverlay"] | None = Non
 
     Mouse wheel, pinch or +/− zoom, drag or the arrow keys pan, 0 resets; a click selects a cell,
     shift-click adds or removes one, shift-drag selects the cells in a box, Escape clears.
+
+    In Streamlit's AppTest (no browser), a click is what the browser would send: set
+    ``at.session_state[key] = {"view": {**MapState(...).to_dict(), "seq": n}}`` (a new ``n`` per
+    click) and run.
     """
     if overlay_style not in OVERLAY_STYLES:
         raise InvalidOptionError(f"overlay_style must be one of {', '.join(OVERLAY_STYLES)}, not {overlay_style!r}")

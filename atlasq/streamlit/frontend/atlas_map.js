@@ -240,6 +240,7 @@ class AtlasMap {
     this.root.dataset.zoom = this.view.zoom.toFixed(4);
     this.root.dataset.center = `${this.view.cx.toFixed(5)},${this.view.cy.toFixed(5)}`;
     if (!level) { this.status("loading the atlas…"); return; }
+    if (level !== this.legendLevel) { this.legendLevel = level; this.drawLegend(); }
     const g = level.size, c = this.scale() / g;
     const [x0, y0] = this.toScreen(0, 0), [x1, y1] = this.toScreen(1, 1);
     ctx.strokeStyle = "#ddd";
@@ -351,9 +352,11 @@ class AtlasMap {
   status(text) { this.legend.status.textContent = text; }
 
   drawLegend() {
-    const level = this.levels.find((l) => l.cells && l.cells.overlay);
+    // the legend of the level drawn: each level's counts have their own range
+    const drawn = this.legendLevel && this.levels.includes(this.legendLevel) ? this.legendLevel : null;
+    const level = drawn && drawn.cells ? drawn : this.levels.find((l) => l.cells && l.cells.overlay);
     const L = this.legend;
-    if (!level || this.data.overlay_style === "off") {
+    if (!level || !level.cells.overlay || this.data.overlay_style === "off") {
       L.title.textContent = "";
       L.ramp.hidden = true;
       L.ticks.textContent = "";
@@ -389,9 +392,9 @@ class AtlasMap {
     const lines = [`<b>cell ${hit.i},${hit.j}</b> <span class="aq-dim">(${hit.level.size}×${hit.level.size})</span>`];
     if (o) {
       const n = cells.n[r];
-      lines.push(`activations: <b>${n.toLocaleString()}</b>` +
-                 (o.total ? ` · ${(100 * n / o.total).toFixed(n && n / o.total < 0.001 ? 3 : 1)}% of the dataset's` : ""));
+      lines.push(`activations: <b>${n.toLocaleString()}</b>`);
       if (cells.images[r] !== null) lines.push(`distinct images: <b>${cells.images[r].toLocaleString()}</b>`);
+      if (o.total) lines.push(`share of the dataset: <b>${(100 * n / o.total).toFixed(n && n / o.total < 0.001 ? 3 : 1)}%</b>`);
       const v = cells.value[r];
       if (o.diverging) lines.push(v === null ? "no significant difference" :
         `log2 share ratio <b>${v > 0 ? "+" : ""}${v.toFixed(2)}</b> (${Math.pow(2, Math.abs(v)).toFixed(1)}× ${v > 0 ? "more" : "less"})`);
