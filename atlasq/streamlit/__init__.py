@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import importlib
 
-# public name -> module (inside this package) that defines it
+# public name -> module (inside this package) that defines it; a module never shares a public
+# name (importing atlasq.streamlit.X makes X the package's attribute, hiding the function X)
 _VIEWS = {
-    "MapState": "atlas_map",
-    "atlas_map": "atlas_map",
+    "MapState": "map_component",
+    "atlas_map": "map_component",
     "concept_histogram": "views",
     "cell_gallery": "views",
     "dataset_summary": "views",

@@ -1,0 +1,434 @@
+"""The zoomable atlas map (atlasq.streamlit.atlas_map, in atlasq/streamlit/map_component.py): what it sends, and, in headless Chromium,
+that zooming switches levels and every click or selection names the cell drawn under the pointer.
+
+The browser tests serve tests/apps/atlas_map_app.py (the map alone, over the session's
+``atlas_home`` atlas: levels 10 and 20; every third cell's count set to 0) and drive Debian's
+chromium with Playwright, as tests/test_app.py does; without /usr/bin/chromium they are skipped
+unless ATLASQ_REQUIRE_BROWSER=1. Where a cell is expected, it is computed from the map's geometry
+(zoom 1 fits the atlas square into the canvas; the view's zoom and centre are read from the page)
+and checked against the pixels drawn there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from atlasq.appdata import CellOverlay
+from atlasq.atlas import load_atlas
+from atlasq.errors import InvalidOptionError
+from atlasq.streamlit import MapState, atlas_map
+from atlasq.streamlit.map_component import MIN_ICON_PX, TILE_PX, _current_state, map_payload
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "tests" / "apps" / "atlas_map_app.py"
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(os.environ.get("ATLASQ_SCREENSHOTS") or REPO / "tests" / "_screenshots")
+HEIGHT = 600  # the test page's map height (its width follows the page)
+
+
+# ----------------------------------------------------------------------------- what Python sends
+
+def _payload(atlas, overlays=None):
+    stored = {}
+
+    def register(data: bytes, mimetype: str, name: str) -> str:
+        stored[name] = data
+        return f"/media/{name}"
+
+    return map_payload(atlas, overlays, register=register), stored
+
+
+def test_payload_sends_each_level_once_with_honest_top_classes(atlas_home):
+    atlas = load_atlas("app", atlas_home)
+    cells10 = atlas.cells_at(10)
+    # an overlay that lists only some cells: the others hold none of the dataset's activations
+    listed = {(i, j): n for i, j, n in zip(cells10["i"], cells10["j"], cells10["count"]) if (i + j) % 2}
+    overlay = CellOverlay([{"i": i, "j": j, "value": float(n), "count": int(n), "images": 1, "top_labels": []}
+                           for (i, j), n in listed.items()], log=True, legend="counts")
+    levels, stored = _payload(atlas, {10: overlay})
+    assert [level["size"] for level in levels] == sorted(atlas.levels)
+    for level in levels:
+        mosaic = Image.open(io.BytesIO(stored[f"atlas_map.mosaic.{level['size']}"]))
+        assert mosaic.width == mosaic.height == level["tile"] * level["size"] and level["tile"] <= TILE_PX
+    cells = json.loads(stored["atlas_map.cells.10"])
+    assert cells["overlay"]["total"] == sum(listed.values())
+    for r, (i, j) in enumerate(zip(cells["i"], cells["j"])):
+        assert cells["n"][r] == listed.get((i, j), 0)
+        row = atlas.cell_row(10, i, j)
+        scores = dict(zip(cells10["top_labels"][row], cells10["top_scores"][row]))
+        # top classes are the cell's classes with positive attribution, best first, with their score
+        assert [label for label, _ in cells["top"][r]] == [k for k, s in scores.items() if s > 0][:3]
+        assert all(score > 0 and abs(score - scores[label]) < 1e-3 for label, score in cells["top"][r])
+    assert "overlay" not in json.loads(stored["atlas_map.cells.20"])  # no overlay given for 20
+    # the same atlas and overlay give the same bytes (so the same media URL: the browser fetches once)
+    assert _payload(atlas, {10: overlay})[1] == stored
+
+
+def test_state_given_by_the_app_and_sent_by_the_browser(monkeypatch):
+    import streamlit as st
+
+    monkeypatch.setattr(st, "session_state", {})
+    given = MapState(20, 2.0, (0.3, 0.4), ((20, 1, 2),), (20, 1, 2)).to_dict()
+    assert _current_state("m", [10, 20], None, None) == MapState(10)  # nothing yet: the coarsest level
+    assert _current_state("m", [10, 20], given, None) == MapState.from_dict(given)
+    sent = {**MapState(10, 1.0, (0.5, 0.5), ((10, 3, 3),), (10, 3, 3)).to_dict(), "seq": 7}
+    assert _current_state("m", [10, 20], given, sent).clicked == (10, 3, 3)  # a click wins
+    # the app keeps passing its old state: the browser's latest stays
+    assert _current_state("m", [10, 20], given, sent).clicked == (10, 3, 3)
+    changed = {**given, "selected": [[20, 5, 5]]}
+    assert _current_state("m", [10, 20], changed, sent).selected == ((20, 5, 5),)  # the app's change wins
+    assert _current_state("m", [10, 20], changed, sent).selected == ((20, 5, 5),)
+
+
+def test_map_runs_in_apptest_and_refuses_unknown_styles(atlas_home, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["atlas_map_app.py", "--home", str(atlas_home), "--atlas", "app"])
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert json.loads(at.code[0].value)["state"]["level"] == 10
+    # what the browser sends on a click (see atlas_map's docstring), as a page's tests simulate it
+    click = MapState(20, 2.0, (0.3, 0.4), ((20, 4, 9),), (20, 4, 9))
+    at.session_state["atlas_map"] = {"view": {**click.to_dict(), "seq": 1}}
+    at.run()
+    assert MapState.from_dict(json.loads(at.code[0].value)["state"]) == click
+    atlas = load_atlas("app", atlas_home)
+    with pytest.raises(InvalidOptionError, match="overlay_style"):
+        atlas_map(atlas, overlay_style="tint")
+
+
+# ----------------------------------------------------------------------------- in the browser
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _need_browser() -> None:
+    if not CHROMIUM.is_file():
+        if os.environ.get("ATLASQ_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
+
+
+@pytest.fixture(scope="module")
+def map_url(atlas_home):
+    _need_browser()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ATLASQ_HOME"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--",
+         "--home", str(atlas_home), "--atlas", "app"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                raise RuntimeError(f"the test app exited with {process.returncode}")
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def atlas(atlas_home):
+    return load_atlas("app", atlas_home)
+
+
+class MapPage:
+    """One browser page showing the test app's map, with the map's geometry read from the page."""
+
+    def __init__(self, browser, url: str, query: str = ""):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page.goto(f"{url}/{query}")
+        self.root = self.page.locator(".aq-map")
+        self.page.wait_for_selector(".aq-map[data-level='10']", timeout=120_000)
+        self.page.wait_for_timeout(300)  # the first frame after the mosaic arrived
+
+    def fresh(self) -> dict:
+        """Back to the whole atlas with nothing selected and the pointer off the map."""
+        self.root.focus()
+        runs = self.state()["runs"]
+        if self.state()["state"]["selected"]:
+            self.page.keyboard.press("Escape")
+            self.state(runs)
+        self.page.keyboard.press("0")
+        self.page.mouse.move(1, 1)
+        self.page.wait_for_timeout(100)
+        return self.view()
+
+    def view(self) -> dict:
+        data = self.root.evaluate("e => ({...e.dataset})")
+        cx, cy = map(float, data["center"].split(","))
+        box = self.page.locator(".aq-canvas").bounding_box()
+        return {"level": int(data["level"]), "wanted": int(data["wanted"]), "zoom": float(data["zoom"]),
+                "cx": cx, "cy": cy, "box": box, "scale": min(box["width"], box["height"]) * float(data["zoom"])}
+
+    @staticmethod
+    def cell_centre(view: dict, level: int, i: int, j: int) -> tuple[float, float]:
+        """Where on the page the centre of cell (i, j) of ``level`` is drawn."""
+        box, s = view["box"], view["scale"]
+        return (box["x"] + box["width"] / 2 + ((j + 0.5) / level - view["cx"]) * s,
+                box["y"] + box["height"] / 2 + ((i + 0.5) / level - view["cy"]) * s)
+
+    @staticmethod
+    def visible_cells(view: dict, atlas, level: int, margin: float = 0.6) -> list[tuple[int, int]]:
+        """The kept cells of ``level`` drawn whole inside the canvas."""
+        cells = atlas.cells_at(level)
+        box = view["box"]
+        out = []
+        for i, j in zip(cells["i"], cells["j"]):
+            x, y = MapPage.cell_centre(view, level, i, j)
+            pad = margin * view["scale"] / level
+            if box["x"] + pad < x < box["x"] + box["width"] - pad and box["y"] + pad < y < box["y"] + box["height"] - pad:
+                out.append((i, j))
+        return out
+
+    def state(self, runs_before: int | None = None) -> dict:
+        """The MapState the page's script received (after one more run than ``runs_before``)."""
+        code = self.page.locator("[data-testid='stCode'] code")
+        if runs_before is not None:
+            self.page.wait_for_function(
+                "n => { const c = document.querySelector(\"[data-testid='stCode'] code\");"
+                " return c && JSON.parse(c.innerText).runs > n; }", arg=runs_before, timeout=60_000)
+        return json.loads(code.inner_text())
+
+    def drawn(self, view: dict, level: int, i: int, j: int) -> np.ndarray:
+        return drawn(self.screenshot(), view, level, i, j)
+
+    def screenshot(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.page.screenshot())).convert("RGB")
+
+    def zoom_in_until(self, level: int, x: float, y: float) -> dict:
+        self.page.mouse.move(x, y)
+        for _ in range(40):
+            if self.view()["level"] == level:
+                break
+            self.page.mouse.wheel(0, -120)
+            self.page.wait_for_timeout(50)
+        self.page.wait_for_timeout(200)
+        return self.view()
+
+    def click(self, view: dict, level: int, cell: tuple[int, int], *, modifiers=()) -> dict:
+        """Click the centre of ``cell`` as drawn; the state the page's script then received."""
+        runs = self.state()["runs"]
+        x, y = self.cell_centre(view, level, *cell)
+        self.page.mouse.move(x, y)
+        for key in modifiers:
+            self.page.keyboard.down(key)
+        self.page.mouse.click(x, y)
+        for key in modifiers:
+            self.page.keyboard.up(key)
+        return self.state(runs)["state"]
+
+
+# Parts of a cell's square (left, top, right, bottom, as fractions of its side) that the tests
+# read. With icons alone, the map writes the cell's coordinates and top label at the top left:
+# MATCH is below them. With counts, a badge sits at the bottom right above a bar: BETWEEN is the
+# part of the icon between the labels and the badge.
+MATCH = (0.08, 0.5, 0.92, 0.95)
+BETWEEN = (0.08, 0.38, 0.45, 0.6)
+
+
+def drawn(shot: Image.Image, view: dict, level: int, i: int, j: int, part=MATCH) -> np.ndarray:
+    """The pixels drawn in ``part`` of cell (i, j)."""
+    x, y = MapPage.cell_centre(view, level, i, j)
+    c = view["scale"] / level
+    left, top, right, bottom = (x - c / 2 + f * c if k % 2 == 0 else y - c / 2 + f * c for k, f in enumerate(part))
+    return np.asarray(shot.crop((round(left), round(top), round(right), round(bottom))), np.float32)
+
+
+def _icon_match(pixels: np.ndarray, atlas, level: int, i: int, j: int) -> float:
+    """Correlation of drawn pixels with the same part (MATCH) of cell (i, j)'s tile in the level's mosaic."""
+    mosaic = Image.open(atlas.tiles_path(level)).convert("RGB")
+    t = mosaic.width // level
+    a, b, c, d = MATCH
+    tile = mosaic.crop((j * t + a * t, i * t + b * t, j * t + c * t, i * t + d * t))
+    tile = np.asarray(tile.resize(pixels.shape[1::-1], Image.Resampling.BILINEAR), np.float32)
+    return float(np.corrcoef(pixels.ravel(), tile.ravel())[0, 1])
+
+
+def _best_match(pixels, atlas, level, i, j) -> tuple[float, float]:
+    """(match with cell (i, j), best match with any neighbouring kept cell)."""
+    others = [_icon_match(pixels, atlas, level, i + di, j + dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)
+              if (di or dj) and atlas.cell_row(level, i + di, j + dj) is not None]
+    return _icon_match(pixels, atlas, level, i, j), max(others, default=-1.0)
+
+
+@pytest.fixture(scope="module")
+def badge_map(browser, map_url):
+    """The test app's map in its default style (count badges); tests start it with ``fresh()``."""
+    m = MapPage(browser, map_url)
+    yield m
+    m.page.close()
+
+
+@pytest.fixture(scope="module")
+def plain_map(browser, map_url):
+    """The map with icons alone (``?style=off``)."""
+    m = MapPage(browser, map_url, "?style=off")
+    yield m
+    m.page.close()
+
+
+def _save(m: MapPage, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    m.page.screenshot(path=str(SCREENSHOTS / name))
+
+
+def test_wheel_zoom_switches_to_the_finer_level_and_a_click_returns_the_cell_under_it(plain_map, atlas):
+    m = plain_map
+    start = m.fresh()
+    box = start["box"]
+    assert start["level"] == 10 and start["scale"] / 10 >= MIN_ICON_PX  # 10×10 fits at >= 48 px an icon
+    view = m.zoom_in_until(20, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert view["level"] == 20 and view["zoom"] > 1
+    assert view["scale"] / 20 >= MIN_ICON_PX  # the finer level comes in only once its icons are big enough
+    # the kept cell farthest from the centre, so a wrong offset or scale would land elsewhere
+    centre = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    cell = max(m.visible_cells(view, atlas, 20),
+               key=lambda c: np.hypot(*np.subtract(m.cell_centre(view, 20, *c), centre)))
+    m.page.mouse.move(box["x"] + 2, box["y"] + box["height"] - 2)  # no hover outline over the cell
+    own, other = _best_match(m.drawn(view, 20, *cell), atlas, 20, *cell)
+    assert own > 0.6 and own > other + 0.2, (own, other)  # that cell's icon is drawn where computed
+    state = m.click(view, 20, cell)
+    assert state["clicked"] == [20, *cell] and state["selected"] == [[20, *cell]]
+    assert state["level"] == 20 and abs(state["zoom"] - view["zoom"]) < 1e-3
+    _save(m, "atlas_map_zoomed_20.png")
+
+
+def test_fullscreen_clicks_land_on_the_cell_drawn_there(plain_map, atlas):
+    m = plain_map
+    before = m.fresh()
+    m.page.locator(".aq-full").click()
+    m.page.wait_for_function("() => document.fullscreenElement !== null", timeout=10_000)
+    m.page.wait_for_timeout(300)
+    try:
+        view = m.view()
+        assert view["box"]["width"] > before["box"]["width"] and view["box"]["height"] > before["box"]["height"]
+        assert view["scale"] > before["scale"]  # the picture grew with the frame, not only the click boxes
+        cells = m.visible_cells(view, atlas, view["level"])
+        cell = cells[len(cells) // 3]
+        m.page.mouse.move(view["box"]["x"] + 2, view["box"]["y"] + 2)
+        own, other = _best_match(m.drawn(view, view["level"], *cell), atlas, view["level"], *cell)
+        assert own > 0.6 and own > other + 0.2, (own, other)
+        assert m.click(view, view["level"], cell)["clicked"] == [view["level"], *cell]
+        _save(m, "atlas_map_fullscreen.png")
+    finally:
+        m.page.evaluate("() => document.fullscreenElement && document.exitFullscreen()")
+
+
+def test_keyboard_zooms_pans_and_resets(badge_map):
+    m = badge_map
+    m.fresh()
+    for _ in range(10):
+        if m.view()["level"] == 20:
+            break
+        m.page.keyboard.press("+")
+    zoomed = m.view()
+    assert zoomed["level"] == 20 and zoomed["scale"] / 20 >= MIN_ICON_PX
+    m.page.keyboard.press("ArrowRight")
+    m.page.keyboard.press("ArrowDown")
+    panned = m.view()
+    assert panned["cx"] > zoomed["cx"] and panned["cy"] > zoomed["cy"] and panned["zoom"] == zoomed["zoom"]
+    m.page.keyboard.press("-")
+    assert m.view()["zoom"] < panned["zoom"]
+    m.page.keyboard.press("0")
+    reset = m.view()
+    assert reset["zoom"] == 1 and (reset["cx"], reset["cy"]) == (0.5, 0.5) and reset["level"] == 10
+
+
+def test_shift_click_and_shift_box_select_the_union(badge_map, atlas):
+    m = badge_map
+    view = m.fresh()
+    cells = m.visible_cells(view, atlas, 10)
+    a, b = cells[0], cells[-1]
+    assert m.click(view, 10, a)["selected"] == [[10, *a]]
+    state = m.click(view, 10, b, modifiers=["Shift"])
+    assert sorted(map(tuple, state["selected"])) == sorted([(10, *a), (10, *b)])
+    assert state["clicked"] == [10, *a]  # shift-click adds without moving the plain click
+    # a box from the centre of cell (3, 3) to that of (6, 5), dragged with shift held
+    x0, y0 = m.cell_centre(view, 10, 3, 3)
+    x1, y1 = m.cell_centre(view, 10, 6, 5)
+    kept = zip(atlas.cells_at(10)["i"], atlas.cells_at(10)["j"])
+    inside = {(10, i, j) for i, j in kept if 3 <= i <= 6 and 3 <= j <= 5}
+    assert inside - {(10, *a), (10, *b)}
+    runs = m.state()["runs"]
+    m.page.keyboard.down("Shift")
+    m.page.mouse.move(x0 - 3, y0 - 3)
+    m.page.mouse.down()
+    m.page.mouse.move(x1 + 3, y1 + 3, steps=5)
+    m.page.mouse.up()
+    m.page.keyboard.up("Shift")
+    state = m.state(runs)["state"]
+    assert set(map(tuple, state["selected"])) == inside | {(10, *a), (10, *b)}
+    assert state["zoom"] == view["zoom"] and state["center"] == [view["cx"], view["cy"]]  # a box drag does not pan
+    _save(m, "atlas_map_selection.png")
+
+
+def test_counts_leave_icons_as_they_are_and_zero_cells_stand_apart(badge_map, plain_map, browser, map_url, atlas):
+    """Badges keep each icon's own pixels (no tint); cells the dataset does not reach (the test
+    app's every third cell) are drawn faded and grey, so "none" never looks like "a few"."""
+    heat = MapPage(browser, map_url, "?style=heat")
+    try:
+        shots = {}
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for style, m in (("off", plain_map), ("badge", badge_map), ("heat", heat)):
+            view = m.fresh()
+            shots[style] = (view, m.screenshot())
+            shots[style][1].save(SCREENSHOTS / f"atlas_map_{style}.png")
+    finally:
+        heat.page.close()
+    cells = MapPage.visible_cells(shots["off"][0], atlas, 10)
+    counts = dict(zip(zip(atlas.cells_at(10)["i"], atlas.cells_at(10)["j"]), atlas.cells_at(10)["count"]))
+    zero = [c for c in cells if (c[0] + c[1]) % 3 == 0]
+    some = [c for c in cells if (c[0] + c[1]) % 3 and counts[c] > 0]
+    assert zero and some
+
+    def pixels(style, cell):
+        view, shot = shots[style]
+        return drawn(shot, view, 10, *cell, part=BETWEEN)
+
+    def saturation(p):
+        return float((p.max(axis=2) - p.min(axis=2)).mean())
+
+    for cell in some:  # the icon is the icon's own pixels
+        assert np.abs(pixels("badge", cell) - pixels("off", cell)).mean() < 2, cell
+    for cell in zero:  # faded towards white and grey
+        off, badge = pixels("off", cell), pixels("badge", cell)
+        assert badge.mean() > off.mean() + 20 and saturation(badge) < 0.5 * saturation(off) + 1, cell
+    # the heat layer does tint (at the chosen opacity), and leaves zero cells as the badge style does
+    assert np.mean([np.abs(pixels("heat", c) - pixels("off", c)).mean() for c in some]) > 15
+    assert np.abs(pixels("heat", zero[0]) - pixels("badge", zero[0])).mean() < 2
