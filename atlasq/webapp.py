@@ -31,6 +31,7 @@ from atlasq.atlasdir import AtlasFolder
 from atlasq.errors import AtlasqError
 from atlasq.histogram import place_index
 from atlasq.streamlit import views
+from atlasq.streamlit.map_component import MapState, atlas_map
 
 st.set_page_config(page_title="atlasq", layout="wide")
 
@@ -47,68 +48,7 @@ ARGS = _arguments()
 HOME = Path(ARGS.home)
 PER_PAGE = 12
 OVERLAYS = {"counts": "dataset counts", "class": "class attribution", "compare": "compare two datasets"}
-STYLES = {"badge": "badges (icons untouched)", "heat": "heat layer", "off": "off"}
-
-
-# ----------------------------------------------------------------------------- TEMPORARY map adapter
-# Until atlasq.streamlit.atlas_map (the zoomable component) is merged: the same signature around
-# the static picture. A "zoom" slider stands for the wheel (it picks the grid level); a click
-# selects a cell, a shift-click adds one.
-from dataclasses import dataclass  # noqa: E402
-from typing import Mapping  # noqa: E402
-
-import altair as alt  # noqa: E402
-from PIL import ImageDraw  # noqa: E402
-
-
-@dataclass(frozen=True)
-class MapState:
-    level: int
-    zoom: float
-    center: tuple[float, float]
-    selected: tuple[tuple[int, int, int], ...]
-    clicked: tuple[int, int, int] | None
-
-
-def atlas_map(atlas, overlays: Mapping[int, appdata.CellOverlay] | None = None, *, tiles="icons",
-              state: MapState | None = None, overlay_style="badge", heat_opacity=0.5, height=640,
-              key="atlas_map") -> MapState:
-    levels = atlas.levels
-    level = state.level if state is not None and state.level in levels else min(levels)
-    level = st.select_slider("zoom (grid level)", levels, value=level, key=f"{key}_level",
-                             format_func=lambda g: f"{g} × {g}")
-    chart_key = f"{key}_{level}"
-    chart = st.session_state.get(chart_key)
-    points = (chart or {}).get("selection", {}).get("cell") or []
-    picked = tuple((level, int(p["i"]), int(p["j"])) for p in points)
-    seen = st.session_state.get(f"_{chart_key}_seen")
-    st.session_state[f"_{chart_key}_seen"] = picked
-    selected = picked if picked != seen else tuple(c for c in (state.selected if state else ()) if c[0] == level)
-    overlay = (overlays or {}).get(level)
-    side = 420
-    picture = appdata.atlas_picture(atlas, level, overlay if overlay_style == "heat" or
-                                    (overlay is not None and overlay.opacity_only) else None, tiles=tiles, side=side)
-    draw, tile = ImageDraw.Draw(picture), side / level
-    for _, i, j in selected:
-        draw.rectangle([j * tile, i * tile, (j + 1) * tile - 1, (i + 1) * tile - 1], outline=(255, 0, 80), width=3)
-    cells = pd.DataFrame([{"i": c["i"], "j": c["j"], "i2": c["i"] + 1, "j2": c["j"] + 1, "count": c["count"],
-                           "cell": f"{c['i']},{c['j']}", "classes": ", ".join(c["top_labels"])}
-                          for c in (overlay.cells if overlay else [])])
-    domain = alt.Scale(domain=[0, level], nice=False, zero=False)
-    flipped = alt.Scale(domain=[0, level], nice=False, zero=False, reverse=True)
-    background = alt.Chart(pd.DataFrame({"x": [level / 2], "y": [level / 2], "url": [appdata.data_uri(picture)]})) \
-        .mark_image(width=side, height=side).encode(x=alt.X("x:Q", scale=domain, axis=None),
-                                                    y=alt.Y("y:Q", scale=flipped, axis=None), url="url:N")
-    pick = alt.selection_point(name="cell", fields=["i", "j"], on="click", toggle="event.shiftKey")
-    boxes = alt.Chart(cells).mark_rect(fill="white", fillOpacity=0.01, stroke="black", strokeOpacity=0.08).encode(
-        x=alt.X("j:Q", scale=domain, axis=None), x2="j2:Q", y=alt.Y("i:Q", scale=flipped, axis=None), y2="i2:Q",
-        tooltip=[alt.Tooltip("cell:N"), alt.Tooltip("classes:N", title="top classes"),
-                 alt.Tooltip("count:Q", title="activations")]).add_params(pick)
-    layered = alt.layer(background, boxes).properties(
-        width=side, height=side, padding=0, autosize=alt.AutoSizeParams(type="none")).configure_view(stroke=None)
-    st.altair_chart(layered, on_select="rerun", selection_mode="cell", key=chart_key, theme=None, width="content")
-    return MapState(level=level, zoom=1.0, center=(0.5, 0.5), selected=selected,
-                    clicked=selected[-1] if selected else None)
+STYLES = {"badge": "count badges (icons untouched)", "heat": "heat layer", "off": "off"}
 
 
 # ----------------------------------------------------------------------------- the URL
@@ -415,7 +355,7 @@ with left:
     level_now = st.session_state["level"]
     selected_now = tuple((level_now, i, j) for i, j in _cells_of(st.session_state.get("sel_cells") or []))
     map_state = atlas_map(atlas, overlays, tiles=tiles, overlay_style=style, heat_opacity=opacity, key="atlas_map",
-                          state=MapState(level=level_now, zoom=st.session_state.get("zoom", 1.0),
+                          height=560, state=MapState(level=level_now, zoom=st.session_state.get("zoom", 1.0),
                                          center=st.session_state.get("center", (0.5, 0.5)),
                                          selected=selected_now, clicked=None))
     seen = st.session_state.get("_map_seen")
@@ -430,9 +370,13 @@ with left:
         st.session_state.pop("search", None)
         _selection_changed_elsewhere()
     st.session_state["_map_seen"] = now
-    level = st.session_state["level"]
-    st.caption(overlays[level].legend)
+    st.caption(overlays[st.session_state["level"]].legend + " · wheel or +/− zooms to finer levels, drag pans, "
+               "click selects, shift-click adds")
 
+with right:
+    level = st.selectbox("Histogram and images at level", atlas.levels, key="level", on_change=clear_selection,
+                         format_func=lambda g: f"{g} × {g}", help="zooming the map to another level and clicking "
+                                                                  "a cell there changes it too")
 rows, totals = rows_by_level[level]
 labels = {f"{r['i']},{r['j']}": f"{r['i']},{r['j']} · {r['top_label']} ({r['activations']:,})" for r in rows}
 st.session_state["sel_cells"] = [c for c in st.session_state.get("sel_cells") or [] if c in labels]

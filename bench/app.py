@@ -100,10 +100,19 @@ def captions(page) -> list[str]:
 
 
 def click_cell(page, i: int, j: int, *, shift: bool = False) -> None:
-    box = page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
+    """Click cell (i, j) where the map draws it (its view is in the map element's data attributes;
+    zoom 1 fits the atlas square into the canvas)."""
+    data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
+    level, zoom = int(data["level"]), float(data["zoom"])
+    cx, cy = map(float, data["center"].split(","))
+    box = page.locator(".aq-canvas").first.bounding_box()
+    scale = min(box["width"], box["height"]) * zoom
+    x = box["x"] + box["width"] / 2 + ((j + 0.5) / level - cx) * scale
+    y = box["y"] + box["height"] / 2 + ((i + 0.5) / level - cy) * scale
+    page.mouse.move(x, y)
     if shift:
         page.keyboard.down("Shift")
-    page.mouse.click(box["x"] + (j + 0.5) * box["width"] / LEVEL, box["y"] + (i + 0.5) * box["height"] / LEVEL)
+    page.mouse.click(x, y)
     if shift:
         page.keyboard.up("Shift")
 
@@ -140,7 +149,7 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
             runs = Runs(page)
             page.goto(f"http://127.0.0.1:{port}/?index={index}&atlas=bench&level={LEVEL}")
-            page.locator("[data-testid='stVegaLiteChart'] path.background").first.wait_for(timeout=300_000)
+            page.wait_for_selector(f".aq-map[data-level='{LEVEL}']", timeout=300_000)
             page.get_by_text("activations per cell").first.wait_for(timeout=300_000)
             page.wait_for_timeout(2000)
 
@@ -186,7 +195,7 @@ def main() -> None:
                 ("shift-click a cell", lambda: click_cell(page, *c, shift=True), (shown, first_page(index, [a, c]))),
                 ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
                 ("heat layer", lambda: sidebar.get_by_text("heat layer").click(), None),
-                ("badges", lambda: sidebar.get_by_text("badges (icons untouched)").click(), None),
+                ("badges", lambda: sidebar.get_by_text("count badges (icons untouched)").click(), None),
                 ("click a cell", lambda: click_cell(page, *b), (shown, first_page(index, [b]))),
                 ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
                 ("close the dialog", None, None),

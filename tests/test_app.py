@@ -89,11 +89,34 @@ def _captions(at: AppTest) -> list[str]:
 
 
 def _cells_by_images(home: Path, index: str = "sample", level: int = 10) -> list:
+    """The cells holding images of ``index``, fullest (most activations) first, as the histogram ranks them."""
     result = histogram("app", index, home=home, level=level, place=False)
-    return sorted((c for c in result.cells if c.images), key=lambda c: -c.images)
+    return sorted((c for c in result.cells if c.images), key=lambda c: -c.activations)
 
 
-def _union(home: Path, cells: list, index: str = "sample", level: int = 10, keep=lambda path, top1: True) -> list[str]:
+class Ranked(list):
+    """Paths, most typical first, that compare equal to a list of captions holding the same paths
+    in the same order of distance (images whose distances tie at the stored precision may come
+    in either order)."""
+
+    def __init__(self, paths, distance: dict):
+        super().__init__(paths)
+        self.distance = distance
+
+    def __getitem__(self, item):
+        got = super().__getitem__(item)
+        return Ranked(got, self.distance) if isinstance(item, slice) else got
+
+    def __eq__(self, other):
+        other = list(other)
+        return (len(other) == len(self) and set(other) <= set(self.distance)
+                and [self.distance[p] for p in other] == [self.distance[p] for p in self]
+                and sorted(other) == sorted(self))
+
+    __hash__ = None
+
+
+def _union(home: Path, cells: list, index: str = "sample", level: int = 10, keep=lambda path, top1: True) -> Ranked:
     """The paths of the images in any of ``cells``, most typical first (an image ranks by its best
     activation in any of them), computed from :func:`cell_images` one cell at a time."""
     best: dict[int, tuple[float, str]] = {}
@@ -103,8 +126,8 @@ def _union(home: Path, cells: list, index: str = "sample", level: int = 10, keep
                 best[m.image_id] = (m.cell_distance, m.path)
     with IndexStore(index_folder(index, home)) as store:
         top1 = {r["id"]: r["top5_class"][0] for r in store.images(list(best))}
-    return [path for image_id, (d, path) in sorted(best.items(), key=lambda kv: (round(kv[1][0], 6), kv[0]))
-            if keep(path, top1[image_id])]
+    kept = [(d, image_id, path) for image_id, (d, path) in best.items() if keep(path, top1[image_id])]
+    return Ranked([path for d, image_id, path in sorted(kept)], {path: d for d, _, path in kept})
 
 
 def _text(at: AppTest) -> str:
@@ -140,7 +163,7 @@ def test_selected_cells_show_the_union_of_their_images_page_by_page(app_home, mo
     assert _captions(at) == expected[:12]
     at.button(key="gallery_next").click().run()
     assert at.session_state["gallery_page"] == 1 and _captions(at) == expected[12:24]
-    assert at.query_params["page"] == ["1"] and at.query_params["sel"] == ["_".join(f"{c.i}.{c.j}" for c in cells)]
+    assert at.query_params["page"] == "1" and at.query_params["sel"] == "_".join(f"{c.i}.{c.j}" for c in cells)
     at.button(key="gallery_prev").click().run()
     assert _captions(at) == expected[:12]
     # the histogram marks the selected cells
@@ -148,8 +171,34 @@ def test_selected_cells_show_the_union_of_their_images_page_by_page(app_home, mo
     assert sorted(marked) == sorted(f"● {c.i},{c.j}" for c in cells)
 
 
+def _map_click(at: AppTest, level: int, cells: list, seq: int) -> AppTest:
+    """What the map sends on a click (or shift-click: several cells selected), as its docstring says."""
+    from atlasq.streamlit import MapState
+
+    selected = tuple((level, c.i, c.j) for c in cells)
+    at.session_state["atlas_map"] = {"view": {**MapState(level, 1.0, (0.5, 0.5), selected, selected[-1]).to_dict(),
+                                              "seq": seq}}
+    return at.run()
+
+
+def test_map_clicks_select_cells_and_a_click_at_another_level_switches_the_level(app_home, monkeypatch):
+    cells = _cells_by_images(app_home)[:2]
+    at = _app(app_home, monkeypatch)
+    _map_click(at, 10, cells[:1], 1)
+    assert not at.exception, at.exception
+    assert at.session_state["sel_cells"] == [f"{cells[0].i},{cells[0].j}"]
+    assert _captions(at) == _union(app_home, cells[:1])[:12]
+    _map_click(at, 10, cells, 2)  # shift-click: both
+    assert _captions(at) == _union(app_home, cells)[:12]
+    fine = _cells_by_images(app_home, level=20)[0]
+    _map_click(at, 20, [fine], 3)  # zoomed in to the 20×20 level, then clicked
+    assert at.session_state["level"] == 20 and at.selectbox(key="level").value == 20
+    assert _captions(at) == _union(app_home, [fine], level=20)[:12]
+    assert at.query_params["level"] == "20" and at.query_params["sel"] == f"{fine.i}.{fine.j}"
+
+
 def test_filters_by_predicted_class_and_path_change_counts_bars_and_images(app_home, monkeypatch):
-    cells = _cells_by_images(app_home)[:3]
+    cells = _cells_by_images(app_home)[:8]
     at = _app(app_home, monkeypatch)
     at.multiselect(key="sel_cells").set_value([f"{c.i},{c.j}" for c in cells]).run()
     all_bars = at.dataframe[0].value["activations"].sum()
@@ -165,23 +214,25 @@ def test_filters_by_predicted_class_and_path_change_counts_bars_and_images(app_h
             "SELECT count(*) FROM placements p JOIN images im ON im.id = p.image_id WHERE atlas = 'app' AND level = 10 "
             "AND NOT off_atlas AND i IS NOT NULL AND im.top5_class[1] = ?", [stripes]).fetchone()[0]
     assert 0 < bars == counted < all_bars
-    assert f"{counted:,}" in " ".join(m.value for m in at.metric) or at.metric  # the summary follows too
+    with IndexStore(index_folder("sample", app_home)) as store:
+        kept = sum(r["top5_class"][0] == stripes for r in store.images())
+    assert f"{kept:,} pass the filters" in at.metric[0].proto.help  # the summary follows too
     at.multiselect(key="predicted").set_value([]).run()
     at.text_input(key="path_pattern").set_value("red_discs/").run()
     expected = _union(app_home, cells, keep=lambda path, top1: "red_discs/" in path)
     assert _captions(at) == expected[:12] and all(c.startswith("red_discs/") for c in _captions(at))
-    assert at.query_params["path"] == ["red_discs/"]
+    assert at.query_params["path"] == "red_discs/"
 
 
 def test_the_url_holds_the_view_and_a_fresh_session_restores_it(app_home, monkeypatch):
     cells = _cells_by_images(app_home, level=20)[:2]
     at = _app(app_home, monkeypatch)
-    at.select_slider(key="atlas_map_level").set_value(20).run()
+    at.selectbox(key="level").set_value(20).run()
     at.radio(key="view").set_value("class").run()
     at.selectbox(key="class_name").set_value("stripes").run()
     at.multiselect(key="sel_cells").set_value([f"{c.i},{c.j}" for c in cells]).run()
     at.button(key="gallery_next").click().run()
-    url = {k: at.query_params[k][0] for k in at.query_params}
+    url = dict(at.query_params)
     assert url["level"] == "20" and url["overlay"] == "class" and url["class"] == "stripes" and url["page"] == "1"
     assert url["index"] == "sample" and url["atlas"] == "app" and "zoom" in url
     fresh = _app(app_home, monkeypatch, index="two", query=url)  # the link opened elsewhere
@@ -421,14 +472,23 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
-def _map_box(page):
-    return page.locator("[data-testid='stVegaLiteChart'] path.background").first.bounding_box()
+def _cell_xy(page, i: int, j: int) -> tuple[float, float]:
+    """Where the map draws the centre of cell (i, j) of the level it shows (its view is in the
+    map element's data attributes; zoom 1 fits the atlas square into the canvas)."""
+    data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
+    level, zoom = int(data["level"]), float(data["zoom"])
+    cx, cy = map(float, data["center"].split(","))
+    box = page.locator(".aq-canvas").first.bounding_box()
+    scale = min(box["width"], box["height"]) * zoom
+    return (box["x"] + box["width"] / 2 + ((j + 0.5) / level - cx) * scale,
+            box["y"] + box["height"] / 2 + ((i + 0.5) / level - cy) * scale)
 
 
 def _click_cell(page, level: int, i: int, j: int, *, shift: bool = False) -> None:
     """Click cell (i, j) on the map showing grid ``level`` (shift-click adds it to the selection)."""
-    box = _map_box(page)
-    x, y = box["x"] + (j + 0.5) * box["width"] / level, box["y"] + (i + 0.5) * box["height"] / level
+    page.wait_for_selector(f".aq-map[data-level='{level}']", timeout=60_000)
+    x, y = _cell_xy(page, i, j)
+    page.mouse.move(x, y)
     if shift:
         page.keyboard.down("Shift")
     page.mouse.click(x, y)
@@ -467,7 +527,7 @@ def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(se
         with page.expect_download() as download:
             page.get_by_role("button", name="CSV of paths").click()
         rows = Path(download.value.path()).read_text().splitlines()
-        assert rows[0] == "image_id,path" and [r.split(",", 1)[1] for r in rows[1:]] == expected
+        assert rows[0] == "image_id,path" and expected == [r.split(",", 1)[1] for r in rows[1:]]
         _shot(page, "app_selection.png")
         page.locator("[data-testid='stButton'] button", has_text="⤢").first.click()
         page.get_by_text("Top-5 predictions").wait_for(timeout=60_000)
@@ -712,7 +772,7 @@ def test_the_readme_dashboard_runs_and_its_views_answer(app_home, monkeypatch):
     at = AppTest.from_string(code, default_timeout=120).run()
     assert not at.exception, at.exception
     assert {m.label for m in at.metric} >= {"images", "off-atlas", "icon fidelity"}
-    fullest = _cells_by_images(app_home)[0]
+    filled = _cells_by_images(app_home)
     frame = at.dataframe[0].value
-    assert len(frame) == 20 and frame["cell"][0] == f"{fullest.i},{fullest.j}"
+    assert list(frame["cell"]) == [f"{c.i},{c.j}" for c in filled[:20]]  # fullest first, at most 20
     assert "Select cells" in _text(at)  # nothing chosen yet: the gallery says what to do

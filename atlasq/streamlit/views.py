@@ -168,10 +168,13 @@ def _tile_caption(path: str, tile: appdata.ImageTile) -> str:
 
 
 def _square(image, side: int):
-    """``image`` centred on a ``side``-pixel white square, so a gallery's rows line up whatever the
-    images' shapes."""
+    """``image`` scaled to fit and centred on a ``side``-pixel white square, so a gallery's rows line
+    up whatever the images' shapes and sizes."""
     from PIL import Image
 
+    scale = side / max(image.size)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.LANCZOS)
     canvas = Image.new("RGB", (side, side), (255, 255, 255))
     canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return canvas
@@ -224,14 +227,10 @@ def cell_gallery(atlas: Atlas, index: str, selected: Iterable[tuple[int, int, in
     st.markdown(f"**{result.total_images:,} images** of {index} in cell{'s' * (len(cells) > 1)} {named} "
                 f"(level {level}; most typical first; red squares: the sampled positions)")
     bar = st.columns([1, 1, 2, 1.4, 1.4], vertical_alignment="center")
-    if bar[0].button("◀ previous", key=f"{key}_prev", disabled=page == 0, width="stretch"):
-        st.session_state[page_key] = page = page - 1
-        result = appdata.selection_page(atlas, index, level, cells, where=where, page=page, per_page=per_page,
-                                        home=home)
-    if bar[1].button("next ▶", key=f"{key}_next", disabled=not result.has_more, width="stretch"):
-        st.session_state[page_key] = page = page + 1
-        result = appdata.selection_page(atlas, index, level, cells, where=where, page=page, per_page=per_page,
-                                        home=home)
+    bar[0].button("◀ previous", key=f"{key}_prev", disabled=page == 0, width="stretch", on_click=_turn,
+                  args=(page_key, -1))
+    bar[1].button("next ▶", key=f"{key}_next", disabled=not result.has_more, width="stretch", on_click=_turn,
+                  args=(page_key, 1))
     bar[2].caption(f"page {page + 1} of {pages}")
     if export:
         _export_buttons(bar[3], bar[4], atlas, index, level, cells, where, home, key)
@@ -239,6 +238,11 @@ def cell_gallery(atlas: Atlas, index: str, selected: Iterable[tuple[int, int, in
     choice = image_grid(atlas, root, result.images, key=key, columns=columns, model=model)
     choice.total_images = result.total_images
     return choice
+
+
+def _turn(page_key: str, step: int) -> None:
+    """Paging, before the run it causes draws the gallery (so both buttons match the page shown)."""
+    st.session_state[page_key] = max(0, int(st.session_state.get(page_key, 0)) + step)
 
 
 def _export_buttons(csv_place, zip_place, atlas: Atlas, index: str, level: int, cells: list, where: ImageFilter,
