@@ -350,7 +350,7 @@ def _take_histogram_choice(cells: list[tuple[int, int]]) -> None:
     st.session_state.pop("search", None)
 
 
-left, right = st.columns([5, 4], gap="small")
+left, right = st.columns([3, 2], gap="small")
 with left:
     level_now = st.session_state["level"]
     selected_now = tuple((level_now, i, j) for i, j in _cells_of(st.session_state.get("sel_cells") or []))
@@ -370,10 +370,17 @@ with left:
         st.session_state.pop("search", None)
         _selection_changed_elsewhere()
     st.session_state["_map_seen"] = now
-    st.caption(overlays[st.session_state["level"]].legend + " · wheel or +/− zooms to finer levels, drag pans, "
-               "click selects, shift-click adds")
+    st.caption("Wheel or +/− zooms (finer levels as icons grow), drag or arrows pan, a click selects a cell, "
+               "shift-click adds one, shift-drag selects a box, Escape clears.")
 
 with right:
+    if shown_index:
+        totals_now = rows_by_level[st.session_state["level"]][1]
+        st.markdown(f"**Concept histogram** · {shown_index}: activations per cell "
+                    f"({totals_now['off_atlas'] / max(totals_now['activations'], 1):.1%} of "
+                    f"{totals_now['activations']:,} off-atlas)")
+    else:
+        st.markdown("**Concept histogram** · the atlas's reference activations per cell")
     level = st.selectbox("Histogram and images at level", atlas.levels, key="level", on_change=clear_selection,
                          format_func=lambda g: f"{g} × {g}", help="zooming the map to another level and clicking "
                                                                   "a cell there changes it too")

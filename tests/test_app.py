@@ -241,7 +241,6 @@ def test_the_url_holds_the_view_and_a_fresh_session_restores_it(app_home, monkey
     assert fresh.session_state["view"] == "class" and fresh.session_state["class_name"] == "stripes"
     assert fresh.session_state["sel_cells"] == [f"{c.i},{c.j}" for c in cells]
     assert fresh.session_state["gallery_page"] == 1 and _captions(fresh) == _captions(at)
-    assert "attribution to stripes" in _text(fresh)
 
 
 def test_incompatible_index_is_marked_and_never_the_default_comparison(app_home, monkeypatch):
@@ -447,20 +446,25 @@ def chromium():
         browser.close()
 
 
-def _open(chromium, url: str, width: int = 1500, height: int = 1100):
+def _open(chromium, url: str, width: int = 1500, height: int = 1800):
     """A fresh browser page (no session, no cookies) on ``url``, once the app has drawn its gallery
     area and finished running."""
     page = chromium.new_context(viewport={"width": width, "height": height}, accept_downloads=True).new_page()
     page.goto(url)
-    page.get_by_text("activations per cell").first.wait_for(timeout=120_000)
+    page.get_by_text("activations per cell").first.wait_for(timeout=240_000)
     _settled(page)
     return page
 
 
+_BUSY = """() => !document.querySelector("[data-testid='stStatusWidget'], [data-testid='stSkeleton'], [data-stale='true']")"""
+
+
 def _settled(page) -> None:
-    """Wait until Streamlit has no run in progress (its status widget is gone)."""
-    page.wait_for_timeout(300)
-    page.wait_for_function("() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=120_000)
+    """Wait until Streamlit has no run in progress and every element is drawn (no status widget,
+    no skeleton, nothing stale), twice in a row."""
+    for _ in range(2):
+        page.wait_for_timeout(300)
+        page.wait_for_function(_BUSY, timeout=240_000)
 
 
 def _gallery_captions(page) -> list[str]:
@@ -503,7 +507,7 @@ def test_browser_a_deep_link_restores_the_view(served_app, chromium, app_home):
     sel = "_".join(f"{c.i}.{c.j}" for c in cells)
     page = _open(chromium, f"{served_app}/?index=sample&atlas=app&level=20&overlay=class&class=stripes&sel={sel}&page=1")
     try:
-        page.get_by_text("attribution to stripes").first.wait_for(timeout=60_000)
+        page.get_by_text("attribution to stripes").first.wait_for(timeout=60_000)  # the map's legend
         assert _gallery_captions(page)[:12] == expected[12:24]
         assert page.get_by_text("page 2 of").count() == 1
         _shot(page, "app_class.png")
