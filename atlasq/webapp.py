@@ -486,7 +486,8 @@ def _search_results(index: str, search: dict) -> views.GalleryChoice:
     if head[2].button("Clear search", key="clear_search", width="stretch"):
         st.session_state.pop("search", None)
         st.rerun(scope="app")
-    return views.image_grid(atlas, root, search["hits"], key="hits", columns=4,
+    hits = [{"image_id": h["id"], "path": h["path"], "score": h["score"]} for h in search["hits"]]
+    return views.image_grid(atlas, root, hits, key="hits", columns=4,
                             caption=lambda m, t: f"{m['path']} ({m['score']:.3f})" +
                                                  (f" · unavailable: {t.unavailable}" if t.unavailable else ""))
 
