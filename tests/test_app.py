@@ -535,6 +535,9 @@ def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(se
         _shot(page, "app_selection.png")
         page.locator("[data-testid='stButton'] button", has_text="⤢").first.click()
         page.get_by_text("Top-5 predictions").wait_for(timeout=60_000)
+        _settled(page)
+        page.wait_for_function("() => [...document.querySelectorAll(\"[role='dialog'] img\")]"
+                               ".some(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
         dialog = page.locator("[role='dialog']").bounding_box()
         assert dialog["width"] >= 700  # a useful size, not the image's native 65 px
         _shot(page, "app_dialog.png")
