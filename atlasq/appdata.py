@@ -8,6 +8,7 @@ classes) for hovering and clicking. Images are read only from under their index'
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import tempfile
 from dataclasses import dataclass
@@ -489,8 +490,8 @@ def selection_files(atlas: Atlas, index: str, level: int, cells: list[tuple[int,
                     where: ImageFilter = ImageFilter(), home: Path | None = None) -> list[dict]:
     """Every image of the selection (``image_id, path, bytes``), most typical first."""
     with IndexStore(index_folder(index, home)) as store:
-        members, _ = store.selection_members(atlas.name, level, list(cells), where)
-    return [{"image_id": m["image_id"], "path": m["path"], "bytes": int(m["bytes"] or 0)} for m in members]
+        members = store.selection_files(atlas.name, level, list(cells), where)
+    return [{"image_id": int(m["image_id"]), "path": m["path"], "bytes": int(m["bytes"] or 0)} for m in members]
 
 
 def selection_csv(files: list[dict]) -> bytes:
@@ -561,20 +562,29 @@ def dataset_facts(atlas: Atlas, index: str, level: int, where: ImageFilter = Ima
 
 
 def icon_uri(atlas: Atlas, level: int, i: int, j: int, side: int = 40) -> str | None:
-    """A small data URI of cell (i, j)'s icon (or its tile of the mosaic), for tables and tooltips."""
-    path = atlas.icon_path(level, i, j)
+    """A small data URI of cell (i, j)'s icon (or its tile of the mosaic), for tables and tooltips;
+    kept per atlas version, since a table shows the same icons on every rerun."""
+    return _icon_uri(str(atlas.folder), atlas.files.modified(), level, i, j, side)
+
+
+@functools.lru_cache(maxsize=20_000)
+def _icon_uri(folder: str, stamp: float, level: int, i: int, j: int, side: int) -> str | None:
+    from .atlasdir import AtlasFolder
+
+    files = AtlasFolder(Path(folder))
+    path = files.icon_path(level, i, j)
     try:
-        image = Image.open(path).convert("RGB") if path.is_file() else _tile_of(atlas, level, i, j)
+        if path.is_file():
+            image = Image.open(path).convert("RGB")
+        else:
+            mosaic = Image.open(files.tiles_path(level))
+            tile = mosaic.size[0] / level
+            image = mosaic.crop((round(j * tile), round(i * tile), round((j + 1) * tile),
+                                 round((i + 1) * tile))).convert("RGB")
     except OSError:
         return None
     image.thumbnail((side, side))
     return data_uri(image, "PNG")
-
-
-def _tile_of(atlas: Atlas, level: int, i: int, j: int) -> Image.Image:
-    mosaic = Image.open(atlas.tiles_path(level))
-    tile = mosaic.size[0] / level
-    return mosaic.crop((round(j * tile), round(i * tile), round((j + 1) * tile), round((i + 1) * tile))).convert("RGB")
 
 
 def class_number(atlas: Atlas, name: str) -> int:

@@ -475,9 +475,24 @@ class IndexStore:
             FROM best b JOIN chosen c ON c.image_id = b.image_id JOIN images im ON im.id = b.image_id
             GROUP BY b.image_id, b.cell_distance ORDER BY b.cell_distance, b.image_id"""
         members = _dicts(self.con.execute(query, values))
-        total = self.con.execute(f"SELECT count(DISTINCT image_id) FROM ({chosen})",
+        total = len(members) if limit is None else self.con.execute(f"SELECT count(DISTINCT image_id) FROM ({chosen})",
                                  {k: v for k, v in values.items() if k not in ("limit", "offset")}).fetchone()[0]
         return members, int(total)
+
+    def selection_files(self, atlas: str, level: int, cells: list[tuple[int, int]],
+                        where: "ImageFilter") -> list[dict]:
+        """Every image (kept by ``where``) with an on-atlas activation in any of ``cells``:
+        ``image_id, path, bytes``, most typical first (as :meth:`selection_members`, without positions)."""
+        if not self._placements_exist() or not cells:
+            return []
+        sql, params = where.sql()
+        return _dicts(self.con.execute(
+            f"SELECT p.image_id, any_value(im.path) AS path, any_value(im.bytes) AS bytes FROM placements p "
+            f"JOIN images im ON im.id = p.image_id WHERE p.atlas = $atlas AND p.level = $level AND NOT p.off_atlas "
+            f"AND p.i IS NOT NULL AND (p.i::INTEGER * 65536 + p.j::INTEGER) IN (SELECT unnest($cells)) "
+            f"AND p.image_id IN (SELECT id FROM images WHERE {sql}) "
+            f"GROUP BY p.image_id ORDER BY min(p.cell_distance), p.image_id",
+            {"atlas": atlas, "level": level, "cells": [int(i) * 65536 + int(j) for i, j in cells], **params}))
 
     def top_predictions(self, where: "ImageFilter", n: int = 10) -> list[tuple[int, int]]:
         """The ``n`` most frequent top-1 predicted classes among the images ``where`` keeps, with counts."""

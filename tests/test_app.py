@@ -787,3 +787,23 @@ def test_the_readme_dashboard_runs_and_its_views_answer(app_home, monkeypatch):
     frame = at.dataframe[0].value
     assert list(frame["cell"]) == [f"{c.i},{c.j}" for c in filled[:20]]  # fullest first, at most 20
     assert "Select cells" in _text(at)  # nothing chosen yet: the gallery says what to do
+
+
+def test_a_dataset_with_several_layers_switches_between_their_atlases(app_home, tmp_path, monkeypatch):
+    """Index ``sample`` samples mixed4c and mixed5a; with an atlas for each, a layer selector
+    switches the atlas (here a copy of ``app`` relabelled as a mixed4c atlas stands for one)."""
+    import json
+
+    home = _copy_home(app_home, tmp_path / "home")
+    shutil.copytree(home / "atlases" / "app", home / "atlases" / "app4c")
+    manifest = home / "atlases" / "app4c" / "manifest.json"
+    facts = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**facts, "name": "app4c", "layer": "mixed4c"}))
+    at = _app(home, monkeypatch)
+    assert not at.exception, at.exception
+    layer = at.sidebar.radio(key="layer")
+    assert layer.options == ["mixed4c", "mixed5a"] and layer.value == "mixed5a"
+    layer.set_value("mixed4c").run()
+    assert not at.exception, at.exception
+    assert at.session_state["atlas_name"] == "app4c" and at.query_params["atlas"] == "app4c"
+    assert "layer mixed4c" in _text(at)

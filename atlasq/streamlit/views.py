@@ -180,6 +180,27 @@ def _square(image, side: int):
     return canvas
 
 
+def _stamp(root: Path, path: str) -> int:
+    try:
+        return (Path(root) / path).lstat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def _tile(_atlas: Atlas, atlas_folder: str, root: str, path: str, stamp: int, positions: tuple, _model,
+          model_key: int, side: int = 224) -> tuple[bytes, str | None]:
+    """A gallery tile (JPEG bytes: the image with its sampled positions outlined, on a square) and
+    why it is unavailable, if it is; kept per file version, so paging back or rerunning is quick."""
+    import io
+
+    tile = appdata.image_tile(_atlas, Path(root), path, [{"y": y, "x": x} for y, x in positions], model=_model,
+                              side=side)
+    buffer = io.BytesIO()
+    _square(tile.image, side).save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue(), tile.unavailable
+
+
 def image_grid(atlas: Atlas, root: Path, images: list[dict], *, key: str, columns: int = 4, model=None,
                caption=None) -> GalleryChoice:
     """A grid of images (dicts with ``image_id``, ``path``, optional ``positions``), each with ⤢
@@ -189,10 +210,12 @@ def image_grid(atlas: Atlas, root: Path, images: list[dict], *, key: str, column
         if n % columns == 0:  # one row of columns per ``columns`` images, so rows line up and read in order
             row = st.columns(columns)
         with row[n % columns]:
-            tile = appdata.image_tile(atlas, root, member["path"], member.get("positions") or [], model=model,
-                                      side=224)
-            st.image(_square(tile.image, 224), caption=caption(member, tile) if caption else _tile_caption(member["path"], tile),
-                     output_format="JPEG", width="stretch")
+            picture, unavailable = _tile(atlas, str(atlas.folder), str(root), member["path"], _stamp(root, member["path"]),
+                                         tuple((int(q["y"]), int(q["x"])) for q in member.get("positions") or []),
+                                         model, id(model))
+            tile = appdata.ImageTile(None, unavailable)
+            st.image(picture, caption=caption(member, tile) if caption else _tile_caption(member["path"], tile),
+                     width="stretch")
             opened, similar = st.columns(2)
             if opened.button("⤢", key=f"{key}_open_{member['image_id']}", help="open: predictions and cells",
                              width="stretch"):
