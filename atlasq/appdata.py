@@ -277,8 +277,14 @@ _NETWORK_META = ("model", "weights", "seed", "weights_sha256")
 
 def index_source(index: str, home: Path | None = None) -> dict:
     """``root``: the folder an index was built from; ``network``: the part of its meta that
-    identifies the network that embedded it (enough to load that network again)."""
-    with IndexStore(index_folder(index, home)) as store:
+    identifies the network that embedded it (enough to load that network again). Read again
+    whenever the index's database changes."""
+    return dict(_index_source(index, str(index_folder(index, home)), index_stamp(index, home)))
+
+
+@functools.lru_cache(maxsize=64)
+def _index_source(index: str, folder: str, stamp: int) -> dict:
+    with IndexStore(Path(folder)) as store:
         meta = store.meta()
     missing = [key for key in _COMPLETE_META if key not in meta]
     if missing:
@@ -465,8 +471,9 @@ class SelectionPage:
     """One page of the images of a selection of cells (their union), most typical first."""
 
     cells: list                 # (i, j)
-    images: list                # dicts: image_id, path, cell_distance, activations, positions, bytes
+    images: list                # dicts: image_id, path, cell_distance, activations, positions
     total_images: int
+    total_bytes: int            # of all the selection's files
     page: int
     per_page: int
 
@@ -480,10 +487,25 @@ def selection_page(atlas: Atlas, index: str, level: int, cells: list[tuple[int, 
                    home: Path | None = None) -> SelectionPage:
     """A page of the images of ``index`` (kept by ``where``) in any of ``cells``."""
     _cells(atlas, level)
-    with IndexStore(index_folder(index, home)) as store:
-        members, total = store.selection_members(atlas.name, level, list(cells), where, limit=per_page,
-                                                 offset=page * per_page)
-    return SelectionPage(list(cells), members, total, page, per_page)
+    cells = sorted({(int(i), int(j)) for i, j in cells})
+    folder = index_folder(index, home)
+    total, size = _selection_totals(str(folder), index_stamp(index, home), atlas.name, level, tuple(cells), where)
+    with IndexStore(folder) as store:
+        if len(cells) == 1 and where.everything:  # one cell, no filter: the store's own cell query
+            (i, j), = cells
+            members = [{**m, "positions": [{**q, "i": i, "j": j} for q in m["positions"]]}
+                       for m in store.cell_members(atlas.name, level, i, j, limit=per_page, offset=page * per_page)]
+        else:
+            members = store.selection_members(atlas.name, level, cells, where, limit=per_page,
+                                              offset=page * per_page)
+    return SelectionPage(cells, members, total, size, page, per_page)
+
+
+@functools.lru_cache(maxsize=256)
+def _selection_totals(folder: str, stamp: int, atlas: str, level: int, cells: tuple, where: ImageFilter):
+    """Kept per index version: paging through a selection does not count it again."""
+    with IndexStore(Path(folder)) as store:
+        return store.selection_totals(atlas, level, list(cells), where)
 
 
 def selection_files(atlas: Atlas, index: str, level: int, cells: list[tuple[int, int]], *,
@@ -505,14 +527,14 @@ def selection_csv(files: list[dict]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def zip_refusal(files: list[dict], cap: int | None = None) -> str | None:
-    """Why the selection is not zipped (its files add up to more than ``cap`` bytes, default
-    :data:`ZIP_CAP_BYTES`), or None."""
+def zip_refusal(files: list[dict] | tuple[int, int], cap: int | None = None) -> str | None:
+    """Why the selection (its files, or their count and total bytes) is not zipped: its files add
+    up to more than ``cap`` bytes (default :data:`ZIP_CAP_BYTES`). None when it can be."""
     cap = ZIP_CAP_BYTES if cap is None else cap
-    total = sum(f["bytes"] for f in files)
+    count, total = files if isinstance(files, tuple) else (len(files), sum(f["bytes"] for f in files))
     if total <= cap:
         return None
-    return (f"The {len(files):,} selected images hold {total / 2**20:,.0f} MB, more than the "
+    return (f"The {count:,} selected images hold {total / 2**20:,.0f} MB, more than the "
             f"{cap / 2**20:,.0f} MB the app zips; download the CSV of paths instead, or select fewer cells.")
 
 

@@ -447,37 +447,54 @@ class IndexStore:
             {"atlas": atlas, "level": level, **params}).fetchone()
         return {"activations": int(row[0]), "off_atlas": int(row[1]), "outside_kept_cells": 0, "images": int(row[2])}
 
-    def selection_members(self, atlas: str, level: int, cells: list[tuple[int, int]], where: "ImageFilter", *,
-                          limit: int | None = None, offset: int = 0) -> tuple[list[dict], int]:
-        """The images (kept by ``where``) with on-atlas activations in any of ``cells``: one page,
-        most typical first (smallest cosine distance of an activation to its cell's mean), each
-        with its positions in those cells; and how many such images there are in all."""
-        if not self._placements_exist() or not cells:
-            return [], 0
+    def _selection(self, atlas: str, level: int, cells: list[tuple[int, int]], where: "ImageFilter") -> tuple[str, dict]:
+        """The placements (on-atlas, of images ``where`` keeps) in any of ``cells``, as SQL and parameters."""
         sql, params = where.sql()
-        flat = [int(i) * 65536 + int(j) for i, j in cells]
-        chosen = ("SELECT image_id, k, y, x, i, j, cell_distance FROM placements WHERE atlas = $atlas "
-                  "AND level = $level AND NOT off_atlas AND i IS NOT NULL "
-                  "AND (i::INTEGER * 65536 + j::INTEGER) IN (SELECT unnest($cells)) "
-                  f"AND image_id IN (SELECT id FROM images WHERE {sql})")
-        page = " LIMIT $limit OFFSET $offset" if limit is not None else ""
-        values = {"atlas": atlas, "level": level, "cells": flat, **params}
-        if limit is not None:
-            values.update(limit=int(limit), offset=int(offset))
+        # one equality lookup per cell (each can use the placements_cell index), not one scan
+        # testing every placement against the list
+        cells = sorted({(int(i), int(j)) for i, j in cells})
+        chosen = " UNION ALL ".join(
+            f"SELECT image_id, k, y, x, i, j, cell_distance FROM placements WHERE atlas = $atlas AND level = $level "
+            f"AND i = {i} AND j = {j} AND NOT off_atlas" for i, j in cells)
+        if not where.everything:
+            chosen = f"SELECT * FROM ({chosen}) WHERE image_id IN (SELECT id FROM images WHERE {sql})"
+        return chosen, {"atlas": atlas, "level": level, **params}
+
+    def selection_members(self, atlas: str, level: int, cells: list[tuple[int, int]], where: "ImageFilter", *,
+                          limit: int, offset: int = 0) -> list[dict]:
+        """One page of the images (kept by ``where``) with on-atlas activations in any of ``cells``,
+        most typical first (smallest cosine distance of an activation to its cell's mean), each
+        with its positions in those cells. As in :meth:`cell_members`, only the ``(limit +
+        offset) × K`` most typical activations are ranked: they hold every image of the page."""
+        if not self._placements_exist() or not cells:
+            return []
+        chosen, values = self._selection(atlas, level, cells, where)
+        per_image = int(self.meta().get("samples_per_image") or 1)
+        values.update(rows=(int(limit) + int(offset)) * per_image, limit=int(limit), offset=int(offset))
         query = f"""
             WITH chosen AS ({chosen}),
-                 best AS (SELECT image_id, min(cell_distance) AS cell_distance FROM chosen GROUP BY image_id
-                          ORDER BY cell_distance, image_id{page})
+                 best AS (SELECT image_id, min(cell_distance) AS cell_distance
+                          FROM (SELECT * FROM chosen ORDER BY cell_distance, image_id LIMIT $rows)
+                          GROUP BY image_id ORDER BY cell_distance, image_id LIMIT $limit OFFSET $offset)
             SELECT b.image_id, b.cell_distance, count(*) AS activations,
                    list(struct_pack(k := c.k, y := c.y, x := c.x, i := c.i, j := c.j,
                                     cell_distance := c.cell_distance) ORDER BY c.cell_distance, c.k) AS positions,
-                   any_value(im.path) AS path, any_value(im.bytes) AS bytes
+                   any_value(im.path) AS path
             FROM best b JOIN chosen c ON c.image_id = b.image_id JOIN images im ON im.id = b.image_id
             GROUP BY b.image_id, b.cell_distance ORDER BY b.cell_distance, b.image_id"""
-        members = _dicts(self.con.execute(query, values))
-        total = len(members) if limit is None else self.con.execute(f"SELECT count(DISTINCT image_id) FROM ({chosen})",
-                                 {k: v for k, v in values.items() if k not in ("limit", "offset")}).fetchone()[0]
-        return members, int(total)
+        return _dicts(self.con.execute(query, values))
+
+    def selection_totals(self, atlas: str, level: int, cells: list[tuple[int, int]],
+                         where: "ImageFilter") -> tuple[int, int]:
+        """How many images (kept by ``where``) have on-atlas activations in any of ``cells``, and
+        their files' bytes together."""
+        if not self._placements_exist() or not cells:
+            return 0, 0
+        chosen, values = self._selection(atlas, level, cells, where)
+        images, size = self.con.execute(
+            f"SELECT count(*), coalesce(sum(im.bytes), 0) FROM (SELECT DISTINCT image_id FROM ({chosen})) s "
+            f"JOIN images im ON im.id = s.image_id", values).fetchone()
+        return int(images), int(size)
 
     def selection_files(self, atlas: str, level: int, cells: list[tuple[int, int]],
                         where: "ImageFilter") -> list[dict]:
@@ -485,14 +502,10 @@ class IndexStore:
         ``image_id, path, bytes``, most typical first (as :meth:`selection_members`, without positions)."""
         if not self._placements_exist() or not cells:
             return []
-        sql, params = where.sql()
+        chosen, values = self._selection(atlas, level, cells, where)
         return _dicts(self.con.execute(
-            f"SELECT p.image_id, any_value(im.path) AS path, any_value(im.bytes) AS bytes FROM placements p "
-            f"JOIN images im ON im.id = p.image_id WHERE p.atlas = $atlas AND p.level = $level AND NOT p.off_atlas "
-            f"AND p.i IS NOT NULL AND (p.i::INTEGER * 65536 + p.j::INTEGER) IN (SELECT unnest($cells)) "
-            f"AND p.image_id IN (SELECT id FROM images WHERE {sql}) "
-            f"GROUP BY p.image_id ORDER BY min(p.cell_distance), p.image_id",
-            {"atlas": atlas, "level": level, "cells": [int(i) * 65536 + int(j) for i, j in cells], **params}))
+            f"SELECT s.image_id, im.path, im.bytes FROM (SELECT image_id, min(cell_distance) AS d FROM ({chosen}) "
+            f"GROUP BY image_id) s JOIN images im ON im.id = s.image_id ORDER BY s.d, s.image_id", values))
 
     def top_predictions(self, where: "ImageFilter", n: int = 10) -> list[tuple[int, int]]:
         """The ``n`` most frequent top-1 predicted classes among the images ``where`` keeps, with counts."""

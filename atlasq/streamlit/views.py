@@ -256,7 +256,8 @@ def cell_gallery(atlas: Atlas, index: str, selected: Iterable[tuple[int, int, in
                   args=(page_key, 1))
     bar[2].caption(f"page {page + 1} of {pages}")
     if export:
-        _export_buttons(bar[3], bar[4], atlas, index, level, cells, where, home, key)
+        _export_buttons(bar[3], bar[4], atlas, index, level, cells, where, home, key, result.total_images,
+                        result.total_bytes)
     root = appdata.index_root(index, home)
     choice = image_grid(atlas, root, result.images, key=key, columns=columns, model=model)
     choice.total_images = result.total_images
@@ -269,25 +270,29 @@ def _turn(page_key: str, step: int) -> None:
 
 
 def _export_buttons(csv_place, zip_place, atlas: Atlas, index: str, level: int, cells: list, where: ImageFilter,
-                    home: Path | None, key: str) -> None:
-    files = appdata.selection_files(atlas, index, level, cells, where=where, home=home)
-    csv_place.download_button("CSV of paths", appdata.selection_csv(files), file_name=f"{index}_selection.csv",
-                              mime="text/csv", key=f"{key}_csv", on_click="ignore", width="stretch",
-                              help=f"image_id and path of all {len(files):,} selected images")
-    refusal = appdata.zip_refusal(files)
+                    home: Path | None, key: str, count: int, size: int) -> None:
+    """CSV and zip of the whole selection, each built only when its button is pressed (listing a
+    selection of tens of thousands of images costs a second; a rerun should not pay it)."""
+    root = appdata.index_root(index, home)
+
+    def paths() -> bytes:  # runs without the script's context: plain arguments only
+        return appdata.selection_csv(appdata.selection_files(atlas, index, level, cells, where=where, home=home))
+
+    def files() -> bytes:
+        return appdata.selection_zip(root, appdata.selection_files(atlas, index, level, cells, where=where,
+                                                                   home=home))
+
+    csv_place.download_button("CSV of paths", paths, file_name=f"{index}_selection.csv", mime="text/csv",
+                              key=f"{key}_csv", on_click="ignore", width="stretch",
+                              help=f"image_id and path of all {count:,} selected images")
+    refusal = appdata.zip_refusal((count, size))
     if refusal:
         zip_place.button("zip of files", key=f"{key}_zip_off", disabled=True, width="stretch", help=refusal)
         st.info(refusal)
         return
-    root = appdata.index_root(index, home)
-    total = sum(f["bytes"] for f in files)
-
-    def build() -> bytes:  # run only when the button is pressed (no session state needed)
-        return appdata.selection_zip(root, files)
-
-    zip_place.download_button("zip of files", build, file_name=f"{index}_selection.zip", mime="application/zip",
+    zip_place.download_button("zip of files", files, file_name=f"{index}_selection.zip", mime="application/zip",
                               key=f"{key}_zip", on_click="ignore", width="stretch",
-                              help=f"{len(files):,} files, {total / 2**20:,.1f} MB")
+                              help=f"{count:,} files, {size / 2**20:,.1f} MB")
 
 
 def dataset_summary(atlas: Atlas, index: str, *, level: int | None = None, where: ImageFilter = ImageFilter(),
