@@ -118,21 +118,29 @@ def run_demo(home: Path | None = None, name: str = "sample", progress: bool = Tr
     from .demo_model import sample_data_dir
     from .histogram import histogram_with_picture
     from .indexer import IndexOptions, build_index
-    from .model import WeightsUnavailableError
+    from .model import WeightsUnavailableError, _imagenet_cache_path
 
     say = say or (lambda text: None)
+    cached = _imagenet_cache_path()
+    was_cached = cached.is_file()
+    if was_cached:
+        say(f"using InceptionV1 with ImageNet weights (found in torch's cache: {cached})")
+    else:  # said before the download is tried, which can take a while offline
+        say(f"InceptionV1's ImageNet weights are not in torch's cache ({cached}): trying to download them; "
+            f"without them the demo uses the small demo network trained on sample_data/ instead")
     try:
         load_model("inceptionv1", "imagenet")
         model, used = "inceptionv1", "inceptionv1 (ImageNet weights)"
         why = "ImageNet weights were found in torch's cache or downloaded"
         name_used = f"{name}-imagenet"
-        say(f"using InceptionV1 with ImageNet weights ({why})")
+        if not was_cached:
+            say("downloaded them: using InceptionV1 with ImageNet weights")
     except WeightsUnavailableError as exc:
         model, used = "demo", "demo (small network trained on sample_data/)"
         reason = str(exc).splitlines()[0]
         why = f"ImageNet weights unavailable: {reason}"
         name_used = name
-        say(f"using the small demo network trained on sample_data/ instead of InceptionV1, because {reason}")
+        say(f"using the small demo network instead of InceptionV1, because {reason}")
     atlas_options = AtlasOptions(**DEMO_ATLAS[model])
     options = IndexOptions(model=model, attributions=True, layers=(atlas_options.layer,))
     root = sample_data_dir()

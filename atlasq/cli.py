@@ -260,7 +260,7 @@ def search(
             _hint("no other image in the index")
             return
         _print_table(["rank", "score", "id", "top class", "path"],
-                     [[n, f"{hit['score']:.4f}", hit["id"], hit["top_class"] or "–", display_path(hit["path"])]
+                     [[n, f"{hit['score']:.4f}", str(hit["id"]), hit["top_class"] or "–", display_path(hit["path"])]
                       for n, hit in enumerate(r["hits"], 1)], right=(0, 1, 2))
         more = f"; -k {2 * r['k']} for more" if len(r["hits"]) == r["k"] else " (all the index has)"
         _hint(f"showing the {len(r['hits'])} nearest images{more}")
