@@ -560,7 +560,7 @@ def histogram_command(
         more = f"; --top {len(filled)} lists them all" if len(filled) > top else ""
         _hint(f"showing {min(top, len(filled)):,} of the {len(filled):,} cells that hold activations, fullest first; "
               f"{len(result.cells) - len(filled):,} kept cells hold none{more}")
-        stderr.print(f"heat map: {result.picture}", highlight=False)
+        stderr.print(f"heat map: {result.picture}", highlight=False, markup=False)
 
     _emit(as_json, result.to_dict(), human)
 

@@ -160,11 +160,14 @@ def _legend(width: int, low: float, high: float, *, diverging: bool, log: bool, 
     font, small = _font(size), _font(max(14, round(size * 0.85)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
     pad = size // 2
-    bar_w = max(200, int(width * 0.55))
+    bar_w = min(width - 2 * pad, max(200, int(width * 0.55)))
     bar_h = size
     lines = _wrap(title, width - 2 * pad, lambda t: measure(t, font=font)) if title else []
     line_h = round(size * 1.3)
-    height = pad + line_h * len(lines) + bar_h + 4 + line_h + pad
+    note = "no frame: not significant" if diverging else "faded: none (0)"
+    sample = size * 2
+    beside = pad + bar_w + size * 2 + sample + size // 2 + measure(note, font=small) + pad <= width
+    height = pad + line_h * len(lines) + bar_h + 4 + line_h + (0 if beside else line_h + 4) + pad
     legend = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(legend)
     y = pad
@@ -187,16 +190,11 @@ def _legend(width: int, low: float, high: float, *, diverging: bool, log: bool, 
         placed.append((left, left + text_w))
         draw.line([(x, y + bar_h), (x, y + bar_h + 3)], fill=INK)
         draw.text((left, y + bar_h + 4), text, fill=INK, font=small)
-    # What the other looks of a cell mean, beside the bar.
-    x = pad + bar_w + size * 2
-    note = "no frame: not a significant difference" if diverging else "faded, no frame: none (0)"
-    sample = size * 2
-    if x + sample + measure(note, font=small) + pad <= width:
-        if diverging:
-            draw.rectangle([x, y, x + sample - 1, y + bar_h - 1], fill=(235, 235, 235), outline=MUTED)
-        else:
-            draw.rectangle([x, y, x + sample - 1, y + bar_h - 1], fill=(200, 210, 220), outline=(190, 190, 190))
-        draw.text((x + sample + size // 2, y + (bar_h - size) / 2), note, fill=INK, font=small)
+    # What the other looks of a cell mean: beside the bar, or under its numbers in a narrow picture.
+    x, y = (pad + bar_w + size * 2, y) if beside else (pad, y + bar_h + 4 + line_h + 4)
+    draw.rectangle([x, y, x + sample - 1, y + bar_h - 1], fill=(235, 235, 235) if diverging else (200, 210, 220),
+                   outline=MUTED if diverging else (190, 190, 190))
+    draw.text((x + sample + size // 2, y + (bar_h - size) / 2), note, fill=INK, font=small)
     return legend
 
 
