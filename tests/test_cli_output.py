@@ -98,7 +98,7 @@ def test_a_cell_that_is_not_on_the_atlas_says_why(placed_home):
     assert ("dropped" if members else "empty") in result.stderr
 
 
-def test_json_stdout_holds_only_the_json_when_a_library_prints(placed_home, monkeypatch):
+def test_json_stdout_holds_only_the_json_when_a_library_prints(placed_home, monkeypatch, tmp_path):
     # As torch.hub does ("Downloading: …" on stdout) when the query image needs the network.
     real = api.load_model
 
@@ -107,7 +107,8 @@ def test_json_stdout_holds_only_the_json_when_a_library_prints(placed_home, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(api, "load_model", chatty)
-    query = REPO / "sample_data" / "stripes" / "stripes_001.png"  # a file: embedded with the network
+    query = tmp_path / "query.png"  # a file outside the index: embedded with the network
+    query.write_bytes((REPO / "sample_data" / "stripes" / "stripes_001.png").read_bytes())
     result = CliRunner().invoke(app, ["search", str(query), "--index", "sample", "-k", "2", "--json",
                                       "--home", str(placed_home)])
     assert result.exit_code == 0, result.output
