@@ -209,8 +209,8 @@ def draw_heatmap(base: Path | Image.Image, size: int, cells: list[tuple[int, int
     0 fades the cell's icon (:data:`ZERO_FADE`) and draws no frame. NaN cells and cells not listed
     stay as the mosaic has them. Above the mosaic: ``title``; along its edges: row numbers (i, left)
     and column numbers (j, top); below: the legend (``legend_title``, a colour bar with numbers).
-    The mosaic's top-left corner in the picture is ``picture.info["mosaic_origin"]`` (x, y), and
-    the PNG written to ``out`` records it as the text ``mosaic_origin`` ("x,y").
+    The mosaic's top-left corner in the picture is ``picture.info["grid_origin"]`` (x, y), and
+    the PNG written to ``out`` records it as the text ``grid_origin`` ("x,y").
     """
     mosaic = (Image.open(base) if not isinstance(base, Image.Image) else base).convert("RGB")
     side = mosaic.size[0]
@@ -272,12 +272,12 @@ def draw_heatmap(base: Path | Image.Image, size: int, cells: list[tuple[int, int
     out_draw.text((text // 2, top - text * 1.35), "i,j", fill=MUTED, font=font)  # the corner names the axes
     out_draw.rectangle([left - 1, top - 1, left + side, top + side], outline=(200, 200, 200))
     framed.paste(legend, (0, top + side))
-    framed.info["mosaic_origin"] = (left, top)
+    framed.info["grid_origin"] = (left, top)
     if out is not None:
         from PIL.PngImagePlugin import PngInfo
 
         meta = PngInfo()
-        meta.add_text("mosaic_origin", f"{left},{top}")  # where the cells are, for tools and tests
+        meta.add_text("grid_origin", f"{left},{top}")  # where the cells are, for tools and tests
         with replaced(out) as tmp:
             framed.save(tmp, format="PNG", pnginfo=meta)
     return framed

@@ -20,7 +20,7 @@ def _mosaic(side: int, seed: int = 0) -> Image.Image:
 
 
 def _tile(picture: Image.Image, size: int, side: int, i: int, j: int) -> np.ndarray:
-    origin = picture.info["mosaic_origin"]  # (x, y), or "x,y" as a written PNG records it
+    origin = picture.info["grid_origin"]  # (x, y), or "x,y" as a written PNG records it
     left, top = (int(v) for v in origin.split(",")) if isinstance(origin, str) else origin
     tile = side // size
     return np.asarray(picture, np.float32)[top + i * tile:top + (i + 1) * tile, left + j * tile:left + (j + 1) * tile]
@@ -89,7 +89,7 @@ def test_title_coordinates_and_legend_are_readable(size, side):
     title = "two on ref, level 10x10: 1,200 activations of 300 images, 12.5% off-atlas"
     picture = draw_heatmap(Image.new("RGB", (side, side), "white"), size, [(0, 0), (1, 1), (2, 2)],
                            np.array([0.0, 3.0, 1200.0]), log=True, title=title, legend_title="activations per cell")
-    left, top = picture.info["mosaic_origin"]
+    left, top = picture.info["grid_origin"]
     ink = np.asarray(picture.convert("L")) < 100
     # The title: one or more lines above the mosaic, each at least 12 px tall (at native size).
     title_lines = _runs(ink[:top].any(axis=1))[:-1]  # the last run above the mosaic: column numbers
@@ -119,7 +119,7 @@ def test_histogram_picture_frames_counts_and_fades_empty_cells(atlas_home, tmp_p
     out = histogram_picture(result, atlas, tmp_path / "h.png")
     picture = Image.open(out)
     picture.load()
-    assert picture.mode == "RGB" and "mosaic_origin" in picture.info
+    assert picture.mode == "RGB" and "grid_origin" in picture.info
     mosaic = np.asarray(Image.open(atlas.folder / f"mosaic_{level}.png").convert("RGB"), np.float32)
     side = mosaic.shape[0]
     tile = side // level

@@ -235,7 +235,7 @@ def test_histogram_cell_and_compare_commands(world, tmp_path):
     assert result.exit_code == 0, result.output
     hist = json.loads(result.stdout.splitlines()[-1])
     picture = Image.open(hist["picture"])
-    left, top = (int(v) for v in picture.info["mosaic_origin"].split(","))  # where the mosaic's cells are
+    left, top = (int(v) for v in picture.info["grid_origin"].split(","))  # where the mosaic's cells are
     fullest = max(hist["cells"], key=lambda c: c["activations"])
     # The fullest cell is framed in the top colour of the count ramp (yellow, far more red than blue).
     tile = Image.open(load_atlas("ref", world).tiles_path(hist["level"])).size[0] // hist["level"]
