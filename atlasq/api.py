@@ -6,14 +6,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .embed import EmbedConfig, decode_file, embed_batch
 from .errors import DamagedError, IncompatibleError, InvalidOptionError
 from .images import FileEntry, path_key
-from .model import WeightsUnavailableError, load_model
 from .search import check_k, resolve_query, search
 from .store import IndexStore, index_folder
 
 __all__ = ["open_index", "index_info", "search_index", "run_demo", "embed_image"]
+
+
+def load_model(*args, **kwargs):
+    """:func:`atlasq.model.load_model`, imported on first use: ``info`` and searches by an indexed
+    image never load torch, so they start at once. (A module attribute, so tests can replace it.)"""
+    from .model import load_model as load
+    return load(*args, **kwargs)
 
 
 def open_index(name: str, home: Path | None = None) -> IndexStore:
@@ -47,6 +52,8 @@ def model_for_index(meta: dict, device: str | None = None):
 
 def embed_image(path: Path, model, precision: str = "fp32") -> np.ndarray:
     """Pooled vector of one image file (raises ``ValueError`` if it cannot be read)."""
+    from .embed import EmbedConfig, decode_file, embed_batch
+
     path = Path(path)
     decoded = decode_file(path.parent, FileEntry(path_key(path.name), 0, 0.0), model)
     if decoded.error:
@@ -101,32 +108,70 @@ DEMO_ATLAS = {"inceptionv1": dict(layer="mixed4c", grids=(10, 20), steps=512),
               "demo": dict(layer="mixed5a", grids=(10, 20), steps=512)}
 
 
-def run_demo(home: Path | None = None, name: str = "sample", progress: bool = True) -> dict:
-    """Index ``sample_data/`` and build its atlas: ImageNet InceptionV1 when its weights load, else
-    the demo network. A finished demo atlas is reused."""
+def run_demo(home: Path | None = None, name: str = "sample", progress: bool = True, say=None) -> dict:
+    """Index ``sample_data/``, build its atlas and place the sample on it (so the app shows its
+    counts at once): ImageNet InceptionV1 when its weights load, else the demo network. What a
+    finished run built is reused. ``say(text)`` hears what happens as it happens, first which
+    network is used and why."""
     from .atlas import AtlasOptions, atlas_summary, build_atlas
     from .atlasdir import AtlasFolder
     from .demo_model import sample_data_dir
+    from .histogram import histogram_with_picture
     from .indexer import IndexOptions, build_index
+    from .model import WeightsUnavailableError, _imagenet_cache_path
 
+    say = say or (lambda text: None)
+    cached = _imagenet_cache_path()
+    was_cached = cached.is_file()
+    if was_cached:
+        say(f"using InceptionV1 with ImageNet weights (found in torch's cache: {cached})")
+    else:  # said before the download is tried, which can take a while offline
+        say(f"InceptionV1's ImageNet weights are not in torch's cache ({cached}): trying to download them; "
+            f"without them the demo uses the small demo network trained on sample_data/ instead")
     try:
         load_model("inceptionv1", "imagenet")
         model, used = "inceptionv1", "inceptionv1 (ImageNet weights)"
         why = "ImageNet weights were found in torch's cache or downloaded"
         name_used = f"{name}-imagenet"
+        if not was_cached:
+            say("downloaded them: using InceptionV1 with ImageNet weights")
     except WeightsUnavailableError as exc:
         model, used = "demo", "demo (small network trained on sample_data/)"
-        why = f"ImageNet weights unavailable: {str(exc).splitlines()[0]}"
+        reason = str(exc).splitlines()[0]
+        why = f"ImageNet weights unavailable: {reason}"
         name_used = name
+        say(f"using the small demo network instead of InceptionV1, because {reason}")
     atlas_options = AtlasOptions(**DEMO_ATLAS[model])
     options = IndexOptions(model=model, attributions=True, layers=(atlas_options.layer,))
     root = sample_data_dir()
+    say(f"indexing {root.name}/ as index {name_used!r}")
     summary = build_index(root, name_used, home=home, options=options, progress=progress)
+    say(f"{summary.total_images:,} images indexed ({summary.indexed:,} this run), {summary.total_errors:,} errors")
     first = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png", ".webp"))[0]
     example = search_index(name_used, first.relative_to(root).as_posix(), k=5, home=home)
     if AtlasFolder.named(name_used, home).is_complete():
         atlas = {**atlas_summary(name_used, home), "reused": True}
+        say(f"atlas {name_used!r} is already built; reusing it")
     else:
+        say(f"building atlas {name_used!r} at layer {atlas_options.layer} "
+            f"(grids {', '.join(f'{g}×{g}' for g in atlas_options.grids)}, icons {atlas_options.steps} steps)")
         atlas = {**build_atlas(name_used, name_used, home=home, options=atlas_options, progress=progress).to_dict(),
                  "reused": False}
-    return {"model_used": used, "why": why, "index": summary.as_dict(), "example_search": example, "atlas": atlas}
+    placed = histogram_with_picture(name_used, name_used, home=home, progress=progress)
+    say(f"placed the sample on its atlas: {placed.totals.activations:,} activations, "
+        f"{placed.totals.off_atlas_share:.1%} off-atlas; heat map {placed.picture}")
+    histogram = {"atlas": placed.atlas, "index": placed.index, "level": placed.level,
+                 "activations": placed.totals.activations, "images": placed.totals.images,
+                 "off_atlas_share": placed.totals.off_atlas_share, "picture": placed.picture}
+    return {"model_used": used, "why": why, "index": summary.as_dict(), "example_search": example, "atlas": atlas,
+            "histogram": histogram, "app_command": _app_command(home, name_used)}
+
+
+def _app_command(home: Path | None, name: str) -> str:
+    """The exact ``atlasq app`` command that opens what the demo built."""
+    import shlex
+
+    from .home import default_home
+
+    given = f" --home {shlex.quote(str(home))}" if home is not None and Path(home) != default_home() else ""
+    return f"atlasq app{given} --index {shlex.quote(name)} --atlas {shlex.quote(name)}"

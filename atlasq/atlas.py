@@ -25,24 +25,52 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from . import __version__
-from .featurevis import render_directions
-from .featurevis.objectives import OBJECTIVES
 from .atlasdir import AtlasError, AtlasFolder, AtlasOptionError
 from .errors import AtlasqError, IncompatibleError, InvalidOptionError
 from .home import atlas_folder
 from .images import ImageDecodeError, open_rgb, real_path
 from .layout import Grid, Layout, unit_rows
-from .model import LoadedModel, layer_shapes, load_model, resolve_precision
 from .progress import progress_bar, stderr
 from .store import IndexStore, index_folder
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
+# torch, the networks and feature visualization load only when an atlas is built: reading one
+# (`atlasq atlas info`, histograms, the app) stays torch-free and starts in well under a second.
+# These thin wrappers are module attributes, so tests can still replace them (monkeypatch).
+
+
+def load_model(*args, **kwargs):
+    """:func:`atlasq.model.load_model`, imported on first use."""
+    from .model import load_model as load
+    return load(*args, **kwargs)
+
+
+def layer_shapes(*args, **kwargs):
+    """:func:`atlasq.model.layer_shapes`, imported on first use."""
+    from .model import layer_shapes as shapes
+    return shapes(*args, **kwargs)
+
+
+def resolve_precision(*args, **kwargs):
+    """:func:`atlasq.model.resolve_precision`, imported on first use."""
+    from .model import resolve_precision as resolve
+    return resolve(*args, **kwargs)
+
+
+def render_directions(*args, **kwargs):
+    """:func:`atlasq.featurevis.render_directions`, imported on first use."""
+    from .featurevis import render_directions as render
+    return render(*args, **kwargs)
 
 __all__ = ["AtlasOptions", "AtlasError", "Atlas", "build_atlas", "load_atlas", "atlas_folder", "atlas_summary",
            "whitening_matrices", "cell_summaries", "default_icon_size", "layer_shapes", "option_default",
@@ -140,6 +168,8 @@ class AtlasOptions:
                 raise AtlasOptionError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.icon_size is not None and self.icon_size < 16:
             raise AtlasOptionError("icon_size must be at least 16 pixels")
+        from .featurevis.objectives import OBJECTIVES  # torch: only a build validates its options
+
         if self.objective not in OBJECTIVES:
             raise AtlasOptionError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if not self.cossim_pow >= 0:
@@ -723,6 +753,8 @@ def _render_icon_batches(plan: BuildPlan, levels: dict[int, CellSummary], whiten
     Batches are cut from the full list of cells (not from what is left to do) and seeded by
     their number, so a resumed build renders exactly the icons an uninterrupted one would.
     """
+    import torch
+
     options, files, model = plan.options, plan.files, plan.model
     cells = [(g, c, int(i), int(j)) for g in options.grids for c, (i, j) in enumerate(levels[g].cells)]
     batches = [cells[s:s + options.icon_batch] for s in range(0, len(cells), options.icon_batch)]

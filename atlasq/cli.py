@@ -6,6 +6,7 @@ and notes go to stderr).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,32 +31,70 @@ HomeOption = typer.Option(None, "--home", envvar="ATLASQ_HOME", show_default="./
 JsonOption = typer.Option(False, "--json", help="Print one machine-readable JSON summary on stdout.")
 
 
+#: While a ``--json`` command runs, the stream its JSON goes to; everything else the command or a
+#: library prints on stdout is sent to stderr meanwhile (see :func:`_json_only_stdout`).
+_json_streams: list = []
+
+
 def _emit(as_json: bool, payload: dict, human) -> None:
     if as_json:
-        print(json.dumps(payload, default=str))
+        print(json.dumps(payload, default=str), file=_json_streams[-1] if _json_streams else sys.stdout, flush=True)
     else:
         human(payload)
 
 
 def _fail(message: str, as_json: bool, code: int = 1) -> None:
     if as_json:
-        print(json.dumps({"error": message}))
+        print(json.dumps({"error": message}), file=_json_streams[-1] if _json_streams else sys.stdout, flush=True)
     stderr.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)  # one line, any width
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def _json_only_stdout(as_json: bool):
+    """With ``--json``, stdout holds the JSON and nothing else: whatever else is printed there
+    while the command runs (torch.hub's "Downloading: …" line, a library's notes) goes to stderr,
+    at the level of Python's ``sys.stdout`` and, in a real process, of file descriptor 1 too
+    (native code writes there directly)."""
+    if not as_json:
+        yield
+        return
+    sys.stdout.flush()
+    saved_fd, stream = None, sys.stdout
+    try:
+        if sys.stdout.fileno() == 1:
+            saved_fd = os.dup(1)
+            os.dup2(2, 1)
+            stream = open(saved_fd, "w", encoding="utf-8", closefd=False)
+    except (AttributeError, OSError, ValueError):  # not a file (a test runner's buffer): Python level only
+        pass
+    _json_streams.append(stream)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_streams.pop()
+        stream.flush()
+        if saved_fd is not None:
+            sys.stdout.flush()
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
 def user_errors(command):
     """Print an :class:`AtlasqError` as one line (``{"error": ...}`` with ``--json``) and exit with
-    its code; Ctrl-C says how to resume. Any other exception is a bug and keeps its traceback."""
+    its code; Ctrl-C says how to resume. Any other exception is a bug and keeps its traceback.
+    With ``--json``, stdout holds only the JSON (:func:`_json_only_stdout`)."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         as_json = bool(kwargs.get("as_json"))
-        try:
-            return command(*args, **kwargs)
-        except AtlasqError as exc:
-            _fail(str(exc), as_json, exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted: run the same command again to resume", as_json, 130)
+        with _json_only_stdout(as_json):
+            try:
+                return command(*args, **kwargs)
+            except AtlasqError as exc:
+                _fail(str(exc), as_json, exc.exit_code)
+            except KeyboardInterrupt:
+                _fail("interrupted: run the same command again to resume", as_json, 130)
     return run
 
 
@@ -63,10 +102,56 @@ def _split_csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
-def _print_fields(record: dict, keys: tuple[str, ...], width: int) -> None:
-    """One ``key: value`` line per key, keys right-aligned to ``width``."""
-    for key in keys:
-        print(f"{key:>{width}}: {record.get(key)}")
+def _human(value) -> str:
+    """A value as a person reads it: thousands separated, yes/no, lists and mappings spelled out,
+    "–" for nothing (never a Python repr)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, dict):
+        return "; ".join(f"{str(k).replace('_', ' ')} {_human(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_human(v) for v in value) or "–"
+    return str(value)
+
+
+def _print_pairs(pairs: list[tuple[str, object]]) -> None:
+    """One ``label: value`` line per pair, labels right-aligned, values as :func:`_human` writes them."""
+    width = max((len(label) for label, _ in pairs), default=0)
+    for label, value in pairs:
+        print(f"{label:>{width}}: {value if isinstance(value, str) else _human(value)}")
+
+
+def _print_fields(record: dict, keys: tuple[str, ...], width: int = 0) -> None:
+    """One ``key: value`` line per key of ``record`` (underscores read as spaces)."""
+    _print_pairs([(key.replace("_", " "), record.get(key)) for key in keys])
+
+
+def _print_table(headers: list[str], rows: list[list], right: tuple[int, ...] = ()) -> None:
+    """Rows under a header line, in aligned columns (those in ``right`` right-aligned); values as
+    :func:`_human` writes them. Written by hand rather than with rich's tables: those fit the
+    terminal's width and fold or cut long paths, while every row here stays one whole line that
+    grep, cut and a spreadsheet can take."""
+    cells = [[value if isinstance(value, str) else _human(value) for value in row] for row in rows]
+    widths = [max([len(h)] + [len(row[n]) for row in cells]) for n, h in enumerate(headers)]
+    last = len(headers) - 1
+
+    def line(values):
+        return "  ".join((v.rjust(w) if n in right else v if n == last else v.ljust(w))
+                         for n, (v, w) in enumerate(zip(values, widths))).rstrip()
+    print(line(headers))
+    for row in cells:
+        print(line(row))
+
+
+def _hint(text: str) -> None:
+    """A note for the reader (counts, paging) on stderr, so stdout keeps only the rows."""
+    stderr.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -170,9 +255,15 @@ def search(
     def human(r):
         from .images import display_path
 
-        stderr.print(f"query {display_path(r['query'])} ({r['search']} search)", highlight=False, markup=False)
-        for hit in r["hits"]:
-            print(f"{hit['score']:.4f}  {hit['id']:>8}  {display_path(hit['path'])}")
+        _hint(f"query {display_path(r['query'])} ({r['search']} search, cosine similarity of pooled vectors)")
+        if not r["hits"]:
+            _hint("no other image in the index")
+            return
+        _print_table(["rank", "score", "id", "top class", "path"],
+                     [[n, f"{hit['score']:.4f}", str(hit["id"]), hit["top_class"] or "–", display_path(hit["path"])]
+                      for n, hit in enumerate(r["hits"], 1)], right=(0, 1, 2))
+        more = f"; -k {2 * r['k']} for more" if len(r["hits"]) == r["k"] else " (all the index has)"
+        _hint(f"showing the {len(r['hits'])} nearest images{more}")
 
     _emit(as_json, result, human)
 
@@ -190,13 +281,35 @@ def info(
     result = index_info(name, home=home)
 
     def human(r):
-        _print_fields(r, ("folder", "root", "images", "samples", "errors", "model", "weights", "random_weights",
-                          "layers", "layer_dims", "samples_per_image", "attributions", "relaxed_maxpool", "seed",
-                          "faiss_current"), 18)
         from .images import display_path
 
-        for path, reason in r["error_list"][:20]:
-            print(f"{'error':>18}: {display_path(path)}: {display_path(reason)}")
+        dims = r["layer_dims"] or {}
+        weights = r["weights"] or "default"
+        if r["weights_sha256"]:
+            weights += f" (sha256 {r['weights_sha256'][:12]}…)"
+        if r["random_weights"]:
+            weights += ": RANDOM, for tests and smoke runs only"
+        _print_pairs([
+            ("index", r["name"]), ("folder", display_path(r["folder"])),
+            ("images from", display_path(r["root"]) if r["root"] else "–"),
+            ("images", r["images"]), ("sampled activations", r["samples"]), ("errors", r["errors"]),
+            ("model", r["model"]), ("weights", weights),
+            ("layers", ", ".join(f"{layer} ({dims[layer]:,} channels)" if layer in dims else layer
+                                 for layer in r["layers"] or []) or "–"),
+            ("samples per image", r["samples_per_image"]),
+            ("attributions", "stored" + (", max-pools relaxed" if r["relaxed_maxpool"] else "")
+             if r["attributions"] else "not stored (atlas build needs them: index with --attributions)"),
+            ("seed", str(r["seed"]) if r["seed"] is not None else "–"),
+            ("search index", "current" if r["faiss_current"] else "not current"),
+            ("atlasq version", r["atlasq_version"] or "–"),
+        ])
+        errors = r["error_list"]
+        if errors:
+            print()
+            _print_table(["file not indexed", "why"],
+                         [[display_path(path), display_path(reason)] for path, reason in errors[:20]])
+            if len(errors) > 20:
+                _hint(f"showing 20 of {len(errors):,} errors; --json lists them all")
 
     _emit(as_json, result, human)
 
@@ -211,24 +324,25 @@ def demo(
     """Index sample_data/ and build its atlas: ImageNet weights if they load, else the small demo network."""
     from .api import run_demo
 
-    result = run_demo(home=home, name=name, progress=not as_json)
+    say = lambda text: stderr.print(text, highlight=False, markup=False, soft_wrap=True)
+    result = run_demo(home=home, name=name, progress=not as_json, say=say)
 
     def human(r):
-        stderr.print(f"[bold]model used:[/bold] {r['model_used']} ({r['why']})", highlight=False)
-        s = r["index"]
-        stderr.print(f"indexed {s['total_images']} images into {s['folder']} ({s['total_errors']} errors)",
-                     highlight=False)
-        q = r["example_search"]
-        stderr.print(f"nearest images to {q['query']}:", highlight=False)
-        for hit in q["hits"]:
-            print(f"{hit['score']:.4f}  {hit['path']}")
-        a = r["atlas"]
-        stderr.print(f"atlas {a['name']} ({'reused' if a['reused'] else 'built'}) at layer {a['layer']}: "
-                     f"{a['folder']}", highlight=False)
-        stderr.print(f"next: atlasq atlas info {a['name']}   atlasq search PATH --index {s['name']}",
-                     highlight=False)
+        from .images import display_path
+
+        q, a = r["example_search"], r["atlas"]
+        _hint(f"the images nearest to {display_path(q['query'])}:")
+        _print_table(["rank", "score", "top class", "path"],
+                     [[n, f"{hit['score']:.4f}", hit["top_class"] or "–", display_path(hit["path"])]
+                      for n, hit in enumerate(q["hits"], 1)], right=(0, 1))
+        _hint(f"atlas {a['name']} ({'reused' if a['reused'] else 'built'}) at layer {a['layer']}: "
+              f"{display_path(a['folder'])}")
+        _hint(f"more: atlasq atlas info {a['name']}    atlasq search PATH --index {r['index']['name']}")
+        stderr.print(Text.assemble(("open it: ", "bold"), r["app_command"]), highlight=False, soft_wrap=True)
 
     _emit(as_json, result, human)
+    if as_json:
+        say(f"open it: {result['app_command']}")
 
 
 @app.command("demo-model")
@@ -339,9 +453,12 @@ def atlas_build(
                      f"activations of {r['layer']}", highlight=False)
         if r["random_weights"]:
             stderr.print("[yellow]built with RANDOM weights: for tests and smoke runs only[/yellow]")
-        for level, facts in r["levels"].items():
-            print(f"{level:>4}×{level:<4} {facts['cells']:>6} cells kept, {facts['dropped_cells']} dropped")
-        print(f"icons: {r['icons_rendered']} rendered, {r['icons_reused']} reused; seconds: {r['seconds']}")
+        fidelity = r.get("icon_fidelity") or {}
+        _print_table(["level", "kept cells", "dropped", "icon fidelity"],
+                     [[f"{g}×{g}", facts["cells"], facts["dropped_cells"],
+                       f"{fidelity[g]:.2f}" if g in fidelity else "–"] for g, facts in r["levels"].items()],
+                     right=(1, 2, 3))
+        print(f"icons: {r['icons_rendered']:,} rendered, {r['icons_reused']:,} reused; seconds: {_human(r['seconds'])}")
 
     _emit(as_json, summary.to_dict(), human)
 
@@ -359,12 +476,42 @@ def atlas_info(
     result = atlas_summary(name, home=home)
 
     def human(r):
-        _print_fields(r, ("folder", "index", "model", "weights", "random_weights", "layer", "activations",
-                          "icon_size", "icon_precision"), 15)
-        print(f"{'options':>15}: {r['options']}")
+        from .atlasdir import AtlasFolder
+        from .images import display_path
+
+        manifest = AtlasFolder(r["folder"]).read_manifest()  # what --json leaves out: fidelity, drops
+        fidelity, facts = manifest.get("icon_fidelity") or {}, manifest.get("levels") or {}
+        options = dict(r["options"] or {})
+        weights = r["weights"] or "default"
+        if r["random_weights"]:
+            weights += ": RANDOM, for tests and smoke runs only"
+        activations = f"{r['activations']:,}" if r["activations"] is not None else "–"
+        if r["index_activations"]:
+            activations += f" of the index's {r['index_activations']:,}"
+        _print_pairs([
+            ("atlas", r["name"]), ("folder", display_path(r["folder"])), ("index", r["index"]),
+            ("model", r["model"]), ("weights", weights), ("layer", r["layer"]),
+            ("activations", activations),
+            ("icons", f"{r['icon_size']} px, {r['icon_precision']}, {options.pop('steps', '?')} steps, "
+                      f"{options.pop('objective', '?')} objective" if options.get("icons", True) and r["icon_size"]
+                      else "none (built with --no-icons)"),
+            ("grids", ", ".join(f"{g}×{g}" for g in options.pop("grids", []))),
+            ("options", {k: v for k, v in options.items() if k not in ("layer", "icons")}),
+            ("build seconds", r["seconds"]), ("created", r["created"] or "–"),
+            ("atlasq version", r["atlasq_version"] or "–"),
+        ])
+        print()
+        rows = []
         for level in r["levels"]:
-            labels = ", ".join(f"{label} ({n})" for label, n in level["top_labels"][:6])
-            print(f"{level['size']:>4}×{level['size']:<4} {level['cells']:>6} cells; most common labels: {labels}")
+            g = str(level["size"])
+            dropped = (facts.get(g) or {}).get("dropped_cells")
+            rows.append([f"{g}×{g}", level["cells"], "–" if dropped is None else dropped, level["activations"],
+                         f"{fidelity[g]:.2f}" if g in fidelity else "–",
+                         ", ".join(f"{label} ({n})" for label, n in level["top_labels"][:5])])
+        _print_table(["level", "kept cells", "dropped", "activations", "icon fidelity", "most common top labels (cells)"],
+                     rows, right=(1, 2, 3, 4))
+        _hint(f"icon fidelity: the share of a level's icons closer to their own cell's mean activation than to "
+              f"any other cell's; dropped: cells with fewer than {_human(options.get('min_count'))} activations")
 
     _emit(as_json, result, human)
 
@@ -402,13 +549,18 @@ def histogram_command(
         t, placed = result.totals, result.placed
         stderr.print(f"placed {placed.placed:,} new activations ({placed.already_placed:,} already placed) "
                      f"of index {result.index} on atlas {result.atlas}", highlight=False)
-        print(f"{t.activations:,} activations of {t.images:,} images at level {result.level}: "
+        g = result.level
+        print(f"{t.activations:,} activations of {t.images:,} images at level {g}×{g}: "
               f"{t.off_atlas:,} off-atlas ({t.off_atlas_share:.1%}), {t.outside_kept_cells:,} outside kept cells")
-        for c in sorted(result.cells, key=lambda c: -c.activations)[:top]:
-            if c.activations:
-                print(f"  cell {c.i:>3},{c.j:<3} {c.activations:>8,} activations {c.images:>7,} images  "
-                      f"{', '.join(c.top_labels)}")
-        stderr.print(f"heat map: {result.picture}", highlight=False)
+        filled = sorted((c for c in result.cells if c.activations), key=lambda c: -c.activations)
+        if filled and top:
+            _print_table(["cell", "activations", "images", "share", "top classes"],
+                         [[f"{c.i},{c.j}", c.activations, c.images, f"{c.share:.1%}", ", ".join(c.top_labels[:3])]
+                          for c in filled[:top]], right=(0, 1, 2, 3))
+        more = f"; --top {len(filled)} lists them all" if len(filled) > top else ""
+        _hint(f"showing {min(top, len(filled)):,} of the {len(filled):,} cells that hold activations, fullest first; "
+              f"{len(result.cells) - len(filled):,} kept cells hold none{more}")
+        stderr.print(f"heat map: {result.picture}", highlight=False, markup=False)
 
     _emit(as_json, result.to_dict(), human)
 
@@ -426,19 +578,38 @@ def cell_command(
     as_json: bool = JsonOption,
 ):
     """The dataset's images in one atlas cell, most typical first, with their sampled positions."""
+    from .atlas import load_atlas
     from .histogram import cell_images
 
     i, j = _cell(cell)
-    result = cell_images(atlas, index_name, i, j, level=level, k=k, offset=offset, home=home)
+    reference = load_atlas(atlas, home)
+    result = cell_images(reference, index_name, i, j, level=level, k=k, offset=offset, home=home)
 
     def human(_):
         from .images import display_path
 
-        stderr.print(f"cell {i},{j} of level {result.level} ({', '.join(result.top_labels[:3])}): "
-                     f"{len(result.images)} of {result.total_images} images from {result.offset}", highlight=False)
-        for m in result.images:
-            where = " ".join(f"({p['y']},{p['x']})" for p in m.positions)
-            print(f"{m.cell_distance:.4f}  {display_path(m.path)}  at {where}")
+        g, shown = result.level, len(result.images)
+        if reference.cell_row(g, i, j) is None:  # not a kept cell of the atlas: say why it has no images
+            table = reference.reference
+            members = int(((table[f"cell_{g}_i"].to_numpy() == i) & (table[f"cell_{g}_j"].to_numpy() == j)).sum())
+            minimum = reference.manifest["options"]["min_count"]
+            why = (f"dropped: only {members:,} of the atlas's reference activations fall in it, fewer than its "
+                   f"minimum of {minimum:,} per cell" if members else "empty: no reference activation falls in it")
+            _hint(f"cell {i},{j} of level {g}×{g} is not on the atlas ({why}), so no image is placed in it")
+            return
+        labels = ", ".join(f"{label} ({score:+.3g})" for label, score in zip(result.top_labels[:3], result.top_scores))
+        _hint(f"cell {i},{j} of level {g}×{g}; top classes by attribution: {labels}")
+        if not shown:
+            _hint(f"no image of {result.index} here" if not result.total_images
+                  else f"no images after --offset {result.offset:,} (the cell holds {result.total_images:,})")
+            return
+        _print_table(["rank", "distance", "activations", "positions (y,x)", "path"],
+                     [[result.offset + n, f"{m.cell_distance:.4f}", m.activations,
+                       " ".join(f"({p['y']},{p['x']})" for p in m.positions), display_path(m.path)]
+                      for n, m in enumerate(result.images, 1)], right=(0, 1, 2))
+        more = f"; --offset {result.offset + shown} for the next page" if result.has_more else ""
+        _hint(f"showing images {result.offset + 1:,}–{result.offset + shown:,} of {result.total_images:,}, most "
+              f"typical first (distance: cosine distance of the image's best activation to the cell's mean){more}")
 
     _emit(as_json, result.to_dict(), human)
 
@@ -469,10 +640,14 @@ def compare_command(
               f"(q < {r.alpha}); off-atlas {r.off_atlas_share['a']:.1%} vs {r.off_atlas_share['b']:.1%}")
         for title, rows in (("more in " + r.b, r.over_represented_in_b),
                             ("less in " + r.b, r.under_represented_in_b)):
+            print()
+            if not rows:
+                print(f"{title}: no cell")
+                continue
             print(title + ":")
-            for c in rows:
-                print(f"  cell {c.i:>3},{c.j:<3} {c.share_a:.2%} -> {c.share_b:.2%} "
-                      f"(log2 {c.log2_ratio:+.2f}, q {c.q:.2g})  {', '.join(c.top_labels)}")
+            _print_table(["cell", f"share in {r.a}", f"share in {r.b}", "log2 ratio", "q", "top classes"],
+                         [[f"{c.i},{c.j}", f"{c.share_a:.2%}", f"{c.share_b:.2%}", f"{c.log2_ratio:+.2f}",
+                           f"{c.q:.2g}", ", ".join(c.top_labels[:3])] for c in rows], right=(0, 1, 2, 3, 4))
         stderr.print(f"written: {', '.join(r.files.values())}", highlight=False)
 
     _emit(as_json, result.to_dict(), human)

@@ -513,12 +513,13 @@ def histogram_picture(result: Histogram, atlas: Atlas, out: Path, *, log: bool =
     from .heatmap import draw_heatmap
 
     cells = [(c.i, c.j) for c in result.cells]
-    values = np.array([c.activations for c in result.cells], np.float64)
-    values[values == 0] = np.nan  # empty cells stay uncoloured
+    values = np.array([c.activations for c in result.cells], np.float64)  # 0: a kept cell with none, faded
     out.parent.mkdir(parents=True, exist_ok=True)
+    t = result.totals
     draw_heatmap(atlas.tiles_path(result.level), result.level, cells, values, log=log, out=out,
-                 title=f"{result.index} on {result.atlas}: activations per cell "
-                       f"({result.totals.off_atlas_share:.1%} off-atlas)")
+                 title=f"{result.index} on atlas {result.atlas}, level {result.level}×{result.level}: "
+                       f"{t.activations:,} activations of {t.images:,} images, {t.off_atlas_share:.1%} off-atlas",
+                 legend_title="activations per cell")
     return out
 
 
@@ -674,7 +675,10 @@ def compare(atlas_name: str | Atlas, index_a: str, index_b: str, *, level: int |
         pacsv.write_csv(table.drop(["top_labels"]), files["csv"])
         draw_heatmap(atlas.tiles_path(g), g, [(r.i, r.j) for r in rows],
                      np.where(q < alpha, log_ratio, np.nan), diverging=True, out=Path(files["picture"]),
-                     title=f"log2 share ratio, {index_b} over {index_a} (red: more in {index_b}; q < {alpha})")
+                     title=f"{index_b} against {index_a} on atlas {atlas.manifest['name']}, level {g}×{g}: "
+                           f"cells that differ (q < {alpha})",
+                     legend_title=f"log2 share ratio, {index_b} over {index_a} (red: more in {index_b}, "
+                                  f"blue: less)")
     return Comparison(atlas=atlas.manifest["name"], level=g, a=index_a, b=index_b, totals={"a": ta, "b": tb},
                       off_atlas_share={"a": ta.off_atlas_share, "b": tb.off_atlas_share},
                       jensen_shannon_bits=_jensen_shannon(bins_a, bins_b), significant_cells=int((q < alpha).sum()),

@@ -26,8 +26,15 @@ def test_demo_indexes_searches_and_builds_an_atlas_then_reuses_it(tmp_path, demo
     monkeypatch.setattr(api, "load_model", offline)
     result = CliRunner().invoke(app, ["demo", "--home", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    first = json.loads(result.stdout.splitlines()[-1])
+    first = json.loads(result.stdout)  # stdout: the JSON alone
     assert first["model_used"].startswith("demo") and "ImageNet weights unavailable" in first["why"]
+    # Said at once, before any work: which network and why; said last: the command that opens it.
+    notes = result.stderr.strip().splitlines()
+    assert "ImageNet weights" in notes[0] and "demo network" in notes[0]
+    assert any("demo network instead of InceptionV1, because" in n and "(test)" in n for n in notes[:3])
+    assert notes[-1] == f"open it: atlasq app --home {tmp_path} --index sample --atlas sample"
+    # The sample is placed on its own atlas, so the app shows its counts at once.
+    assert first["histogram"]["atlas"] == "sample" and first["histogram"]["activations"] == 576 * 4
     assert first["index"]["total_images"] == 576 and first["index"]["total_errors"] == 0
     hits = first["example_search"]["hits"]
     query = first["example_search"]["query"]

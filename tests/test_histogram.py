@@ -234,13 +234,14 @@ def test_histogram_cell_and_compare_commands(world, tmp_path):
     result = runner.invoke(app, ["histogram", "--atlas", "ref", "--index", "two", *home])
     assert result.exit_code == 0, result.output
     hist = json.loads(result.stdout.splitlines()[-1])
-    picture = Image.open(hist["picture"]).convert("RGB")
+    picture = Image.open(hist["picture"])
+    left, top = (int(v) for v in picture.info["grid_origin"].split(","))  # where the mosaic's cells are
     fullest = max(hist["cells"], key=lambda c: c["activations"])
-    # The fullest cell is drawn in the top colour of the count ramp (yellow, far more red than blue).
-    tile = picture.size[0] // hist["level"]
-    drawn = np.asarray(picture, np.float32)[fullest["i"] * tile + 1:(fullest["i"] + 1) * tile - 1,
-                                            fullest["j"] * tile + 1:(fullest["j"] + 1) * tile - 1]
-    assert drawn[..., 0].mean() - drawn[..., 2].mean() > 60
+    # The fullest cell is framed in the top colour of the count ramp (yellow, far more red than blue).
+    tile = Image.open(load_atlas("ref", world).tiles_path(hist["level"])).size[0] // hist["level"]
+    edge = np.asarray(picture.convert("RGB"), np.float32)[top + fullest["i"] * tile,
+                                                          left + fullest["j"] * tile:left + (fullest["j"] + 1) * tile]
+    assert edge[:, 0].mean() - edge[:, 2].mean() > 60
     result = runner.invoke(app, ["cell", "--atlas", "ref", "--index", "two", "--cell",
                                  f"{fullest['i']},{fullest['j']}", "-k", "3", *home])
     assert result.exit_code == 0, result.output

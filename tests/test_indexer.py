@@ -332,12 +332,12 @@ def test_names_with_newlines_keep_human_output_one_line_per_result(tmp_path):
     assert "  error: bad\\x0aname.png: not an image\n" in indexed.stderr
     found = cli("search", "plain.jpg", "--index", "nl", "--home", home, "-k", "2")
     assert found.exit_code == 0, found.output
-    lines = found.stdout.splitlines()
-    assert len(lines) == 2 and all(len(line.split()) == 3 for line in lines)
-    assert {line.split()[2] for line in lines} == {"a\\x0ab.jpg", "c\\x0dd\\x1b[2J.jpg"}
+    header, *lines = found.stdout.splitlines()  # rank, score, id, top class, path
+    assert len(lines) == 2 and all(len(line.split()) == 5 for line in lines)
+    assert {line.split()[4] for line in lines} == {"a\\x0ab.jpg", "c\\x0dd\\x1b[2J.jpg"}
     info = cli("info", "nl", "--home", home)
-    assert [line.strip() for line in info.stdout.splitlines() if line.strip().startswith("error:")] == \
-        ["error: bad\\x0aname.png: not an image"]
+    errors = info.stdout.split("file not indexed")[1].splitlines()[1:]  # the table of errors, one line each
+    assert [line.split() for line in errors] == [["bad\\x0aname.png", "not", "an", "image"]]
     assert display_path(root / "a\nb.jpg").endswith("a\\x0ab.jpg")
 
 

@@ -146,3 +146,78 @@ def test_every_option_a_command_section_mentions_exists():
                 if option not in allowed:
                     wrong.append(f"atlasq {path}: {option}")
     assert not wrong, wrong
+
+
+# ---------------------------------------------------------------- the README's commands run as written
+
+#: README commands the test cannot run, each with the reason. A command added to the README that
+#: cannot run against the demo home here belongs in this list, with its reason; an entry whose
+#: command left the README fails the test, so the list stays the README's.
+NOT_RUN = {
+    "atlasq demo": "builds the 512-step demo atlas (minutes); tests/test_demo.py runs it with quick icons",
+    "atlasq index ~/photos --name photos --attributions": "the reader's own photos",
+    "atlasq search ~/query.png --index photos --json": "the reader's own image and index",
+    "atlasq index /data/imagenet-train-subset --name imagenet-ref --attributions --relaxed-maxpool "
+    "--samples-per-image 1": "needs an ImageNet subset and the ImageNet weights (network)",
+    "atlasq atlas build --index imagenet-ref --name imagenet-4c --layer mixed4c --grids 20,40,80 "
+    "--max-activations 1000000": "needs the index above; hours of work",
+    "atlasq app": "starts a server that runs until stopped (tests/test_app.py drives the app)",
+}
+
+
+def _readme_command_lines() -> list[str]:
+    """Every ``atlasq …`` command line in the README's fenced code blocks (a line chaining
+    commands with ``&&`` contributes its atlasq part), in order, without repeats."""
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", README, re.S):
+        for line in block.splitlines():
+            for piece in re.split(r"&&|;", line.split(" #")[0]):
+                words = piece.split()
+                if words[:1] == ["atlasq"] and len(words) > 1 and " ".join(words) not in found:
+                    found.append(" ".join(words))
+    return found
+
+
+README_COMMANDS = _readme_command_lines()
+#: What human output must never show: a Python repr (None, a list, a dict or a tuple of strings).
+REPR = re.compile(r"\bNone\b|\[['\"(]|\{['\"]|\('")
+
+
+@pytest.fixture(scope="module")
+def readme_home(atlas_home, copy_home):
+    """The demo home the README's commands expect: index ``sample`` and its atlas ``sample`` (the
+    session's quick atlas, under the demo's name)."""
+    import json
+
+    home = copy_home(atlas_home)
+    (home / "atlases" / "app").rename(home / "atlases" / "sample")
+    manifest = home / "atlases" / "sample" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "sample"}))
+    return home
+
+
+def test_the_readme_shows_commands_and_the_skip_list_is_current():
+    assert len(README_COMMANDS) >= 8
+    gone = sorted(set(NOT_RUN) - set(README_COMMANDS))
+    assert not gone, f"NOT_RUN in tests/test_readme.py lists commands the README no longer shows: {gone}"
+
+
+@pytest.mark.parametrize("line", [c for c in README_COMMANDS if c not in NOT_RUN])
+def test_every_readme_command_runs_as_written_on_the_demo_data(line, readme_home, monkeypatch):
+    import json
+    import shlex
+
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # README commands run from the checkout
+    words = shlex.split(line)[1:]
+    result = CliRunner(env={"ATLASQ_HOME": str(readme_home)}).invoke(app, words)
+    assert result.exit_code == 0, (
+        f"`{line}` (from the README) failed with exit code {result.exit_code}:\n{result.output}\n"
+        f"Fix the README, or, if this command cannot run against the demo home in a test, add it to "
+        f"NOT_RUN in tests/test_readme.py with the reason.")
+    if "--json" in words:
+        json.loads(result.stdout)  # nothing but the JSON on stdout
+    else:
+        assert result.stdout.strip() or result.stderr.strip(), f"`{line}` printed nothing"
+        assert not REPR.search(result.output), f"`{line}` prints a Python repr:\n{result.output}"

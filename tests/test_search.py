@@ -241,5 +241,6 @@ def test_cli_search_json(sample_home, query_image):
 
     human = cli("search", path, "--index", "sample", "--home", sample_home, "-k", "3")
     assert human.exit_code == 0
-    lines = human.stdout.strip().splitlines()
+    header, *lines = human.stdout.strip().splitlines()  # a header line, then one line per hit
+    assert header.split()[-1] == "path"
     assert len(lines) == 3 and all(h["path"] in line for h, line in zip(payload["hits"], lines))
