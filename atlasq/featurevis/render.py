@@ -49,7 +49,7 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
                       size: int = 80, steps: int = 512, lr: float = 0.05, cossim_pow: float = 3.0,
                       whitening: torch.Tensor | None = None, variant: str = "cosine",
                       shared_transforms: bool = False, precision: str = "fp32", seed: int = 0,
-                      init_sd: float = 0.01, settle_steps: int = 0,
+                      init_sd: float = 0.01, settle_steps: int = 0, channels_last: bool | None = None,
                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                       on_step: Callable[[int], None] | None = None) -> Rendered:
     """Optimise one image per direction so ``layer``'s centre activation follows it.
@@ -71,7 +71,8 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
                                     variant=variant)
     mean_t = torch.tensor(mean, device=device)[None, :, None, None]
     std_t = torch.tensor(std, device=device)[None, :, None, None]
-    channels_last = precision == "bf16"
+    if channels_last is None:
+        channels_last = precision == "bf16"
 
     def centre_and_objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (images - mean_t) / std_t
