@@ -113,6 +113,8 @@ def bench_attributions(args, precision: str) -> None:
         print(f"  {name}: {images} images at {layer}, {times[name]:.1f} s wall, {cpu[name]:.1f} s CPU "
               f"(start-up {start_wall:.1f} s subtracted)", flush=True)
     extra = times["k4"] - times["none"]
+    extra_cpu = cpu["k4"] - cpu["none"]
+    print(f"attribution_positions_per_cpu_s={4 * images / extra_cpu if extra_cpu > 0 else float('inf'):.1f}")
     print(f"attribution_overhead_k1_cpu={cpu['k1'] / cpu['none']:.3f}")
     print(f"attribution_overhead_k4_cpu={cpu['k4'] / cpu['none']:.3f}")
     print(f"attribution_positions_per_s={4 * images / extra if extra > 0 else float('inf'):.1f}")
