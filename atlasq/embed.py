@@ -10,6 +10,8 @@ in a thread pool ahead of ``embed_decoded`` so that the network never waits for 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +20,13 @@ import numpy as np
 import torch
 
 from .attribution import attribute
+from .devices import decoder_for
 from .errors import InvalidOptionError
 from .images import FileEntry, ImageDecodeError, content_hash, open_rgb, real_path
 from .model import LoadedModel, autocast, relax_maxpool
 
-__all__ = ["EmbedConfig", "Decoded", "Embedded", "decode_file", "embed_batch", "embed_decoded",
-           "process_files", "sample_positions"]
+__all__ = ["EmbedConfig", "Decoded", "Embedded", "decode_file", "decode_on_gpu", "embed_batch", "embed_decoded",
+           "process_files", "read_for_gpu", "sample_positions"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Decoded:
     height: int = 0
     hash: str = ""
     error: str | None = None
+    raw: bytes | None = None   # a JPEG's bytes waiting for :func:`decode_on_gpu`
 
 
 @dataclass
@@ -89,6 +93,64 @@ def decode_file(root: Path, entry: FileEntry, model: LoadedModel) -> Decoded:
         return Decoded(entry, error=exc.reason)
     except Exception as exc:  # a transform failing on an odd image must not stop the run
         return Decoded(entry, error=f"preprocessing failed: {type(exc).__name__}: {exc}")
+
+
+def read_for_gpu(root: Path, entry: FileEntry, model: LoadedModel) -> Decoded:
+    """The decode threads' half of GPU decoding: read the file and its header. A file the GPU
+    takes (see :func:`atlasq.devices.decoder_for`) keeps its bytes for :func:`decode_on_gpu`; any
+    other, or one whose header cannot be read, is decoded here by :func:`decode_file`."""
+    from PIL import Image
+
+    try:
+        data = real_path(root, entry.path).read_bytes()
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            image_format, mode, (width, height) = header.format, header.mode, header.size
+    except Exception:
+        return decode_file(root, entry, model)
+    if decoder_for(image_format, mode, width * height, model.device) != "gpu":
+        return decode_file(root, entry, model)
+    # the same digest as images.content_hash, from the bytes already read
+    return Decoded(entry, raw=data, hash=hashlib.blake2b(data, digest_size=16).hexdigest())
+
+
+def decode_on_gpu(root: Path, decoded: list[Decoded], model: LoadedModel, *, decode=None) -> list[Decoded]:
+    """Decode the JPEG bytes :func:`read_for_gpu` kept, as one batch on the model's device, and
+    apply the model's preprocessing there; every other entry passes through unchanged.
+
+    When the batch call fails, each file is tried alone; a file that still fails (or whose
+    preprocessing does) goes to :func:`decode_file` on the CPU, which decodes it or records why
+    not, so errors land in the index's errors table as on the CPU path. ``decode`` defaults to
+    ``torchvision.io.decode_jpeg`` (tests pass another to exercise the fallbacks).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    decode = decode or decode_jpeg
+    waiting = [i for i, d in enumerate(decoded) if d.raw is not None]
+    if not waiting:
+        return decoded
+    data = [torch.frombuffer(bytearray(decoded[i].raw), dtype=torch.uint8) for i in waiting]
+    options = dict(mode=ImageReadMode.RGB, apply_exif_orientation=True, device=model.device)
+    try:
+        images = list(decode(data, **options))
+    except Exception:
+        images = []
+        for one in data:
+            try:
+                images.append(decode(one, **options))
+            except Exception:
+                images.append(None)
+    out = list(decoded)
+    for i, image in zip(waiting, images):
+        entry = decoded[i].entry
+        try:
+            if image is None:
+                raise ValueError("GPU decoding failed")
+            tensor = model.transform(image)  # a tensor goes through the weights' own preset
+        except Exception:
+            out[i] = decode_file(root, entry, model)
+            continue
+        out[i] = Decoded(entry, tensor, int(image.shape[-1]), int(image.shape[-2]), decoded[i].hash)
+    return out
 
 
 def sample_positions(key: str, layer: str, seed: int, height: int, width: int, k: int) -> np.ndarray:

@@ -146,6 +146,11 @@ def nearest(index, activations: np.ndarray, k: int, *, batch: int = 65_536, npro
             ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities and rows of the ``k`` nearest reference rows, in batches (so a million
     queries never need a second copy of themselves in float32)."""
+    from .devices import faiss_to_gpu
+
+    if hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+    index = faiss_to_gpu(index)  # searched on the GPU where faiss-gpu sees one (the `gpu` extra)
     if hasattr(index, "nprobe"):
         index.nprobe = nprobe
     sims = np.empty((len(activations), k), np.float32)

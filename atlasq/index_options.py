@@ -20,7 +20,7 @@ __all__ = ["IndexOptions", "RunSettings", "INDEX_DEFAULTS", "RUN_DEFAULTS", "FIX
 
 #: Above this many images an approximate (HNSW) search index is built and used by default.
 APPROX_THRESHOLD = 50_000
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: CUDA only (see model.resolve_precision)
 
 
 def _whole(value, option: str, minimum: int, *, optional: bool = False) -> None:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .embed import Decoded, EmbedConfig, decode_file, embed_decoded
+from .devices import gpu_decoding
+from .embed import Decoded, EmbedConfig, decode_file, decode_on_gpu, embed_decoded, read_for_gpu
 from .errors import IncompatibleError, InvalidOptionError, NotFoundError
 from .home import default_home, mark_home
 from .images import Scan, scan_folder
@@ -136,19 +137,25 @@ def _plan(store: IndexStore, scan: Scan) -> _Plan:
     return plan
 
 
-def _decoded_batches(root: Path, entries: list, model: LoadedModel, batch_size: int, workers: int):
-    """Batches of :class:`Decoded`, in order, decoded by a thread pool kept two batches ahead."""
+def _decoded_batches(root: Path, entries: list, model: LoadedModel, batch_size: int, workers: int,
+                     gpu: bool = False):
+    """Batches of :class:`Decoded`, in order, decoded by a thread pool kept two batches ahead.
+
+    ``gpu``: the threads only read files (and decode on the CPU those the GPU does not take), and
+    each batch's JPEGs are decoded together on the GPU (see :func:`atlasq.embed.decode_on_gpu`).
+    """
+    read = read_for_gpu if gpu else decode_file
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="atlasq-decode")
     pending: deque = deque()
     source = iter(entries)
     try:
         for entry in islice(source, 3 * batch_size):
-            pending.append(pool.submit(decode_file, root, entry, model))
+            pending.append(pool.submit(read, root, entry, model))
         while pending:
             batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
             for entry in islice(source, len(batch)):
-                pending.append(pool.submit(decode_file, root, entry, model))
-            yield batch
+                pending.append(pool.submit(read, root, entry, model))
+            yield decode_on_gpu(root, batch, model) if gpu else batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -301,7 +308,7 @@ def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model:
     workers = run.workers or max(1, (os.cpu_count() or 2) - 1)
     try:
         with progress_bar(len(todo), f"indexing {name}", enabled=progress) as bar:
-            decoded_batches = _decoded_batches(root, todo, model, run.batch_size, workers)
+            decoded_batches = _decoded_batches(root, todo, model, run.batch_size, workers, gpu_decoding(dev))
             for decoded, embedded in _embedded_batches(decoded_batches, model, config, relaxed, streams):
                 builder.add(decoded, embedded)
                 bar.advance(len(decoded))

@@ -501,13 +501,19 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` → ``"bf16"`` where it is native (CUDA with bf16, CPUs with AVX512-BF16/AMX), else ``"fp32"``."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise InvalidOptionError(f"--precision must be auto, fp32 or bf16, not {precision!r}")
+    """``"auto"`` → ``"bf16"`` where it is native (CUDA with bf16, CPUs with AVX512-BF16/AMX); on a
+    CUDA card without bf16 ``"fp16"``; else ``"fp32"``. ``"fp16"`` is for CUDA only (CPUs have no
+    fast fp16 convolutions)."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise InvalidOptionError(f"--precision must be auto, fp32, bf16 or fp16 (CUDA), not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise InvalidOptionError("--precision fp16 needs --device cuda; use bf16 or fp32 on a CPU")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        from .devices import Availability
+
+        return "bf16" if Availability.probe().cuda_bf16 else "fp16"
     if os.environ.get("ATLASQ_PRECISION") in ("fp32", "bf16"):
         return os.environ["ATLASQ_PRECISION"]
     return "bf16" if cpu_supports_bf16() else "fp32"
@@ -515,7 +521,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str):
     """The autocast context for ``precision`` (a no-op for fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def layer_shapes(model: LoadedModel, layers) -> dict[str, tuple[int, int, int]]:

@@ -30,11 +30,9 @@ HNSW_EF_SEARCH = 128
 
 def _to_gpu(index):
     """Move a FAISS index to the GPU when faiss-gpu and a GPU are present (else return it)."""
-    import faiss
+    from .devices import faiss_to_gpu
 
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    return faiss_to_gpu(index)
 
 
 def build_faiss_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "exact"):

@@ -6,8 +6,9 @@
    ``--fit-size`` points and places the rest by FAISS k-NN. Quality is trustworthiness (k = 15,
    cosine) on a fixed subsample, for both layouts.
 2. Icons. A batch of InceptionV1 icons at ``mixed4c`` (80 px) is rendered by
-   :func:`atlasq.featurevis.render_directions`, which runs the network only up to the layer, in
-   bf16 where the CPU supports it. The baseline is a plain loop with the same parameterisation,
+   :func:`atlasq.featurevis.render_directions`, which runs the network only up to the layer, with
+   its BatchNorms folded into the convolutions, in bf16 where the CPU supports it (``--precision
+   fp32`` stands in for a CPU without bf16). The baseline is a plain loop with the same parameterisation,
    transforms, objective, steps, size and batch, which runs the full network in fp32. The time of
    a 20×20 grid at 512 steps is extrapolated from the timed batch. bf16's result is checked on
    the trained demo network: icons rendered in bf16 and in fp32 are both scored in fp32.
@@ -16,6 +17,7 @@ InceptionV1 runs with seeded random weights: the ImageNet weights cannot be down
 the speed does not depend on the weights.
 
     python bench/atlas.py [--points 100000] [--fit-size 20000] [--icon-steps 16] [--skip-layout]
+                          [--precision auto|fp32|bf16] [--device cpu|cuda] [--cpu-time]
 
 Last lines: layout_speedup=, trustworthiness_ratio=, icon_speedup=, icons_20x20_minutes=.
 """
@@ -37,6 +39,11 @@ from atlasq.model import load_model, resolve_precision
 from synthetic import synthetic_activations
 
 
+#: The benchmark's clock: wall time, or with --cpu-time this process's CPU time (steadier when
+#: other work shares the cores; both loops use the same torch thread count).
+CLOCK = time.perf_counter
+
+
 def trustworthiness_on(X: np.ndarray, Y: np.ndarray, sample: np.ndarray) -> float:
     from sklearn.manifold import trustworthiness
 
@@ -50,16 +57,16 @@ def bench_layout(points: int, dims: int, fit_size: int) -> dict:
     sample = np.sort(np.random.default_rng(7).choice(points, min(points, 5000), replace=False))
     print(f"layout: {points:,} × {dims} activations; trustworthiness on {len(sample):,} of them", flush=True)
 
-    clock = time.perf_counter()
+    clock = CLOCK()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         baseline = umap.UMAP(n_neighbors=50, min_dist=0.05, metric="cosine").fit_transform(X)
-    baseline_s = time.perf_counter() - clock
+    baseline_s = CLOCK() - clock
     print(f"  baseline umap.UMAP on all points: {baseline_s:.1f} s", flush=True)
 
-    clock = time.perf_counter()
+    clock = CLOCK()
     ours = Layout(n_neighbors=50, min_dist=0.05, metric="cosine", fit_size=fit_size).fit_transform(X)
-    ours_s = time.perf_counter() - clock
+    ours_s = CLOCK() - clock
     print(f"  atlasq Layout (UMAP on {fit_size:,}, k-NN placing for the rest): {ours_s:.1f} s", flush=True)
 
     t_base, t_ours = trustworthiness_on(X, baseline, sample), trustworthiness_on(X, ours, sample)
@@ -73,25 +80,26 @@ def plain_full_network_loop(network, layer_module: torch.nn.Module, directions: 
     from a forward hook. Same parameterisation, transforms and objective as atlasq's. Returns
     seconds per step."""
     generator = torch.Generator().manual_seed(seed)
-    params, image_fn = fft_image(len(directions), size, generator=generator)
+    device = next(network.parameters()).device
+    params, image_fn = fft_image(len(directions), size, generator=generator, device=device)
     transform = robustness_transform(shift_px=12.0 * size / 80, generator=generator)
-    objective = direction_objective(directions)
-    mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD)[None, :, None, None]
+    objective = direction_objective(directions.to(device))
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
     captured = {}
     hook = layer_module.register_forward_hook(lambda module, args, out: captured.update(acts=out))
     optimiser = torch.optim.Adam(params, lr=0.05)
     try:
         for step in range(steps + 2):
             if step == 2:  # the first steps warm up allocators and kernels
-                clock = time.perf_counter()
+                clock = CLOCK()
             optimiser.zero_grad(set_to_none=True)
             network((transform(image_fn()) - mean) / std)
             (-objective(captured["acts"]).sum()).backward()
             optimiser.step()
     finally:
         hook.remove()
-    return (time.perf_counter() - clock) / steps
+    return (CLOCK() - clock) / steps
 
 
 def atlasq_loop(network, layer: str, directions: torch.Tensor, *, size: int, steps: int,
@@ -101,8 +109,8 @@ def atlasq_loop(network, layer: str, directions: torch.Tensor, *, size: int, ste
 
     def on_step(step: int) -> None:
         if step == 1:
-            marks["start"] = time.perf_counter()
-        marks["end"] = time.perf_counter()
+            marks["start"] = CLOCK()
+        marks["end"] = CLOCK()
 
     render_directions(network, layer, directions, size=size, steps=steps + 2, precision=precision,
                       on_step=on_step)
@@ -148,13 +156,15 @@ def bf16_check(steps: int, batch: int) -> float:
     return ratio
 
 
-def bench_icons(steps: int, batch: int, size: int, check_steps: int) -> dict:
-    model = load_model("inceptionv1", "random", device="cpu")
+def bench_icons(steps: int, batch: int, size: int, check_steps: int, precision: str = "auto",
+                device: str = "cpu") -> dict:
+    model = load_model("inceptionv1", "random", device=device)
     network, layer = model.network, "mixed4c"
     for p in network.parameters():
         p.requires_grad_(False)
-    precision = resolve_precision("auto", model.device)
-    acts = network.forward_layers(torch.rand(64, 3, 224, 224), [layer])[layer]
+    precision = resolve_precision(precision, model.device)
+    with torch.no_grad():
+        acts = network.forward_layers(torch.rand(64, 3, 224, 224, device=model.device), [layer])[layer]
     pool = acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1])
     directions = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:batch]].clone()
     print(f"icons: InceptionV1 (random weights) {layer}, batch {batch}, {size} px, {steps} timed steps; "
@@ -162,13 +172,13 @@ def bench_icons(steps: int, batch: int, size: int, check_steps: int) -> dict:
 
     baseline = plain_full_network_loop(network, network.net.inception4c, directions, size=size, steps=steps)
     print(f"  baseline (full network, fp32): {baseline:.3f} s/step", flush=True)
-    if precision == "bf16":
+    if precision == "bf16" and model.device.type == "cpu":
         network.to(memory_format=torch.channels_last)
     ours = atlasq_loop(network, layer, directions, size=size, steps=steps, precision=precision)
     print(f"  atlasq (up to {layer}, {precision}): {ours:.3f} s/step", flush=True)
     result = {"icon_speedup": baseline / ours}
 
-    if precision == "bf16" and check_steps:
+    if precision == "bf16" and check_steps and model.device.type == "cpu":
         result["bf16_objective_ratio"] = bf16_check(check_steps, batch)
     cells = 20 * 20
     minutes = math.ceil(cells / batch) * 512 * ours / 60
@@ -189,13 +199,21 @@ def main() -> None:
     parser.add_argument("--check-steps", type=int, default=128, help="steps of the bf16-vs-fp32 check (0: skip)")
     parser.add_argument("--skip-layout", action="store_true")
     parser.add_argument("--skip-icons", action="store_true")
+    parser.add_argument("--precision", default="auto",
+                        help="atlasq's icons in auto, fp32, bf16 (fp16 on CUDA); fp32 stands in for a CPU without bf16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time, not wall time")
     args = parser.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
 
     results = {}
     if not args.skip_layout:
         results.update(bench_layout(args.points, args.dims, args.fit_size))
     if not args.skip_icons:
-        results.update(bench_icons(args.icon_steps, args.icon_batch, args.icon_size, args.check_steps))
+        results.update(bench_icons(args.icon_steps, args.icon_batch, args.icon_size, args.check_steps,
+                                   args.precision, args.device))
     for key in ("bf16_objective_ratio", "layout_speedup", "trustworthiness_ratio", "icon_speedup",
                 "icons_20x20_minutes"):
         if key in results:

@@ -7,8 +7,12 @@ then in one process measures
 and prints the ratio of the two. Machines here are noisy, so only the ratio is meaningful.
 
     python bench/index.py [--images 2000] [--batch-size 32] [--precision auto] [--model inceptionv1]
+                          [--device cpu|cuda]
+    python bench/index.py --attributions [--attribution-images 160] [--precision fp32]
 
-Last lines: images_per_s=, ratio_to_model=, peak_rss_mb=.
+Last lines: images_per_s=, ratio_to_model=, peak_rss_mb=; with --attributions:
+attribution_positions_per_s=, attribution_overhead_k1=, attribution_overhead_k4= (wall time; the
+same ratios by CPU time are printed above them).
 """
 
 from __future__ import annotations
@@ -73,6 +77,51 @@ def best_raw_rate(model, config, inputs, batch_size, repeats) -> tuple[float, di
     return max(rates.values()), rates
 
 
+def timed_index(photos: Path, options: IndexOptions, precision: str, batch_size: int, workers, device: str
+                ) -> tuple[float, float, int]:
+    """(wall s, CPU s of this process, images) of one fresh ``build_index`` run in a temporary home."""
+    home = Path(tempfile.mkdtemp(prefix="atlasq-bench-"))
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        summary = build_index(photos, "bench", home=home, precision=precision, batch_size=batch_size,
+                              workers=workers, progress=False, options=options, device=device)
+        return time.perf_counter() - wall, time.process_time() - cpu, summary.indexed
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def bench_attributions(args, precision: str) -> None:
+    """Index the same JPEGs without attributions, then with them at K = 1 and K = 4, in one process.
+
+    Each time has the start-up (loading the network, creating the index, FAISS) subtracted: the
+    time of indexing an empty folder with the same settings. The overheads are (index time with
+    attributions) ÷ (index time without); ``attribution_positions_per_s`` is the attributed
+    positions at K = 4 (images × 4) ÷ the time attributions added at K = 4.
+    """
+    photos = make_photos(WORK / f"photos_{args.attribution_images}", args.attribution_images)
+    empty = WORK / "empty"
+    empty.mkdir(parents=True, exist_ok=True)
+    layer = args.attribution_layer
+    runs = {"none": dict(attributions=False, samples_per_image=4), "k1": dict(attributions=True, samples_per_image=1),
+            "k4": dict(attributions=True, samples_per_image=4)}
+    times, cpu = {}, {}
+    for name, settings in runs.items():
+        options = IndexOptions(model=args.model, weights="random", layers=(layer,), **settings)
+        start_wall, start_cpu, _ = timed_index(empty, options, precision, args.batch_size, args.workers, args.device)
+        wall, used, images = timed_index(photos, options, precision, args.batch_size, args.workers, args.device)
+        times[name], cpu[name] = wall - start_wall, used - start_cpu
+        print(f"  {name}: {images} images at {layer}, {times[name]:.1f} s wall, {cpu[name]:.1f} s CPU "
+              f"(start-up {start_wall:.1f} s subtracted)", flush=True)
+    extra = times["k4"] - times["none"]
+    extra_cpu = cpu["k4"] - cpu["none"]
+    print(f"attribution_positions_per_cpu_s={4 * images / extra_cpu if extra_cpu > 0 else float('inf'):.1f}")
+    print(f"attribution_overhead_k1_cpu={cpu['k1'] / cpu['none']:.3f}")
+    print(f"attribution_overhead_k4_cpu={cpu['k4'] / cpu['none']:.3f}")
+    print(f"attribution_positions_per_s={4 * images / extra if extra > 0 else float('inf'):.1f}")
+    print(f"attribution_overhead_k1={times['k1'] / times['none']:.3f}")
+    print(f"attribution_overhead_k4={times['k4'] / times['none']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -80,10 +129,21 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--model", default="inceptionv1")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attributions", action="store_true",
+                        help="instead: the cost of attributions at K = 1 and K = 4 (see bench_attributions)")
+    parser.add_argument("--attribution-images", type=int, default=160)
+    parser.add_argument("--attribution-layer", default="mixed4c")
     args = parser.parse_args()
+    if args.attributions:
+        device = load_model(args.model, "random", device=args.device).device
+        precision = resolve_precision(args.precision, device)
+        print(f"model={args.model} precision={precision} device={device} batch_size={args.batch_size}", flush=True)
+        bench_attributions(args, precision)
+        return
 
     photos = make_photos(WORK / f"photos_{args.images}", args.images)
-    model = load_model(args.model, "random")
+    model = load_model(args.model, "random", device=args.device)
     precision = resolve_precision(args.precision, model.device)
     if precision == "bf16":
         model.network.to(memory_format=torch.channels_last)
@@ -97,7 +157,7 @@ def main() -> None:
     try:
         started = time.perf_counter()
         summary = build_index(photos, "bench", home=home, precision=precision, batch_size=args.batch_size,
-                              workers=args.workers, progress=False,
+                              workers=args.workers, progress=False, device=args.device,
                               options=IndexOptions(model=args.model, weights="random"))
         pipeline = summary.indexed / (time.perf_counter() - started)
     finally:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.googlenet import BasicConv2d
 from torchvision.transforms._presets import ImageClassification
 
 from ..model import StagedClassifier, autocast
@@ -45,24 +48,41 @@ def _frozen(network: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def folded_copy(network: StagedClassifier) -> StagedClassifier:
+    """A copy of an eval-mode ``network`` with each BatchNorm folded into the convolution before it
+    (torch's ``fuse_conv_bn_eval``): the same function up to rounding, without the BatchNorm's
+    forward and backward passes, which are a large share of an fp32 icon step on a CPU (measured:
+    ``bench/atlas.py --precision fp32``, README). A network in training mode is returned as is."""
+    if network.training:
+        return network
+    folded = copy.deepcopy(network)
+    for module in folded.modules():
+        if isinstance(module, BasicConv2d) and isinstance(module.bn, torch.nn.BatchNorm2d):
+            module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+            module.bn = torch.nn.Identity()
+    return folded
+
+
 def render_directions(network: StagedClassifier, layer: str, directions: torch.Tensor, *,
                       size: int = 80, steps: int = 512, lr: float = 0.05, cossim_pow: float = 3.0,
                       whitening: torch.Tensor | None = None, variant: str = "cosine",
                       shared_transforms: bool = False, precision: str = "fp32", seed: int = 0,
-                      init_sd: float = 0.01, settle_steps: int = 0,
+                      init_sd: float = 0.01, settle_steps: int = 0, channels_last: bool | None = None,
                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                       on_step: Callable[[int], None] | None = None) -> Rendered:
     """Optimise one image per direction so ``layer``'s centre activation follows it.
 
     All directions of the batch are optimised together (their objectives are summed; the
-    images do not interact). The network runs only as far as ``layer``. Seeded: the same
-    arguments give the same images.
+    images do not interact). The network runs only as far as ``layer``, with its BatchNorms
+    folded into its convolutions (:func:`folded_copy`). Seeded: the same arguments give the same
+    images. ``channels_last`` (default: on CPUs and for bf16) runs the convolutions in that memory format.
 
     The random transforms make the image robust, but they also blur what it is optimised for:
     the centre of a jittered image is rarely the centre of the image itself. The last
     ``settle_steps`` steps therefore optimise the untransformed image, which is the one the icon
     is judged by (its final objective and centre activation), with a freshly started Adam.
     """
+    network = folded_copy(network)
     device = next(network.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     params, image_fn = fft_image(len(directions), size, sd=init_sd, generator=generator, device=device)
@@ -71,7 +91,10 @@ def render_directions(network: StagedClassifier, layer: str, directions: torch.T
                                     variant=variant)
     mean_t = torch.tensor(mean, device=device)[None, :, None, None]
     std_t = torch.tensor(std, device=device)[None, :, None, None]
-    channels_last = precision == "bf16"
+    if channels_last is None:  # measured faster on CPUs in fp32 too (README, bench/atlas.py)
+        channels_last = precision == "bf16" or device.type == "cpu"
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)  # the folded copy's own weights
 
     def centre_and_objective(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (images - mean_t) / std_t
