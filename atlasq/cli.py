@@ -69,6 +69,19 @@ def _print_fields(record: dict, keys: tuple[str, ...], width: int) -> None:
         print(f"{key:>{width}}: {record.get(key)}")
 
 
+def _index_engine(engine: str, address: Optional[str], num_workers: Optional[int], gpus_per_worker: float):
+    """The ``engine`` argument of :func:`atlasq.indexer.build_index` for the index command's options."""
+    if engine == "local":
+        if address is not None or num_workers is not None or gpus_per_worker:
+            raise InvalidOptionError("--ray-address, --num-workers and --gpus-per-worker need --engine ray")
+        return None
+    if engine != "ray":
+        raise InvalidOptionError(f"--engine must be local or ray, not {engine!r}")
+    from .ray_engine import RayEngine
+
+    return RayEngine(address=address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+
+
 @app.command()
 @user_errors
 def index(
@@ -102,6 +115,15 @@ def index(
     approx_threshold: Optional[int] = typer.Option(
         None, help="Build an approximate (HNSW) search index above this many images.",
         show_default=str(APPROX_THRESHOLD)),
+    engine: str = typer.Option(
+        "local", help="local (threads in this process) or ray (a Ray Data actor pool; pip install 'atlasq[ray]')."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="With --engine ray: auto (the cluster this machine is in) or a cluster address.",
+        show_default="a local Ray for this run"),
+    num_workers: Optional[int] = typer.Option(
+        None, "--num-workers", help="With --engine ray: actors decoding and embedding.",
+        show_default="one per CPU, or per --gpus-per-worker GPUs"),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="With --engine ray: GPUs per actor."),
     as_json: bool = JsonOption,
 ):
     """Index the images under DIRECTORY (only new or changed files on later runs).
@@ -117,7 +139,8 @@ def index(
                           device=device, batch_size=batch_size, workers=workers, streams=streams,
                           commit_every=commit_every,
                           progress=not as_json or sys.stderr.isatty(),
-                          approx_threshold=approx_threshold)
+                          approx_threshold=approx_threshold,
+                          engine=_index_engine(engine, ray_address, num_workers, gpus_per_worker))
     payload = summary.as_dict()
 
     def human(s):
