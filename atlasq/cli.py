@@ -392,6 +392,56 @@ def atlas_info(
     _emit(as_json, result, human)
 
 
+@atlas_app.command("export")
+@user_errors
+def atlas_export(
+    name: str = typer.Argument(..., help="Atlas name (or folder)."),
+    file: Path = typer.Argument(..., help="The file to write (a tar archive with a checksummed manifest)."),
+    compact: bool = typer.Option(
+        False, "--compact", help="Ship a compressed placement index instead of the raw reference activations."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Pack a finished atlas into one file, to place datasets on it elsewhere.
+
+    Example: atlasq atlas export imagenet-4c imagenet-4c.atlas --compact
+    """
+    from .bundle import export_atlas
+
+    summary = export_atlas(name, file, home=home, compact=compact, progress=not as_json or sys.stderr.isatty())
+
+    def human(r):
+        extra = (f"; placement index {r['placement_index_bytes']:,} bytes = {r['placement_size_ratio']} of the raw "
+                 f"activations' {r['raw_activations_bytes']:,}" if r["compact"] else "")
+        print(f"atlas {r['atlas']} → {r['file']}: {r['members']} files, {r['bytes']:,} bytes{extra}")
+
+    _emit(as_json, summary.to_dict(), human)
+
+
+@atlas_app.command("import")
+@user_errors
+def atlas_import(
+    file: Path = typer.Argument(..., help="A file written by `atlasq atlas export`."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the imported atlas.",
+                                       show_default="the name it was exported under"),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Unpack an exported atlas into the home, checking every file's sha256 first.
+
+    Example: atlasq atlas import imagenet-4c.atlas --name imagenet
+    """
+    from .bundle import import_atlas
+
+    summary = import_atlas(file, name=name, home=home)
+
+    def human(r):
+        print(f"atlas {r['atlas']} imported at {r['folder']}: {r['members']} files checked, model {r['model']}, "
+              f"layer {r['layer']}{' (compact)' if r['compact'] else ''}")
+
+    _emit(as_json, summary.to_dict(), human)
+
+
 def _cell(value: str) -> tuple[int, int]:
     try:
         i, j = (int(v) for v in value.split(","))
