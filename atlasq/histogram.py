@@ -145,12 +145,12 @@ def reference_index(reference: np.ndarray):
 
 
 #: The compact placement index of ``atlas export --compact`` (a FAISS factory string): an OPQ
-#: rotation, an inverted file of {lists} lists and residuals product-quantised to {m} bytes.
+#: rotation, an inverted file of about √N lists and residuals product-quantised to {m} bytes.
 #: ``bench/scale.py`` measures its size against the raw float16 activations and its cell
 #: agreement with exact placement.
 COMPACT_SPEC = "OPQ{m},IVF{lists},PQ{m}"
 COMPACT_BYTES = 64   # PQ code bytes per reference activation (plus FAISS's 8-byte id)
-COMPACT_NPROBE = 32  # lists searched, kept in the index file
+COMPACT_NPROBE = 16  # lists searched, kept in the index file
 
 
 def compact_reference_index(reference: np.ndarray, *, code_bytes: int = COMPACT_BYTES, nprobe: int = COMPACT_NPROBE,
@@ -169,7 +169,7 @@ def compact_reference_index(reference: np.ndarray, *, code_bytes: int = COMPACT_
         index.add(reference)
         return index
     m = math.gcd(d, code_bytes)  # PQ splits the (rotated) vector into m equal parts
-    lists = max(1, min(int(4 * math.sqrt(n)), n // 256))
+    lists = max(1, min(int(math.sqrt(n)), n // 256))
     index = faiss.index_factory(d, COMPACT_SPEC.format(m=m, lists=lists), faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(seed).choice(n, min(n, max(64 * lists, 100 * 256)), replace=False)
     index.train(reference[np.sort(sample)])
