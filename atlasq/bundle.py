@@ -274,7 +274,9 @@ def _extract_verified(tar: tarfile.TarFile, bundle: dict, work: Path, file: Path
     seen: set[str] = set()
     total = 0
     try:
-        for member in tar:
+        for member in tar:  # from the first member again: tarfile keeps the ones already read
+            if member.name == BUNDLE_MANIFEST and member.offset == 0:
+                continue
             relative = _safe_member(member.name)
             if relative is None or relative not in expected or not member.isfile():
                 raise DamagedError(f"{file} holds {member.name!r}, which its manifest does not list; refused")

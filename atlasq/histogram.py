@@ -94,7 +94,7 @@ class ReferenceSearch:
     def kind(self) -> str:
         name = self.index.__class__.__name__
         return ("exact" if name == "IndexFlatIP" else
-                "compact" if name in ("IndexPreTransform", "IndexScalarQuantizer") else "ivf")
+                "compact" if name in ("IndexIVFPQ", "IndexScalarQuantizer") else "ivf")
 
     def _learn_threshold(self) -> float:
         """99th percentile of each reference activation's cosine distance to its nearest reference
@@ -144,11 +144,10 @@ def reference_index(reference: np.ndarray):
     return index
 
 
-#: The compact placement index of ``atlas export --compact`` (a FAISS factory string): an OPQ
-#: rotation, an inverted file of about √N lists and residuals product-quantised to {m} bytes.
-#: ``bench/scale.py`` measures its size against the raw float16 activations and its cell
-#: agreement with exact placement.
-COMPACT_SPEC = "OPQ{m},IVF{lists},PQ{m}"
+#: The compact placement index of ``atlas export --compact`` (a FAISS factory string): an inverted
+#: file of about √N lists and residuals product-quantised to {m} bytes. ``bench/scale.py`` measures
+#: its size against the raw float16 activations and its cell agreement with exact placement.
+COMPACT_SPEC = "IVF{lists},PQ{m}np"  # np: no polysemous training (slow, and unused here)
 COMPACT_BYTES = 64   # PQ code bytes per reference activation (plus FAISS's 8-byte id)
 COMPACT_NPROBE = 16  # lists searched, kept in the index file
 
@@ -168,11 +167,16 @@ def compact_reference_index(reference: np.ndarray, *, code_bytes: int = COMPACT_
         index.train(reference)
         index.add(reference)
         return index
-    m = math.gcd(d, code_bytes)  # PQ splits the (rotated) vector into m equal parts
+    m = math.gcd(d, code_bytes)  # PQ splits the vector into m equal parts
     lists = max(1, min(int(math.sqrt(n)), n // 256))
     index = faiss.index_factory(d, COMPACT_SPEC.format(m=m, lists=lists), faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(seed).choice(n, min(n, max(64 * lists, 100 * 256)), replace=False)
-    index.train(reference[np.sort(sample)])
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # training a subsample is small work: OpenMP's threads only wait on each other
+    try:
+        index.train(reference[np.sort(sample)])
+    finally:
+        faiss.omp_set_num_threads(threads)
     index.add(reference)
     faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
     return index
@@ -183,7 +187,7 @@ def nearest(index, activations: np.ndarray, k: int, *, batch: int = 65_536, npro
     """Cosine similarities and rows of the ``k`` nearest reference rows, in batches (so a million
     queries never need a second copy of themselves in float32)."""
     if hasattr(index, "nprobe"):
-        index.nprobe = nprobe
+        index.nprobe = max(nprobe, index.nprobe)  # a compact index keeps a larger nprobe of its own
     sims = np.empty((len(activations), k), np.float32)
     rows = np.empty((len(activations), k), np.int64)
     for start in range(0, len(activations), batch):
