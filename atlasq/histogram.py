@@ -171,6 +171,8 @@ def compact_reference_index(reference: np.ndarray, *, code_bytes: int = COMPACT_
     lists = max(1, min(int(math.sqrt(n)), n // 256))
     index = faiss.index_factory(d, COMPACT_SPEC.format(m=m, lists=lists), faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(seed).choice(n, min(n, max(64 * lists, 100 * 256)), replace=False)
+    # A small atlas has fewer rows than FAISS asks per code word (it warns, then trains well enough).
+    faiss.downcast_index(index).pq.cp.min_points_per_centroid = 1
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # training a subsample is small work: OpenMP's threads only wait on each other
     try:
