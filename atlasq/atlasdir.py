@@ -248,8 +248,22 @@ class AtlasFolder:
         self._save_npy(POSITIONS, np.asarray(positions, np.float32))
 
     def activations(self) -> np.ndarray:
-        """(N, C) float16 reference activations, memory-mapped."""
-        return np.load(self._path(ACTIVATIONS), mmap_mode="r")
+        """(N, C) float16 reference activations, memory-mapped. A compact atlas (imported from an
+        ``atlas export --compact`` file) has none: what needs them says so (:class:`AtlasError`)."""
+        path = self._path(ACTIVATIONS)
+        if not path.is_file() and self.is_compact():
+            raise AtlasError(f"atlas {self.name!r} is compact: it was exported with --compact, which ships a "
+                             f"compressed placement index instead of the raw reference activations. Placing "
+                             f"datasets and the app work; what needs the raw activations (a new placement index, "
+                             f"rebuilding) needs the full export (`atlasq atlas export` without --compact)")
+        return np.load(path, mmap_mode="r")
+
+    def is_compact(self) -> bool:
+        """Whether this atlas came from a compact export (no raw reference activations)."""
+        try:
+            return bool(json.loads(self._path(MANIFEST).read_text()).get("compact"))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def positions(self) -> np.ndarray:
         return np.load(self._path(POSITIONS))
@@ -343,6 +357,39 @@ class AtlasFolder:
         with replaced(self._path(PLACEMENT_INDEX)) as tmp:
             faiss.write_index(index, str(tmp))
         self._write_bytes(PLACEMENT_RECORD, json.dumps(record, indent=1).encode())
+
+    def placement_is_current(self, manifest: dict) -> bool:
+        """Whether the saved reference search belongs to this build of the atlas (``manifest``'s)."""
+        record = self.placement_record()
+        return (record.get("params_hash") == manifest.get("params_hash") and "threshold" in record
+                and self._path(PLACEMENT_INDEX).is_file())
+
+    def packed_files(self, *, activations: bool = True, placement: bool = True) -> list[str]:
+        """Every file of this finished atlas that an export carries, as POSIX paths relative to the
+        folder, sorted: all but the build record and temporary files; without the raw reference
+        activations when ``activations`` is false, without the saved reference search when
+        ``placement`` is false (or when it belongs to an older build)."""
+        manifest = self.read_manifest()
+        skip = {BUILD_RECORD}
+        if not activations:
+            skip.add(ACTIVATIONS)
+        if not placement or not self.placement_is_current(manifest):
+            skip |= {PLACEMENT_INDEX, PLACEMENT_RECORD}
+        out = []
+        for path in sorted(self.folder.rglob("*")):
+            relative = path.relative_to(self.folder).as_posix()
+            if path.is_file() and not path.is_symlink() and not path.name.endswith(".tmp") and relative not in skip:
+                out.append(relative)
+        return out
+
+    @staticmethod
+    def placement_names() -> tuple[str, str]:
+        """(index file, record file) of the saved reference search, relative to the folder."""
+        return PLACEMENT_INDEX, PLACEMENT_RECORD
+
+    @staticmethod
+    def manifest_name() -> str:
+        return MANIFEST
 
     def files(self, levels: list[int], icons: bool) -> dict[str, str]:
         """The main files of a finished atlas, by role (what ``atlas build`` reports)."""

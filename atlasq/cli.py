@@ -154,6 +154,19 @@ def _hint(text: str) -> None:
     stderr.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
+def _index_engine(engine: str, address: Optional[str], num_workers: Optional[int], gpus_per_worker: float):
+    """The ``engine`` argument of :func:`atlasq.indexer.build_index` for the index command's options."""
+    if engine == "local":
+        if address is not None or num_workers is not None or gpus_per_worker:
+            raise InvalidOptionError("--ray-address, --num-workers and --gpus-per-worker need --engine ray")
+        return None
+    if engine != "ray":
+        raise InvalidOptionError(f"--engine must be local or ray, not {engine!r}")
+    from .ray_engine import RayEngine
+
+    return RayEngine(address=address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+
+
 @app.command()
 @user_errors
 def index(
@@ -187,6 +200,15 @@ def index(
     approx_threshold: Optional[int] = typer.Option(
         None, help="Build an approximate (HNSW) search index above this many images.",
         show_default=str(APPROX_THRESHOLD)),
+    engine: str = typer.Option(
+        "local", help="local (threads in this process) or ray (a Ray Data actor pool; pip install 'atlasq[ray]')."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="With --engine ray: auto (the cluster this machine is in) or a cluster address.",
+        show_default="a local Ray for this run"),
+    num_workers: Optional[int] = typer.Option(
+        None, "--num-workers", help="With --engine ray: actors decoding and embedding.",
+        show_default="one per CPU, or per --gpus-per-worker GPUs"),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="With --engine ray: GPUs per actor."),
     as_json: bool = JsonOption,
 ):
     """Index the images under DIRECTORY (only new or changed files on later runs).
@@ -202,7 +224,8 @@ def index(
                           device=device, batch_size=batch_size, workers=workers, streams=streams,
                           commit_every=commit_every,
                           progress=not as_json or sys.stderr.isatty(),
-                          approx_threshold=approx_threshold)
+                          approx_threshold=approx_threshold,
+                          engine=_index_engine(engine, ray_address, num_workers, gpus_per_worker))
     payload = summary.as_dict()
 
     def human(s):
@@ -514,6 +537,56 @@ def atlas_info(
               f"any other cell's; dropped: cells with fewer than {_human(options.get('min_count'))} activations")
 
     _emit(as_json, result, human)
+
+
+@atlas_app.command("export")
+@user_errors
+def atlas_export(
+    name: str = typer.Argument(..., help="Atlas name (or folder)."),
+    file: Path = typer.Argument(..., help="The file to write (a tar archive with a checksummed manifest)."),
+    compact: bool = typer.Option(
+        False, "--compact", help="Ship a compressed placement index instead of the raw reference activations."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Pack a finished atlas into one file, to place datasets on it elsewhere.
+
+    Example: atlasq atlas export imagenet-4c imagenet-4c.atlas --compact
+    """
+    from .bundle import export_atlas
+
+    summary = export_atlas(name, file, home=home, compact=compact, progress=not as_json or sys.stderr.isatty())
+
+    def human(r):
+        extra = (f"; placement index {r['placement_index_bytes']:,} bytes = {r['placement_size_ratio']} of the raw "
+                 f"activations' {r['raw_activations_bytes']:,}" if r["compact"] else "")
+        print(f"atlas {r['atlas']} → {r['file']}: {r['members']} files, {r['bytes']:,} bytes{extra}")
+
+    _emit(as_json, summary.to_dict(), human)
+
+
+@atlas_app.command("import")
+@user_errors
+def atlas_import(
+    file: Path = typer.Argument(..., help="A file written by `atlasq atlas export`."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the imported atlas.",
+                                       show_default="the name it was exported under"),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Unpack an exported atlas into the home, checking every file's sha256 first.
+
+    Example: atlasq atlas import imagenet-4c.atlas --name imagenet
+    """
+    from .bundle import import_atlas
+
+    summary = import_atlas(file, name=name, home=home)
+
+    def human(r):
+        print(f"atlas {r['atlas']} imported at {r['folder']}: {r['members']} files checked, model {r['model']}, "
+              f"layer {r['layer']}{' (compact)' if r['compact'] else ''}")
+
+    _emit(as_json, summary.to_dict(), human)
 
 
 def _cell(value: str) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from .store import IndexStore, index_folder
 __all__ = ["PlacementError", "IncompatibleIndexError", "ReferenceSearch", "reference_index", "nearest",
            "place_activations", "place_index", "placement_state", "record_placed", "histogram", "cell_images", "compare",
            "Histogram", "HistogramCell", "Totals", "CellImages", "CellImage", "Comparison", "ComparedCell",
-           "PlaceSummary", "OFF_ATLAS_QUANTILE"]
+           "PlaceSummary", "OFF_ATLAS_QUANTILE", "compact_reference_index"]
 
 PLACE_K = 10
 OFF_ATLAS_QUANTILE = 0.99
@@ -92,7 +92,9 @@ class ReferenceSearch:
 
     @property
     def kind(self) -> str:
-        return "exact" if self.index.__class__.__name__ == "IndexFlatIP" else "ivf"
+        name = self.index.__class__.__name__
+        return ("exact" if name == "IndexFlatIP" else
+                "compact" if name in ("IndexIVFPQ", "IndexScalarQuantizer") else "ivf")
 
     def _learn_threshold(self) -> float:
         """99th percentile of each reference activation's cosine distance to its nearest reference
@@ -142,6 +144,46 @@ def reference_index(reference: np.ndarray):
     return index
 
 
+#: The compact placement index of ``atlas export --compact`` (a FAISS factory string): an inverted
+#: file of about √N lists and residuals product-quantised to {m} bytes. ``bench/scale.py`` measures
+#: its size against the raw float16 activations and its cell agreement with exact placement.
+COMPACT_SPEC = "IVF{lists},PQ{m}np"  # np: no polysemous training (slow, and unused here)
+COMPACT_BYTES = 64   # PQ code bytes per reference activation (plus FAISS's 8-byte id)
+COMPACT_NPROBE = 16  # lists searched, kept in the index file
+
+
+def compact_reference_index(reference: np.ndarray, *, code_bytes: int = COMPACT_BYTES, nprobe: int = COMPACT_NPROBE,
+                            seed: int = 0):
+    """A compressed FAISS inner-product index of unit-length ``reference`` rows, to ship an atlas
+    without its raw activations: ``code_bytes`` + 8 bytes per row instead of 2 per channel.
+    Trained on a seeded subsample. Product quantisation needs a few hundred rows per code word,
+    so a reference under 2,048 rows is kept as 8-bit scalars (one byte per channel) instead."""
+    import faiss
+
+    n, d = reference.shape
+    reference = np.ascontiguousarray(reference, np.float32)
+    if n < 2048:
+        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        index.train(reference)
+        index.add(reference)
+        return index
+    m = math.gcd(d, code_bytes)  # PQ splits the vector into m equal parts
+    lists = max(1, min(int(math.sqrt(n)), n // 256))
+    index = faiss.index_factory(d, COMPACT_SPEC.format(m=m, lists=lists), faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(seed).choice(n, min(n, max(64 * lists, 100 * 256)), replace=False)
+    # A small atlas has fewer rows than FAISS asks per code word (it warns, then trains well enough).
+    faiss.downcast_index(index).pq.cp.min_points_per_centroid = 1
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # training a subsample is small work: OpenMP's threads only wait on each other
+    try:
+        index.train(reference[np.sort(sample)])
+    finally:
+        faiss.omp_set_num_threads(threads)
+    index.add(reference)
+    faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
+    return index
+
+
 def nearest(index, activations: np.ndarray, k: int, *, batch: int = 65_536, nprobe: int = 8
             ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities and rows of the ``k`` nearest reference rows, in batches (so a million
@@ -152,7 +194,7 @@ def nearest(index, activations: np.ndarray, k: int, *, batch: int = 65_536, npro
         index.nprobe = nprobe
     index = faiss_to_gpu(index)  # searched on the GPU where faiss-gpu sees one (the `gpu` extra)
     if hasattr(index, "nprobe"):
-        index.nprobe = nprobe
+        index.nprobe = max(nprobe, index.nprobe)  # a compact index keeps a larger nprobe of its own
     sims = np.empty((len(activations), k), np.float32)
     rows = np.empty((len(activations), k), np.int64)
     for start in range(0, len(activations), batch):

@@ -21,13 +21,14 @@ from pathlib import Path
 from .errors import InvalidOptionError
 
 __all__ = ["HOME_MARKER", "RESERVED", "default_home", "check_name", "index_folder", "atlas_folder",
-           "comparison_folder", "mark_home", "is_home"]
+           "comparison_folder", "scratch_folder", "mark_home", "is_home"]
 
 HOME_MARKER = ".atlasq-home"
 ATLASES = "atlases"
 COMPARISONS = "comparisons"
+SCRATCH = "tmp"
 # Folders a home keeps for itself, and names kept free for later ones.
-RESERVED = frozenset({ATLASES, COMPARISONS, "cache", "tmp", "exports", "indexes"})
+RESERVED = frozenset({ATLASES, COMPARISONS, SCRATCH, "cache", "exports", "indexes"})
 _MAX_NAME = 128
 
 
@@ -62,6 +63,12 @@ def index_folder(name: str, home: Path | None = None) -> Path:
 def atlas_folder(name: str, home: Path | None = None) -> Path:
     """The folder of atlas ``name``."""
     return Path(home or default_home()) / ATLASES / check_name(name, "atlas")
+
+
+def scratch_folder(home: Path | None = None) -> Path:
+    """Where work in progress lives until it is complete and renamed into place (an atlas being
+    imported), on the home's filesystem so the rename is atomic."""
+    return Path(home or default_home()) / SCRATCH
 
 
 def comparison_folder(atlas: str, index_a: str, index_b: str, home: Path | None = None) -> Path:

@@ -68,6 +68,7 @@ class IndexSummary:
     error_examples: list = field(default_factory=list)
     skipped_homes: list = field(default_factory=list)
     repaired: dict = field(default_factory=dict)  # damaged shards forgotten and re-embedded, FAISS files rebuilt
+    engine: dict = field(default_factory=lambda: {"engine": "local"})  # where decoding and embedding ran
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -215,7 +216,7 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
                 precision: str | None = None, device: str | None = None, batch_size: int | None = None,
                 workers: int | None = None, streams: int | None = None, commit_every: int | None = None,
                 progress: bool = True, approx_threshold: int | None = None,
-                lock_wait: float | None = None) -> IndexSummary:
+                lock_wait: float | None = None, engine=None) -> IndexSummary:
     """Index (or update the index of) the images under ``root`` as index ``name``.
 
     ``None`` for any setting means its default (:data:`RUN_DEFAULTS`; for ``options``, what the
@@ -224,6 +225,10 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
     network and its weights, which are loaded first. Then, holding the index's writer lock, the
     index is created or opened, damaged shards are forgotten so their images are embedded again,
     new and changed files are embedded, and the FAISS files are checked and rebuilt as needed.
+
+    ``engine``: ``None`` or ``"local"`` decodes and embeds in this process's threads; a
+    :class:`atlasq.ray_engine.RayEngine` runs that step on a Ray Data actor pool, while this
+    process still plans and writes everything.
     """
     started = time.perf_counter()
     run = RunSettings.given(precision=precision, device=device, batch_size=batch_size, workers=workers,
@@ -232,6 +237,7 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
     given = options if options is not None else IndexOptions()
     if not isinstance(given, IndexOptions):
         raise InvalidOptionError(f"options must be IndexOptions, not {type(given).__name__}")
+    engine = _check_engine(engine)
     root = Path(root).resolve()
     if not root.is_dir():
         raise NotFoundError(f"image folder {root} does not exist" if not root.exists()
@@ -260,14 +266,15 @@ def build_index(root: Path, name: str, *, home: Path | None = None, options: Ind
         if settled != opts:
             opts, model = settled, _load_model(settled, meta, run.device)
         _check_weights(model, opts, meta)
-        _update(store, root, name, opts, model, scan, run, dev, run_precision, progress, summary)
+        _update(store, root, name, opts, model, scan, run, dev, run_precision, progress, summary, engine)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.images_per_s = round(summary.indexed / summary.seconds, 2) if summary.seconds else 0.0
     return summary
 
 
 def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model: LoadedModel, scan: Scan,
-            run: RunSettings, dev: torch.device, precision: str, progress: bool, summary: IndexSummary) -> None:
+            run: RunSettings, dev: torch.device, precision: str, progress: bool, summary: IndexSummary,
+            engine=None) -> None:
     """The writing part of :func:`build_index`, under the writer lock."""
     meta = store.meta()
     config = EmbedConfig(layers=tuple(opts.layers), samples_per_image=opts.samples_per_image,
@@ -308,8 +315,13 @@ def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model:
     workers = run.workers or max(1, (os.cpu_count() or 2) - 1)
     try:
         with progress_bar(len(todo), f"indexing {name}", enabled=progress) as bar:
-            decoded_batches = _decoded_batches(root, todo, model, run.batch_size, workers, gpu_decoding(dev))
-            for decoded, embedded in _embedded_batches(decoded_batches, model, config, relaxed, streams):
+            if engine is None:
+                decoded_batches = _decoded_batches(root, todo, model, run.batch_size, workers, gpu_decoding(dev))
+                batches = _embedded_batches(decoded_batches, model, config, relaxed, streams)
+            else:
+                summary.engine = engine.describe()
+                batches = _engine_batches(engine, root, todo, opts, model, config, shapes, run)
+            for decoded, embedded in batches:
                 builder.add(decoded, embedded)
                 bar.advance(len(decoded))
                 if len(builder) >= run.commit_every or time.perf_counter() - last_commit > 30:
@@ -325,6 +337,33 @@ def _update(store: IndexStore, root: Path, name: str, opts: IndexOptions, model:
         summary.faiss = sync_faiss(store, approx_threshold=run.approx_threshold)
         if summary.faiss.get("damaged"):
             summary.repaired["faiss"] = summary.faiss["damaged"]
+
+
+def _check_engine(engine):
+    """``None`` for the local engine, else the engine object, checked (Ray importable) before
+    anything is written."""
+    if engine is None or engine == "local":
+        return None
+    from .ray_engine import RayEngine, require_ray
+
+    if engine == "ray":
+        engine = RayEngine()
+    if not isinstance(engine, RayEngine):
+        raise InvalidOptionError(f"--engine must be local or ray, not {engine!r}")
+    require_ray()
+    return engine
+
+
+def _engine_batches(engine, root: Path, todo: list, opts: IndexOptions, model: LoadedModel, config: EmbedConfig,
+                    shapes: dict, run: RunSettings):
+    """``(decoded, embedded)`` batches from a distributed engine: each worker loads the same
+    network (checked by the weights' sha256) and runs the same per-batch step."""
+    model_spec = {"name": opts.model, "weights": opts.weights, "seed": opts.seed,
+                  "weights_sha256": model.weights_sha256}
+    widths = {"pooled": shapes[model.network.pooled_layer][0], "classes": len(model.categories),
+              **{layer: shapes[layer][0] for layer in config.layers}}
+    return engine.embedded_batches(root, todo, model_spec=model_spec, config=config, shapes=widths,
+                                   batch_size=run.batch_size, precision=config.precision)
 
 
 def _check_writable(folder: Path) -> None:
