@@ -78,7 +78,7 @@ class LayerCells:
     layer: str
     atlas: str
     level: int
-    source: str                       # "reference", "placements" or "placed now"
+    source: str                       # where the cells came from: "reference", "placements", "placed now" (joined by +)
     positions: list[dict] = field(default_factory=list)  # per activation: k, y, x, i, j (-1: no kept cell)
     cells: dict = field(default_factory=dict)            # (i, j) → how many of its activations
 
@@ -105,7 +105,9 @@ def _from_reference(atlas: Atlas, image_id: int, level: int) -> list[dict]:
 def image_layer_cells(index: str, image_id: int, *, home: Path | None = None, level: int | None = None,
                       atlases: dict[str, Atlas] | None = None) -> list[LayerCells]:
     """The cells of image ``image_id`` of ``index`` at every layer that has an atlas (see
-    :func:`atlases_by_layer`), at ``level`` (default: each atlas's coarsest)."""
+    :func:`atlases_by_layer`), at ``level`` (default: each atlas's coarsest). Each sampled
+    activation's cell comes from the atlas's reference table when it is one of the atlas's own
+    activations, else from the placements stored by `atlasq histogram`, else it is placed now."""
     from .histogram import ReferenceSearch, place_activations
 
     atlases = atlases if atlases is not None else atlases_by_layer(index, home)
@@ -115,29 +117,30 @@ def image_layer_cells(index: str, image_id: int, *, home: Path | None = None, le
             raise NotFoundError(f"index {index!r} has no image {image_id}")
         for layer, atlas in atlases.items():
             g = level if level in atlas.levels else atlas.levels[0]
-            source, positions = "reference", []
+            samples = store.samples(layer)
+            mine = np.flatnonzero(samples["image_id"] == image_id)
+            found = {}                    # k → (i, j, source)
             if atlas.manifest.get("index") == index:
-                positions = _from_reference(atlas, image_id, g)
-            if not positions:
-                placed = [p for p in store.image_placements(atlas.name, image_id) if p["level"] == g]
-                if placed:
-                    source = "placements"
-                    positions = [{"k": p["k"], "y": p["y"], "x": p["x"],
-                                  "i": -1 if p["i"] is None or p["off_atlas"] else int(p["i"]),
-                                  "j": -1 if p["j"] is None or p["off_atlas"] else int(p["j"])} for p in placed]
-            if not positions:
-                samples = store.samples(layer)
-                mine = np.flatnonzero(samples["image_id"] == image_id)
-                if len(mine):
-                    source = "placed now"
-                    placement = place_activations(ReferenceSearch(atlas), samples["activations"][mine])
-                    positions = [{"k": int(samples["k"][r]), "y": int(samples["y"][r]), "x": int(samples["x"][r]),
-                                  "i": int(placement.cells[g][n, 0]), "j": int(placement.cells[g][n, 1])}
-                                 for n, r in enumerate(mine)]
-            cells: dict = {}
-            for p in positions:
-                if p["i"] >= 0:
-                    cells[(p["i"], p["j"])] = cells.get((p["i"], p["j"]), 0) + 1
-            out.append(LayerCells(layer=layer, atlas=atlas.name, level=g, source=source, positions=positions,
-                                  cells=cells))
+                for p in _from_reference(atlas, image_id, g):
+                    found[p["k"]] = (p["i"], p["j"], "reference")
+            for p in store.image_placements(atlas.name, image_id):
+                if p["level"] == g and p["k"] not in found:
+                    off = p["i"] is None or p["off_atlas"]
+                    found[p["k"]] = (-1 if off else int(p["i"]), -1 if off else int(p["j"]), "placements")
+            missing = [r for r in mine if int(samples["k"][r]) not in found]
+            if missing:
+                placement = place_activations(ReferenceSearch(atlas), np.asarray(samples["activations"][missing]))
+                for n, r in enumerate(missing):
+                    found[int(samples["k"][r])] = (int(placement.cells[g][n, 0]), int(placement.cells[g][n, 1]),
+                                                   "placed now")
+            positions, cells = [], {}
+            for r in mine:
+                i, j, source = found[int(samples["k"][r])]
+                positions.append({"k": int(samples["k"][r]), "y": int(samples["y"][r]), "x": int(samples["x"][r]),
+                                  "i": i, "j": j, "source": source})
+                if i >= 0:
+                    cells[(i, j)] = cells.get((i, j), 0) + 1
+            sources = sorted({p["source"] for p in positions})
+            out.append(LayerCells(layer=layer, atlas=atlas.name, level=g, source=" + ".join(sources) or "none",
+                                  positions=positions, cells=cells))
     return out
