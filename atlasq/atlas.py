@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +74,7 @@ def render_directions(*args, **kwargs):
 
 __all__ = ["AtlasOptions", "AtlasError", "Atlas", "build_atlas", "load_atlas", "atlas_folder", "atlas_summary",
            "whitening_matrices", "cell_summaries", "default_icon_size", "layer_shapes", "option_default",
-           "BuildPlan", "AtlasLayout", "AtlasCells", "CellTable", "IconResult", "AtlasSummary"]
+           "BuildPlan", "AtlasLayout", "AtlasCells", "CellTable", "IconResult", "AtlasSummary", "Selection"]
 
 TOP_CLASSES = 5
 #: What stands for the top label of a cell whose mean attribution is positive for no class.
@@ -372,7 +372,8 @@ def atlas_summary(name: str | Path, home: Path | None = None) -> dict:
                        "mosaic": str(atlas.files.mosaic_path(g)) if m["options"]["icons"] else None,
                        "exemplars": str(atlas.files.exemplars_path(g))})
     keys = ("index", "model", "weights", "random_weights", "layer", "activations", "index_activations",
-            "icon_size", "icon_precision", "atlasq_version", "created", "options", "seconds", "format")
+            "icon_size", "icon_precision", "atlasq_version", "created", "options", "seconds", "format",
+            "kind", "analysis")
     return {"name": m["name"], "folder": str(atlas.folder), **{k: m.get(k, 1 if k == "format" else None) for k in keys},
             "levels": levels}
 
@@ -425,6 +426,27 @@ class AtlasSummary:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """What makes a derived atlas (a class or two-class atlas, :mod:`atlasq.class_atlas`) differ
+    from the general one, in the same folder format: which of the index's activations it keeps,
+    how it lays them out, what extra columns its cells table gets, and what its manifest says.
+
+    choose : the index's samples (image_id, k, y, x, activations, attributions) → the rows kept
+        (it replaces the seeded ``max_activations`` subsample; raise an :class:`AtlasqError` when
+        too few are left).
+    lay_out : the plan → (N, 2) positions in [0, 1]² of the kept activations.
+    describe : manifest fields (``kind`` and ``analysis``); part of the build's parameter hash.
+    cell_columns : the plan and its cells → extra columns of the cells table, in its row order
+        (levels in ``options.grids`` order, cells as binned).
+    """
+
+    choose: Callable[[dict], np.ndarray]
+    lay_out: Callable[["BuildPlan"], np.ndarray]
+    describe: dict
+    cell_columns: Callable[["BuildPlan", "AtlasCells"], dict] | None = None
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     """Everything a build needs, checked before anything is written: the options (grids as
     ints), the index's chosen samples, the network, and whether an unfinished build of the same
@@ -447,10 +469,11 @@ class BuildPlan:
     params_hash: str
     resume: bool
     categories: list
+    selection: Selection | None = None   # a derived atlas's choice and layout (None: the general atlas)
 
 
 def plan_build(index: str, name: str, *, home: Path | None = None, options: AtlasOptions | None = None,
-               device: str | None = None, overwrite: bool = False) -> BuildPlan:
+               device: str | None = None, overwrite: bool = False, selection: Selection | None = None) -> BuildPlan:
     """Check every option, the index, the network and the atlas folder; write nothing."""
     options = options or AtlasOptions()
     options.validate()
@@ -460,6 +483,8 @@ def plan_build(index: str, name: str, *, home: Path | None = None, options: Atla
         meta, samples = _read_index(store, options)
         images = {r["id"]: r for r in store.images()}
     chosen = _subsample(len(samples["activations"]), options.max_activations, options.seed)
+    if selection is not None:
+        chosen = np.asarray(selection.choose(samples), np.int64)
     try:
         options.layout()._validate(len(chosen))
     except ValueError as exc:
@@ -472,6 +497,8 @@ def plan_build(index: str, name: str, *, home: Path | None = None, options: Atla
     icon_size = options.icon_size or default_icon_size(model.input_size, layer_hw)
     precision = resolve_precision(options.precision, model.device)
     params = {"index": index, "options": options.to_dict(), "icon_size": icon_size, "precision": precision}
+    if selection is not None:
+        params["selection"] = selection.describe
     params_hash = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     resume = files.check_start(params_hash, overwrite=overwrite)
     chosen_samples = {key: samples[key][chosen] for key in ("image_id", "k", "y", "x", "attributions")}
@@ -480,7 +507,7 @@ def plan_build(index: str, name: str, *, home: Path | None = None, options: Atla
                      samples=chosen_samples, index_activations=int(len(samples["activations"])), images=images,
                      root=Path(meta["root"]), model=model, layer_hw=layer_hw, icon_size=icon_size,
                      precision=precision, params_hash=params_hash, resume=resume,
-                     categories=list(meta.get("categories") or model.categories))
+                     categories=list(meta.get("categories") or model.categories), selection=selection)
 
 
 @dataclass(frozen=True)
@@ -496,6 +523,8 @@ def lay_out(plan: BuildPlan, *, progress: bool = False) -> AtlasLayout:
     if plan.resume and plan.files.has_layout():
         return AtlasLayout(plan.files.positions(), from_disk=True)
     activations = plan.samples["activations"]
+    if plan.selection is not None:
+        return AtlasLayout(np.asarray(plan.selection.lay_out(plan), np.float32), from_disk=False)
     with stderr.status(f"laying out {len(activations):,} activations (UMAP, cosine)…") if progress else nullcontext():
         positions = plan.options.layout().fit_transform(activations)
     return AtlasLayout(np.asarray(positions), from_disk=False)
@@ -581,6 +610,9 @@ def write_exemplars(plan: BuildPlan, cells: AtlasCells, *, progress: bool = Fals
                 bar.advance()
         files.save_exemplars(g, _mosaic(crops, g, plan.icon_size))
     table = pa.Table.from_pylist(rows)
+    if plan.selection is not None and plan.selection.cell_columns is not None:
+        for column, values in plan.selection.cell_columns(plan, cells).items():
+            table = table.append_column(column, pa.array(values))
     mean_acts = np.concatenate([cells.levels[g].mean_activation for g in options.grids])
     table = table.append_column(
         "mean_activation", pa.array(mean_acts.astype(np.float32).tolist(), type=pa.list_(pa.float32())))
@@ -639,17 +671,22 @@ def write_manifest(plan: BuildPlan, summary: AtlasSummary) -> dict:
         "index_activations": plan.index_activations, "levels": summary.levels,
         "params_hash": plan.params_hash, "seconds": summary.seconds, "icon_fidelity": summary.icon_fidelity,
     }
+    if plan.selection is not None:
+        manifest.update(plan.selection.describe)
     plan.files.finish(manifest)
     return manifest
 
 
 def build_atlas(index: str, name: str, *, home: Path | None = None, options: AtlasOptions | None = None,
-                device: str | None = None, overwrite: bool = False, progress: bool = True) -> AtlasSummary:
+                device: str | None = None, overwrite: bool = False, progress: bool = True,
+                selection: Selection | None = None) -> AtlasSummary:
     """Build atlas ``name`` from index ``index``: plan (check everything), lay out, bin into cells
     (refusing a level without cells), and only then write: layout, reference, exemplars and
-    cells, icons, manifest (see :mod:`atlasq.atlasdir` for the files)."""
+    cells, icons, manifest (see :mod:`atlasq.atlasdir` for the files). A ``selection`` makes a
+    derived atlas (see :class:`Selection`)."""
     clock = time.perf_counter()
-    plan = plan_build(index, name, home=home, options=options, device=device, overwrite=overwrite)
+    plan = plan_build(index, name, home=home, options=options, device=device, overwrite=overwrite,
+                      selection=selection)
     options, files = plan.options, plan.files
     layout = lay_out(plan, progress=progress)
     cells = bin_cells(plan, layout)

@@ -450,6 +450,8 @@ def atlas_build(
         None, help="Seeds the subsample, the layout and the icons." + _atlas_default("seed")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
     device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    layers: Optional[str] = typer.Option(
+        None, "--layers", help="Build one atlas per layer, comma-separated, named ATLAS-LAYER (instead of --layer)."),
     home: Optional[Path] = HomeOption,
     as_json: bool = JsonOption,
 ):
@@ -468,6 +470,18 @@ def atlas_build(
     if max_activations is not None:  # 0 on the command line: every activation (None in AtlasOptions)
         given["max_activations"] = max_activations or None
     options = AtlasOptions(**given)
+    if layers is not None:
+        from .layers import build_layer_atlases
+
+        if layer is not None:
+            raise InvalidOptionError("give --layer or --layers, not both")
+        built = build_layer_atlases(index_name, name, _split_csv(layers) or (), home=home, options=options,
+                                    device=device, overwrite=overwrite,
+                                    progress=not as_json or sys.stderr.isatty())
+        _emit(as_json, {"atlases": [s.to_dict() for s in built]}, lambda r: [
+            print(f"atlas {a['name']} at layer {a['layer']}: {a['activations']:,} activations; "
+                  + ", ".join(f"{g}×{g} {f['cells']} cells" for g, f in a["levels"].items())) for a in r["atlases"]])
+        return
     summary = build_atlas(index_name, name, home=home, options=options, device=device,
                           overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
 
@@ -587,6 +601,97 @@ def atlas_import(
               f"layer {r['layer']}{' (compact)' if r['compact'] else ''}")
 
     _emit(as_json, summary.to_dict(), human)
+def _analysis_options(layer, grids, min_count, steps, icon_size, icons, seed):
+    """AtlasOptions from the options the class and two-class commands share with ``atlas build``
+    (unset ones: the analysis's defaults, see :mod:`atlasq.class_atlas`)."""
+    from .atlas import AtlasOptions
+
+    given = dict(layer=layer, grids=_split_ints(grids, "--grids") if grids is not None else None,
+                 min_count=min_count, steps=steps, icon_size=icon_size, icons=icons, seed=seed)
+    return AtlasOptions(**{key: value for key, value in given.items() if value is not None})
+
+
+def _print_analysis_atlas(r: dict) -> None:
+    stderr.print(f"atlas {r['name']} of index {r['index']} at {r['folder']}: {r['activations']:,} "
+                 f"activations of {r['layer']}", highlight=False)
+    for level, facts in r["levels"].items():
+        print(f"{level:>4}×{level:<4} {facts['cells']:>6} cells kept, {facts['dropped_cells']} dropped")
+    print(f"icons: {r['icons_rendered']} rendered; seconds: {r['seconds']}")
+
+
+_AnalysisGrids = typer.Option(None, help="Grid sizes, comma-separated [8 for a class, 10 for two classes].")
+_AnalysisMinCount = typer.Option(None, "--min-count", help="Drop cells with fewer activations [5].")
+
+
+@atlas_app.command("class")
+@user_errors
+def atlas_class(
+    index_name: str = typer.Option(..., "--index", help="Index to build from (made with --attributions)."),
+    label: str = typer.Option(..., "--class", help="The class (its name as the network labels it)."),
+    name: str = typer.Option(..., "--name", help="Name of the atlas (a folder under HOME/atlases)."),
+    filter: str = typer.Option("winning", "--filter",
+                               help="winning (largest attribution is the class) or magnitude (top N by attribution)."),
+    top: int = typer.Option(3000, "--top", help="N kept by --filter magnitude (positive attributions only)."),
+    layout: str = typer.Option("tsne", "--layout", help="tsne (the article's choice for class atlases) or umap."),
+    layer: Optional[str] = typer.Option(None, help="The index's sampled layer." + _atlas_default("layer")),
+    grids: Optional[str] = _AnalysisGrids,
+    min_count: Optional[int] = _AnalysisMinCount,
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps per icon." + _atlas_default("steps")),
+    icon_size: Optional[int] = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input]."),
+    icons: Optional[bool] = typer.Option(None, "--icons/--no-icons", help="Render feature-visualization icons.",
+                                         show_default=False),
+    seed: Optional[int] = typer.Option(None, help="Seeds the layout and the icons." + _atlas_default("seed")),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """A class activation atlas: only the activations that matter for one class, laid out on their own.
+
+    Example: atlasq atlas class --index photos --class snorkel --name snorkel-5b --layer mixed5b
+    """
+    from .class_atlas import build_class_atlas
+
+    options = _analysis_options(layer, grids, min_count, steps, icon_size, icons, seed)
+    summary = build_class_atlas(index_name, name, label, filter=filter, top=top, layout=layout, home=home,
+                                options=options, device=device, overwrite=overwrite,
+                                progress=not as_json or sys.stderr.isatty())
+    _emit(as_json, summary.to_dict(), _print_analysis_atlas)
+
+
+@atlas_app.command("two-class")
+@user_errors
+def atlas_two_class(
+    index_name: str = typer.Option(..., "--index", help="Index to build from (made with --attributions)."),
+    classes: str = typer.Option(..., "--classes", help="A,B: A's evidence is drawn on the left, B's on the right."),
+    name: str = typer.Option(..., "--name", help="Name of the atlas (a folder under HOME/atlases)."),
+    top: int = typer.Option(2000, "--top", help="Activations kept per class, by attribution (positive only)."),
+    layer: Optional[str] = typer.Option(None, help="The index's sampled layer." + _atlas_default("layer")),
+    grids: Optional[str] = _AnalysisGrids,
+    min_count: Optional[int] = _AnalysisMinCount,
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps per icon." + _atlas_default("steps")),
+    icon_size: Optional[int] = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input]."),
+    icons: Optional[bool] = typer.Option(None, "--icons/--no-icons", help="Render feature-visualization icons.",
+                                         show_default=False),
+    seed: Optional[int] = typer.Option(None, help="Seeds the layout and the icons." + _atlas_default("seed")),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """A two-class comparison atlas: x = attribution to B − attribution to A, y = a 1-D t-SNE.
+
+    Example: atlasq atlas two-class --index photos --classes snorkel,scuba_diver --name snorkel-vs-scuba
+    """
+    from .class_atlas import build_two_class_atlas
+
+    pair = _split_csv(classes) or ()
+    if len(pair) != 2:
+        raise InvalidOptionError(f"--classes must be two classes A,B, not {classes!r}")
+    options = _analysis_options(layer, grids, min_count, steps, icon_size, icons, seed)
+    summary = build_two_class_atlas(index_name, name, pair[0], pair[1], top=top, home=home, options=options,
+                                    device=device, overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
+    _emit(as_json, summary.to_dict(), _print_analysis_atlas)
 
 
 def _cell(value: str) -> tuple[int, int]:
@@ -724,6 +829,52 @@ def compare_command(
         stderr.print(f"written: {', '.join(r.files.values())}", highlight=False)
 
     _emit(as_json, result.to_dict(), human)
+
+
+@app.command("patch-test")
+@user_errors
+def patch_test_command(
+    index_name: str = typer.Option(..., "--index", help="Index whose images are tried."),
+    from_class: str = typer.Option(..., "--from", help="Class A: images whose top-1 is A get the patch."),
+    to_class: str = typer.Option(..., "--to", help="Class B: a flip is a top-1 that becomes B."),
+    patch: str = typer.Option(..., "--patch", help="ATLAS:LEVEL:I,J (a cell of an atlas) or an image file."),
+    patch_kind: str = typer.Option("icon", "--patch-kind", help="For a cell: its icon or its best exemplar's crop."),
+    sizes: str = typer.Option("0.2,0.3,0.4,0.5", "--sizes", help="Patch sides, fractions of the image side."),
+    images: Optional[int] = typer.Option(None, "--images", help="Try at most this many images (seeded choice).",
+                                         show_default="all"),
+    seed: int = typer.Option(0, help="Seeds the noise patch and the choice of images."),
+    out: Path = typer.Option(..., "--out", help="Folder for patch_test.json, .csv and .png."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """Paste a patch on images of class A at each corner and size: how often does the top-1 become B?
+
+    A random-noise patch of the same size is the control.
+    Example: atlasq patch-test --index photos --from snorkel --to scuba_diver --patch cmp:10:4,9 --out patch
+    """
+    from .patch_test import run_patch_test
+
+    try:
+        fractions = tuple(float(v) for v in _split_csv(sizes) or ())
+    except ValueError:
+        raise InvalidOptionError(f"--sizes must be comma-separated fractions, not {sizes!r}")
+    report = run_patch_test(index_name, from_class, to_class, patch, out=out, sizes=fractions, images=images,
+                            seed=seed, patch_kind=patch_kind, home=home, device=device)
+
+    def human(r):
+        print(f"{r['images']} images of {r['from_class']} (of {r['candidates']}); share whose top-1 becomes "
+              f"{r['to_class']}:")
+        print(f"{'size':>6} {'patch mean':>11} {'best corner':>12} {'noise mean':>11} {'best corner':>12}")
+        rows = {(x["patch"], x["size"]): x for x in r["by_size"]}
+        for size in r["sizes"]:
+            p, n = rows[("patch", size)], rows[("noise", size)]
+            print(f"{size:>6g} {p['mean_rate']:>11.1%} {p['best_corner_rate']:>12.1%} "
+                  f"{n['mean_rate']:>11.1%} {n['best_corner_rate']:>12.1%}")
+        print(f"best corner and size: patch {r['best']['patch']:.1%}, noise {r['best']['noise']:.1%}")
+        stderr.print(f"written: {', '.join(r['files'].values())}", highlight=False)
+
+    _emit(as_json, report.to_dict(), human)
 
 
 @app.command("app")
