@@ -11,7 +11,7 @@ from .images import FileEntry, path_key
 from .search import check_k, resolve_query, search
 from .store import IndexStore, index_folder
 
-__all__ = ["open_index", "index_info", "search_index", "run_demo", "embed_image"]
+__all__ = ["open_index", "index_info", "search_index", "run_demo", "embed_image", "inspect_image"]
 
 
 def load_model(*args, **kwargs):
@@ -175,3 +175,23 @@ def _app_command(home: Path | None, name: str) -> str:
 
     given = f" --home {shlex.quote(str(home))}" if home is not None and Path(home) != default_home() else ""
     return f"atlasq app{given} --index {shlex.quote(name)} --atlas {shlex.quote(name)}"
+
+
+def inspect_image(image: str, index: str, *, out: Path | None = None, home: Path | None = None,
+                  atlas: str | None = None, layer: str | None = None, classes=None, groups: int = 6,
+                  seed: int = 0, from_layer: str | None = None, position: tuple[int, int] | None = None,
+                  level: int | None = None, icon_steps: int | None = None, render: bool = True) -> dict:
+    """The Building Blocks interface for ``image`` (an indexed id or path, or any image file) with
+    index ``index``'s network (see :mod:`atlasq.blocks`): activation grid (on ``atlas`` when given),
+    spatial and channel attribution to the top or given ``classes``, ``groups`` NMF neuron groups,
+    and, with ``from_layer``, layer-to-layer attribution to ``position``. With ``out``, writes
+    ``interface.png``, ``inspect.json`` and ``inspect.npz`` there. Returns the JSON's values."""
+    from .blocks import ICON_STEPS, inspect_indexed
+
+    result = inspect_indexed(image, index, home=home, atlas=atlas, layer=layer, classes=classes, groups=groups,
+                             seed=seed, from_layer=from_layer, position=position, level=level,
+                             icon_steps=icon_steps or ICON_STEPS, render=render)
+    summary = result.to_dict()
+    if out is not None:
+        summary["files"] = result.save(Path(out))
+    return summary

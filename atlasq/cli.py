@@ -875,6 +875,58 @@ def patch_test_command(
         stderr.print(f"written: {', '.join(r['files'].values())}", highlight=False)
 
     _emit(as_json, report.to_dict(), human)
+@app.command("inspect")
+@user_errors
+def inspect_command(
+    image: str = typer.Argument(..., help="An indexed image (id or path) or any image file."),
+    index_name: str = typer.Option(..., "--index", help="Index whose network (model and weights) to use."),
+    atlas: Optional[str] = typer.Option(None, "--atlas", help="Atlas whose icons draw the activation grid "
+                                                              "(its layer is the layer)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layer [the atlas's; else mixed4d, or the "
+                                                              "network's deepest mixed4 layer]."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class names or indices "
+                                                                  "[the top 3 by logit]."),
+    groups: int = typer.Option(6, "--groups", help="Neuron groups (NMF components)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the factorization and the icons."),
+    from_layer: Optional[str] = typer.Option(None, "--from-layer", help="Earlier layer for layer-to-layer "
+                                                                        "attribution."),
+    position: Optional[str] = typer.Option(None, "--position", help="Position y,x of the layer that "
+                                                                    "--from-layer attributes to [the strongest]."),
+    level: Optional[int] = typer.Option(None, "--level", help="Atlas grid size G [the atlas's coarsest]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimisation steps of new icons [256]."),
+    no_render: bool = typer.Option(False, "--no-render", help="Draw icons not yet cached as blanks "
+                                                              "instead of rendering them."),
+    out: Path = typer.Option(..., "--out", help="Folder for interface.png, inspect.json and inspect.npz."),
+    home: Optional[Path] = HomeOption,
+    as_json: bool = JsonOption,
+):
+    """The Building Blocks interface for one image: activation grid, spatial and channel attribution, neuron groups."""
+    from .api import inspect_image
+
+    where = None
+    if position:
+        try:
+            where = tuple(int(v) for v in position.split(","))
+        except ValueError:
+            where = ()
+        if len(where) != 2:
+            raise InvalidOptionError(f"--position must be y,x (two integers), not {position!r}")
+    result = inspect_image(image, index_name, out=out, home=home, atlas=atlas, layer=layer,
+                           classes=_split_csv(classes), groups=groups, seed=seed, from_layer=from_layer,
+                           position=where, level=level, icon_steps=steps, render=not no_render)
+
+    def human(r):
+        print(f"{r['source']} at {r['layer']} ({r['model']}):")
+        for c in r["classes"]:
+            channels = ", ".join(f"{t['channel']} ({t['attribution']:+.3g})" for t in c["top_channels"])
+            print(f"  {c['class']:<20} p={c['probability']:.3f}  attribution {c['attribution_total']:+.3g}  "
+                  f"top channels {channels}")
+        for g in r["groups"]:
+            parts = ", ".join(f"{k} {v:+.3g}" for k, v in g["attribution"].items())
+            print(f"  group {g['group']}: {g['activation_share']:.0%} of the activation; {parts}")
+        stderr.print(f"written: {', '.join(r['files'].values())}", highlight=False)
+
+    _emit(as_json, result, human)
 
 
 @app.command("app")

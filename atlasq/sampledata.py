@@ -15,11 +15,15 @@ depend on generation order.
 Regenerate the committed collection with::
 
     python -m atlasq.sampledata --out sample_data
+
+Each image's foreground mask (where its shapes, or its texture's foreground, are) is redrawn
+from the same seed by :func:`shape_mask` and written by ``--masks DIR``, without changing any image.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -158,15 +162,20 @@ def _draw_shape(canvas: ImageDraw.ImageDraw, kind: str, centre, radius: float,
         canvas.polygon([tuple(p) for p in points], fill=fill)
 
 
-def _draw_objects(img: Image.Image, kind: str, rng: np.random.Generator, colour) -> None:
-    """Scatter a random number of ``kind`` objects of jittered ``colour`` on ``img``."""
+def _draw_objects(img: Image.Image, kind: str, rng: np.random.Generator, colour,
+                  mask: Image.Image | None = None) -> None:
+    """Scatter a random number of ``kind`` objects of jittered ``colour`` on ``img`` (and, in
+    white, on ``mask`` when given: the same shapes, drawn without drawing any more randomness)."""
     w, h = img.size
     canvas = ImageDraw.Draw(img)
+    mask_canvas = ImageDraw.Draw(mask) if mask is not None else None
     for _ in range(int(rng.integers(1, 6))):
         radius = min(w, h) * rng.uniform(0.1, 0.22)
         centre = rng.uniform(0.1, 0.9, size=2) * (w, h)
         angle = rng.uniform(0, 2 * np.pi)
         _draw_shape(canvas, kind, centre, radius, angle, _jitter(rng, colour, 12))
+        if mask_canvas is not None:
+            _draw_shape(mask_canvas, kind, centre, radius, angle, 255)
 
 
 def draw(class_name: str, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -186,18 +195,32 @@ def draw(class_name: str, rng: np.random.Generator, size: tuple[int, int]) -> Im
     PIL.Image.Image
         An RGB image of the requested size.
     """
+    return draw_with_mask(class_name, rng, size)[0]
+
+
+def draw_with_mask(class_name: str, rng: np.random.Generator, size: tuple[int, int]
+                   ) -> tuple[Image.Image, np.ndarray]:
+    """:func:`draw`'s image and where its class's foreground is.
+
+    The image is exactly :func:`draw`'s (the mask is drawn alongside without drawing any more
+    randomness from ``rng``). The mask is an (height, width) float32 array in [0, 1]: the share of
+    each pixel covered by the shapes (or by a texture's foreground), reduced from the
+    supersampled drawing as the image is.
+    """
     if class_name not in COLOURS:
         raise ValueError(f"unknown class {class_name!r}; expected one of {CLASSES}")
     w, h = size[0] * _SUPERSAMPLE, size[1] * _SUPERSAMPLE
     pixels = _background(rng, w, h)
     colour = _jitter(rng, COLOURS[class_name], 25)
+    mask = Image.new("L", (w, h), 0)
     if class_name not in _SHAPE_CLASSES:
-        mask = _texture_mask(class_name, rng, w, h)[..., None]
-        pixels = np.where(mask, np.asarray(colour, dtype=np.float32), pixels)
+        foreground = _texture_mask(class_name, rng, w, h)
+        pixels = np.where(foreground[..., None], np.asarray(colour, dtype=np.float32), pixels)
+        mask = Image.fromarray(foreground.astype(np.uint8) * 255)
     img = Image.fromarray(pixels.astype(np.uint8))
     if class_name in _SHAPE_CLASSES:
-        _draw_objects(img, class_name, rng, colour)
-    return img.reduce(_SUPERSAMPLE)
+        _draw_objects(img, class_name, rng, colour, mask)
+    return img.reduce(_SUPERSAMPLE), np.asarray(mask.reduce(_SUPERSAMPLE), np.float32) / 255.0
 
 
 def draw_novel(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -268,11 +291,60 @@ def generate(out_dir: Path, *, per_class: int = 48, seed: int = 0,
         class_index = CLASSES.index(name)
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            rng = np.random.default_rng([seed, class_index, i])
-            fmt = FORMATS[(i + class_index) % len(FORMATS)]
-            path = out_dir / name / f"{name}_{i:03d}.{_EXTENSIONS[fmt]}"
-            size = _random_size(rng, _PNG_MAX_SIDE if fmt == "PNG" else 320)
+            rng, fmt, size = _image_start(name, i, seed)
+            path = out_dir / name / file_name(name, i)
             _save(draw(name, rng, size), path, fmt, rng)
+            written.append(path)
+    return sorted(written)
+
+
+def _image_start(name: str, index: int, seed: int) -> tuple[np.random.Generator, str, tuple[int, int]]:
+    """Image ``index`` of class ``name``: its generator (after drawing its size), format and size."""
+    class_index = CLASSES.index(name)
+    rng = np.random.default_rng([seed, class_index, index])
+    fmt = FORMATS[(index + class_index) % len(FORMATS)]
+    return rng, fmt, _random_size(rng, _PNG_MAX_SIDE if fmt == "PNG" else 320)
+
+
+def file_name(name: str, index: int) -> str:
+    """The file name :func:`generate` gives image ``index`` of class ``name``."""
+    class_index = CLASSES.index(name)
+    return f"{name}_{index:03d}.{_EXTENSIONS[FORMATS[(index + class_index) % len(FORMATS)]]}"
+
+
+_FILE_NAME = re.compile(r"^(?P<cls>[a-z_]+)_(?P<idx>\d{3})\.(?:jpg|png|webp)$")
+
+
+def parse_name(path: str | Path) -> tuple[str, int]:
+    """``(class, index)`` of a generated file's name (``red_discs_007.jpg`` → ``("red_discs", 7)``);
+    ``ValueError`` for a name :func:`generate` does not write."""
+    match = _FILE_NAME.match(Path(path).name)
+    if not match or match["cls"] not in CLASSES or file_name(match["cls"], int(match["idx"])) != Path(path).name:
+        raise ValueError(f"{Path(path).name!r} is not a file name of the sample generator")
+    return match["cls"], int(match["idx"])
+
+
+def shape_mask(name: str, index: int, *, seed: int = 0) -> np.ndarray:
+    """Where the class's foreground is in image ``index`` of class ``name`` (as :func:`generate`
+    writes it with ``seed``): (height, width) float32 in [0, 1], the image's own size. The image
+    is redrawn from its seed, so no mask needs storing."""
+    rng, _, size = _image_start(name, index, seed)
+    return draw_with_mask(name, rng, size)[1]
+
+
+def write_masks(out_dir: Path, *, per_class: int = 48, seed: int = 0,
+                classes: Sequence[str] = CLASSES) -> list[Path]:
+    """Write every image's mask as ``out_dir/<class>/<class>_<NNN>.png`` (8-bit grey, 255 = all
+    foreground), for the collection :func:`generate` writes with the same arguments. Kept apart
+    from the images so that indexing the collection never sees them."""
+    out_dir = Path(out_dir)
+    written = []
+    for name in classes:
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            path = out_dir / name / f"{name}_{i:03d}.png"
+            mask = shape_mask(name, i, seed=seed)
+            Image.fromarray((mask * 255).round().astype(np.uint8)).save(path, "PNG", optimize=True)
             written.append(path)
     return sorted(written)
 
@@ -283,9 +355,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("sample_data"), help="output folder")
     parser.add_argument("--per-class", type=int, default=48, help="images per class")
     parser.add_argument("--seed", type=int, default=0, help="collection seed")
+    parser.add_argument("--masks", type=Path, default=None,
+                        help="also write each image's foreground mask under this folder")
     args = parser.parse_args(argv)
     paths = generate(args.out, per_class=args.per_class, seed=args.seed)
     print(f"wrote {len(paths)} images to {args.out}")
+    if args.masks:
+        masks = write_masks(args.masks, per_class=args.per_class, seed=args.seed)
+        print(f"wrote {len(masks)} masks to {args.masks}")
 
 
 if __name__ == "__main__":
