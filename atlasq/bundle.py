@@ -29,6 +29,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -161,7 +162,7 @@ def _compact_placement(atlas, scratch: Path, progress: bool) -> tuple[dict[str, 
 
     activations = atlas.activations()
     with stderr.status(f"training a compact placement index on {len(activations):,} reference activations…") \
-            if progress else _nothing():
+            if progress else nullcontext():
         index = compact_reference_index(unit_rows(activations))
         search = ReferenceSearch(atlas, index)  # learns the off-atlas threshold through this index
     index_name, record_name = atlas.files.placement_names()
@@ -172,14 +173,6 @@ def _compact_placement(atlas, scratch: Path, progress: bool) -> tuple[dict[str, 
     facts = {"kind": search.kind, "threshold": search.threshold, "index_bytes": (scratch / "placement.index").stat().st_size,
              "raw_activations_bytes": int(activations.nbytes)}
     return {index_name: scratch / "placement.index", record_name: scratch / "placement.record"}, facts
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------- import
