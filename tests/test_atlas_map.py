@@ -409,6 +409,14 @@ def test_counts_leave_icons_as_they_are_and_zero_cells_stand_apart(badge_map, pl
             view = m.fresh()
             shots[style] = (view, m.screenshot())
             shots[style][1].save(SCREENSHOTS / f"atlas_map_{style}.png")
+        # the heat layer's switch, in the legend, turns it off in the browser (no rerun)
+        heat.page.locator(".aq-heat-on").uncheck()
+        heat.page.wait_for_timeout(100)
+        shots["heat off"] = (heat.view(), heat.screenshot())
+        heat.page.locator(".aq-heat-on").check()
+        heat.page.locator(".aq-heat-opacity").fill("0.2")
+        heat.page.wait_for_timeout(100)
+        shots["heat 0.2"] = (heat.view(), heat.screenshot())
     finally:
         heat.page.close()
     cells = MapPage.visible_cells(shots["off"][0], atlas, 10)
@@ -432,3 +440,6 @@ def test_counts_leave_icons_as_they_are_and_zero_cells_stand_apart(badge_map, pl
     # the heat layer does tint (at the chosen opacity), and leaves zero cells as the badge style does
     assert np.mean([np.abs(pixels("heat", c) - pixels("off", c)).mean() for c in some]) > 15
     assert np.abs(pixels("heat", zero[0]) - pixels("badge", zero[0])).mean() < 2
+    tint = {style: np.mean([np.abs(pixels(style, c) - pixels("off", c)).mean() for c in some])
+            for style in ("heat", "heat 0.2", "heat off")}
+    assert tint["heat off"] < 2 and 2 < tint["heat 0.2"] < 0.6 * tint["heat"], tint

@@ -57,13 +57,18 @@ class AtlasMap {
         </div>
         <div class="aq-tip" hidden></div><div class="aq-box" hidden></div></div>
       <div class="aq-legend"><span class="aq-title"></span><canvas class="aq-ramp" width="160" height="12"></canvas>
-        <span class="aq-ticks"></span><span class="aq-zero"></span><span class="aq-status"></span></div>`;
+        <span class="aq-ticks"></span><span class="aq-zero"></span>
+        <label class="aq-heat" hidden><input type="checkbox" class="aq-heat-on" checked> heat layer
+          <input type="range" class="aq-heat-opacity" min="0" max="1" step="0.05" aria-label="heat layer opacity"></label>
+        <span class="aq-status"></span></div>`;
     parent.appendChild(this.root);
     const q = (s) => this.root.querySelector(s);
     [this.stage, this.canvas, this.tip, this.box] = [q(".aq-stage"), q(".aq-canvas"), q(".aq-tip"), q(".aq-box")];
     this.ctx = this.canvas.getContext("2d");
     this.legend = { title: q(".aq-title"), ramp: q(".aq-ramp"), ticks: q(".aq-ticks"), zero: q(".aq-zero"),
-                    status: q(".aq-status") };
+                    status: q(".aq-status"), heat: q(".aq-heat"), heatOn: q(".aq-heat-on"),
+                    heatOpacity: q(".aq-heat-opacity") };
+    this.heat = { on: true, opacity: 0.5, given: null };
     this.view = { zoom: 1, cx: 0.5, cy: 0.5 };
     this.selected = new Map();  // key -> [level, i, j]
     this.clicked = null;
@@ -88,16 +93,19 @@ class AtlasMap {
     this.setStateValue = setStateValue;
     this.data = data;
     this.root.style.setProperty("--aq-height", `${data.height}px`);
+    if (data.heat_opacity !== this.heat.given) {  // the page's setting, until the slider moves it
+      this.heat = { on: true, opacity: data.heat_opacity, given: data.heat_opacity };
+      this.legend.heatOn.checked = true;
+      this.legend.heatOpacity.value = data.heat_opacity;
+    }
     const old = new Map(this.levels.map((l) => [l.size, l]));
     this.levels = data.levels.map((spec) => {
       const level = old.get(spec.size) || { size: spec.size };
-      if (level.mosaicUrl !== spec.mosaic) {
+      if (level.mosaicUrl !== spec.mosaic) {  // fetched when first needed (see need())
         level.mosaicUrl = spec.mosaic;
         level.image = null;
+        level.requested = null;
         level.tile = spec.tile;
-        const image = new Image();
-        image.onload = () => { if (level.mosaicUrl === spec.mosaic) { level.image = image; this.draw(); } };
-        image.src = spec.mosaic;
       }
       if (level.cellsUrl !== spec.cells) {
         level.cellsUrl = spec.cells;
@@ -190,10 +198,25 @@ class AtlasMap {
     this.clampCentre();
     this.draw();
   }
+  // A level's mosaic (megabytes at 80×80) is fetched only once the zoom asks for that level or
+  // the next coarser one, so a view that stays zoomed out never downloads the fine levels.
+  need(size) {
+    const sizes = this.sizes(), k = sizes.indexOf(size);
+    for (const level of this.levels) {
+      const n = sizes.indexOf(level.size);
+      if (n > k + 1 || level.requested === level.mosaicUrl) continue;
+      const url = level.mosaicUrl, image = new Image();
+      level.requested = url;
+      image.onload = () => { if (level.mosaicUrl === url) { level.image = image; this.draw(); } };
+      image.src = url;
+    }
+  }
+
   // the level drawn now: the one the zoom asks for once its mosaic and cells are in, else the
   // nearest coarser one that is (then the finer one replaces it when it arrives)
   drawnLevel() {
     const want = this.levelFor(this.view.zoom);
+    this.need(want);
     const ready = this.levels.filter((l) => l.image && l.cells).sort((a, b) => a.size - b.size);
     return ready.filter((l) => l.size <= want).pop() || ready[0] || null;
   }
@@ -267,8 +290,8 @@ class AtlasMap {
         ctx.drawImage(level.image, j * t + crop, i * t + crop, t - 2 * crop, t - 2 * crop,
                       x + gap, y + gap, c - 2 * gap, c - 2 * gap);
         ctx.restore();
-        if (style === "heat" && tv !== null && !zero) {
-          ctx.fillStyle = rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, tv), this.data.heat_opacity);
+        if (style === "heat" && this.heat.on && tv !== null && !zero) {
+          ctx.fillStyle = rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, tv), this.heat.opacity);
           ctx.fillRect(x + gap, y + gap, c - 2 * gap, c - 2 * gap);
         }
         labelled.push([row, x, y, zero, tv]);
@@ -357,6 +380,7 @@ class AtlasMap {
     const level = drawn && drawn.cells ? drawn : this.levels.find((l) => l.cells && l.cells.overlay);
     const L = this.legend;
     if (!level || !level.cells.overlay || this.data.overlay_style === "off") {
+      L.heat.hidden = true;
       L.title.textContent = "";
       L.ramp.hidden = true;
       L.ticks.textContent = "";
@@ -364,6 +388,7 @@ class AtlasMap {
       return;
     }
     const o = level.cells.overlay, sc = level.scale;
+    L.heat.hidden = this.data.overlay_style !== "heat" || o.opacity_only;
     const fade = o.opacity_only || this.data.overlay_style === "fade";
     L.title.textContent = o.legend + (o.log && !o.diverging ? " (log scale)" : "");
     L.ramp.hidden = false;
@@ -503,6 +528,9 @@ class AtlasMap {
       };
       if (keys[e.key] && !e.altKey && !e.metaKey && !e.ctrlKey) { e.preventDefault(); keys[e.key](); }
     });
+    // the heat layer's switch and opacity act at once, in the browser
+    this.legend.heatOn.addEventListener("change", (e) => { this.heat.on = e.target.checked; this.draw(); });
+    this.legend.heatOpacity.addEventListener("input", (e) => { this.heat.opacity = +e.target.value; this.draw(); });
     q(".aq-in").addEventListener("click", () => this.zoomAt(1.5, this.width / 2, this.height / 2));
     q(".aq-out").addEventListener("click", () => this.zoomAt(1 / 1.5, this.width / 2, this.height / 2));
     q(".aq-reset").addEventListener("click", () => { this.view = { zoom: 1, cx: 0.5, cy: 0.5 }; this.draw(); });
