@@ -89,6 +89,11 @@ def test_state_given_by_the_app_and_sent_by_the_browser(monkeypatch):
     assert _current_state("m", [10, 20], given, sent).clicked == (10, 3, 3)  # a click wins
     # the app keeps passing its old state: the browser's latest stays
     assert _current_state("m", [10, 20], given, sent).clicked == (10, 3, 3)
+    # a link may carry anything: zoom and centre come back in range, a non-state is refused
+    assert MapState.from_dict({"level": 20, "zoom": -3, "center": [2, "nan"]}) == MapState(20, 1.0, (1.0, 0.5))
+    for bad in ({"zoom": 2}, {"level": 20, "selected": [[1, 2]]}, {"level": "x"}):
+        with pytest.raises(InvalidOptionError):
+            MapState.from_dict(bad)
     changed = {**given, "selected": [[20, 5, 5]]}
     assert _current_state("m", [10, 20], changed, sent).selected == ((20, 5, 5),)  # the app's change wins
     assert _current_state("m", [10, 20], changed, sent).selected == ((20, 5, 5),)
@@ -353,15 +358,20 @@ def test_fullscreen_clicks_land_on_the_cell_drawn_there(plain_map, atlas):
 
 def test_a_given_state_is_restored_and_the_keyboard_zooms_pans_and_resets(browser, map_url, atlas):
     cells = atlas.cells_at(20)
-    picked = (20, cells["i"][0], cells["j"][0])
-    given = MapState(20, 2.5, (0.4, 0.6), (picked,), picked)
+    centred, other = (20, cells["i"][0], cells["j"][0]), (20, cells["i"][1], cells["j"][1])
+    centre = ((centred[2] + 0.5) / 20, (centred[1] + 0.5) / 20)
+    given = MapState(20, 2.5, centre, (other,), None)
     m = MapPage(browser, map_url, "?state=" + urllib.parse.quote(json.dumps(given.to_dict())), level=20)
     try:
-        restored = m.view()  # as a link would open it: that zoom, centre and level
-        assert (restored["zoom"], restored["cx"], restored["cy"], restored["level"]) == (2.5, 0.4, 0.6, 20)
+        restored = m.view()  # as a link would open it: that zoom, centre, level and selection
+        assert (restored["zoom"], restored["level"]) == (2.5, 20)
+        assert abs(restored["cx"] - centre[0]) < 1e-4 and abs(restored["cy"] - centre[1]) < 1e-4
         assert m.root.evaluate("e => e.querySelector('.aq-status').textContent").endswith("1 selected")
-        m.page.keyboard.press("0")  # (the page gets focus with the first key)
         m.root.focus()
+        runs = m.state()["runs"]
+        m.page.keyboard.press("Enter")  # selects the cell at the centre of the view
+        state = m.state(runs)["state"]
+        assert state["clicked"] == list(centred) and state["selected"] == [list(centred)]
         m.page.keyboard.press("0")
         assert m.view()["zoom"] == 1 and m.view()["level"] == 10
         for _ in range(10):

@@ -85,11 +85,23 @@ class MapState:
 
     @classmethod
     def from_dict(cls, value: Mapping) -> "MapState":
-        clicked = value.get("clicked")
-        return cls(level=int(value["level"]), zoom=float(value.get("zoom", 1.0)),
-                   center=tuple(float(c) for c in value.get("center", (0.5, 0.5)))[:2],
-                   selected=tuple(tuple(int(v) for v in c) for c in value.get("selected") or ()),
-                   clicked=tuple(int(v) for v in clicked) if clicked else None)
+        """The state ``to_dict`` wrote (or the browser sent); zoom and centre are brought into range
+        (a link may carry anything). Raises ``InvalidOptionError`` for what is not a state at all."""
+        try:
+            clicked = value.get("clicked")
+            zoom = float(value.get("zoom", 1.0))
+            x, y = (float(c) for c in value.get("center", (0.5, 0.5)))
+            selected = tuple(_cell(c) for c in value.get("selected") or ())
+            return cls(level=int(value["level"]), zoom=max(zoom, 1.0) if math.isfinite(zoom) else 1.0,
+                       center=tuple(min(max(c, 0.0), 1.0) if math.isfinite(c) else 0.5 for c in (x, y)),
+                       selected=selected, clicked=_cell(clicked) if clicked else None)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidOptionError(f"not a map state: {value!r} ({exc})") from exc
+
+
+def _cell(value) -> tuple[int, int, int]:
+    level, i, j = (int(v) for v in value)
+    return level, i, j
 
 
 # ----------------------------------------------------------------------------- what the browser gets

@@ -48,7 +48,8 @@ class AtlasMap {
     this.root.className = "aq-map";
     this.root.tabIndex = 0;
     this.root.setAttribute("role", "application");
-    this.root.setAttribute("aria-label", "atlas map: wheel or +/- to zoom, drag or arrows to pan, click to select");
+    this.root.setAttribute("aria-label", "atlas map: wheel or +/- to zoom, drag or arrows to pan, 0 to reset, " +
+                          "click or Enter (the centre cell) to select, shift to add, shift-drag for a box, Escape to clear");
     this.root.innerHTML = `
       <div class="aq-stage"><canvas class="aq-canvas"></canvas>
         <div class="aq-tools">
@@ -401,8 +402,7 @@ class AtlasMap {
     const fmt = (v) => (counts || Math.abs(v) >= 100 ? compact(Math.round(v)) : Math.abs(v) >= 10 ? v.toFixed(0)
                         : v.toFixed(Math.abs(v) >= 1 ? 1 : 2));
     if (o.diverging) L.ticks.textContent = `${fmt(sc.low)} … 0 … +${fmt(sc.high)}`;
-    else L.ticks.textContent = `${fmt(sc.unshow(sc.low))} … ${fmt(sc.unshow((sc.low + sc.high) / 2))} … ${fmt(sc.unshow(sc.high))}` +
-      (fade ? " (opacity)" : "");
+    else L.ticks.textContent = `${fmt(sc.unshow(sc.low))} … ${fmt(sc.unshow((sc.low + sc.high) / 2))} … ${fmt(sc.unshow(sc.high))}`;
     L.zero.textContent = o.diverging ? "no mark: not significant" : fade ? "" : "grey with 0: none of this dataset";
   }
 
@@ -499,17 +499,7 @@ class AtlasMap {
       const [px, py] = this.local(e);
       if (d.box && d.moved) { this.boxSelect(d.x, d.y, px, py); return; }
       if (d.moved) return;
-      const hit = this.cellAt(px, py);
-      if (!hit) return;
-      const cell = [hit.level.size, hit.i, hit.j], k = cellKey(...cell);
-      if (e.shiftKey || e.metaKey || e.ctrlKey) {
-        if (this.selected.has(k)) this.selected.delete(k); else this.selected.set(k, cell);
-      } else {
-        this.selected = new Map([[k, cell]]);
-        this.clicked = cell;
-      }
-      this.draw();
-      this.send();
+      this.select(this.cellAt(px, py), e.shiftKey || e.metaKey || e.ctrlKey);
     };
     c.addEventListener("pointerup", end);
     c.addEventListener("pointercancel", end);
@@ -525,7 +515,9 @@ class AtlasMap {
         ArrowLeft: () => this.pan(-step, 0), ArrowRight: () => this.pan(step, 0),
         ArrowUp: () => this.pan(0, -step), ArrowDown: () => this.pan(0, step),
         Escape: () => { if (this.selected.size) { this.selected.clear(); this.draw(); this.send(); } },
+        Enter: () => this.select(this.cellAt(this.width / 2, this.height / 2), e.shiftKey),
       };
+      if (e.target.closest && e.target.closest("button, input")) return;  // their own keys
       if (keys[e.key] && !e.altKey && !e.metaKey && !e.ctrlKey) { e.preventDefault(); keys[e.key](); }
     });
     // the heat layer's switch and opacity act at once, in the browser
@@ -542,6 +534,20 @@ class AtlasMap {
     // the stage's size changes on entering or leaving fullscreen; the ResizeObserver redraws and
     // every pointer position is read against the canvas's box at that moment, so clicks keep
     // landing on the cell drawn under them
+  }
+
+  // a plain click selects the cell alone and is the latest click; with shift it toggles the cell
+  select(hit, toggle) {
+    if (!hit) return;
+    const cell = [hit.level.size, hit.i, hit.j], k = cellKey(...cell);
+    if (toggle) {
+      if (this.selected.has(k)) this.selected.delete(k); else this.selected.set(k, cell);
+    } else {
+      this.selected = new Map([[k, cell]]);
+      this.clicked = cell;
+    }
+    this.draw();
+    this.send();
   }
 
   pan(dx, dy) {
