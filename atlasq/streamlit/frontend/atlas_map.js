@@ -9,7 +9,7 @@
 const SEQUENTIAL = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 const DIVERGING = [[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]];
 const SELECT = "#ff0050";
-const LEGEND_PX = 40;
+const BADGE_PX = 44;  // icons at least this wide carry their count as a number (12 px)
 
 function ramp(anchors, t) {
   t = Math.min(Math.max(t, 0), 1) * (anchors.length - 1);
@@ -338,8 +338,7 @@ class AtlasMap {
   }
 
   zeroMark(x, y, c) {
-    const size = c >= 48 ? 12 : 10;
-    if (c >= 30) this.pill("0", x + c - 3, y + c - size - 8, "rgba(110,110,110,0.9)", "#fff", size, "right");
+    if (c >= BADGE_PX) this.pill("0", x + c - 3, y + c - 20, "rgba(110,110,110,0.9)", "#fff", 12, "right");
   }
 
   badge(level, row, x, y, c, tv) {
@@ -353,8 +352,8 @@ class AtlasMap {
       ctx.fillStyle = rgb(colour);
       ctx.fillRect(x + 1, y + c - bar - 1, Math.max(2, (c - 2) * tv), bar);
     }
-    if (c < 30) return;
-    const v = level.cells.value[row], size = c >= 48 ? 12 : 10;
+    if (c < BADGE_PX) return;  // smaller icons keep only the bar: a number would hide them
+    const v = level.cells.value[row], size = 12;
     const text = o.diverging ? `${v > 0 ? "▲" : "▼"}×${Math.pow(2, Math.abs(v)).toFixed(1)}` : compact(level.cells.n[row]);
     // bottom right, above the bar: the top left holds the cell's coordinates and label
     this.pill(text, x + c - 3, y + c - bar - size - 8, rgb(colour, 0.92), ink(colour), size, "right");
