@@ -389,6 +389,21 @@ def test_a_given_state_is_restored_and_the_keyboard_zooms_pans_and_resets(browse
         m.page.keyboard.press("0")
         reset = m.view()
         assert reset["zoom"] == 1 and (reset["cx"], reset["cy"]) == (0.5, 0.5) and reset["level"] == 10
+        # a pinch: two touch pointers moving apart zoom in around their midpoint (no rerun)
+        runs = m.state()["runs"]
+        m.page.locator(".aq-canvas").evaluate("""c => {
+            const r = c.getBoundingClientRect(), x = r.left + r.width / 2, y = r.top + r.height / 2;
+            const send = (type, id, dx) => c.dispatchEvent(new PointerEvent(type, {pointerId: id,
+                pointerType: "touch", clientX: x + dx, clientY: y, bubbles: true}));
+            send("pointerdown", 11, -20); send("pointerdown", 12, 20);
+            for (const d of [40, 60, 80]) { send("pointermove", 11, -d); send("pointermove", 12, d); }
+            send("pointerup", 11, -80); send("pointerup", 12, 80);
+        }""")
+        pinched = m.view()
+        assert 3.5 < pinched["zoom"] < 4.5 and abs(pinched["cx"] - 0.5) < 0.02, pinched  # 160 / 40 px apart
+        m.page.keyboard.press("0")
+        reset = m.view()
+        assert m.state()["runs"] == runs
         # the view is Python's only after a click; the app's state, given unchanged, does not move it back
         state = m.click(reset, 10, m.visible_cells(reset, atlas, 10)[0])
         assert state["zoom"] == 1 and state["level"] == 10 and m.view()["zoom"] == 1

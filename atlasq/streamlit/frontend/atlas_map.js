@@ -449,7 +449,7 @@ class AtlasMap {
       this.showTip(px, py);
     }, { passive: false });
     c.addEventListener("pointerdown", (e) => {
-      c.setPointerCapture(e.pointerId);
+      try { c.setPointerCapture(e.pointerId); } catch (error) { /* a pointer the browser no longer tracks */ }
       this.root.focus({ preventScroll: true });
       const [px, py] = this.local(e);
       this.pointers.set(e.pointerId, [px, py]);
