@@ -1,5 +1,6 @@
-"""The zoomable atlas map (atlasq.streamlit.atlas_map, in atlasq/streamlit/map_component.py): what it sends, and, in headless Chromium,
-that zooming switches levels and every click or selection names the cell drawn under the pointer.
+"""The zoomable atlas map (atlasq.streamlit.atlas_map, in atlasq/streamlit/map_component.py): what
+it sends, and, in headless Chromium, that zooming switches levels and every click or selection
+names the cell drawn under the pointer.
 
 The browser tests serve tests/apps/atlas_map_app.py (the map alone, over the session's
 ``atlas_home`` atlas: levels 10 and 20; every third cell's count set to 0) and drive Debian's
