@@ -49,18 +49,21 @@ class AtlasMap {
     this.root.tabIndex = 0;
     this.root.setAttribute("role", "application");
     this.root.setAttribute("aria-label", "atlas map: wheel or +/- to zoom, drag or arrows to pan, 0 to reset, " +
-                          "click or Enter (the centre cell) to select, shift to add, shift-drag for a box, Escape to clear");
+                          "click or Enter (the centre cell) to select, shift to add, shift-drag for a box, " +
+                          "Escape to clear");
     this.root.innerHTML = `
       <div class="aq-stage"><canvas class="aq-canvas"></canvas>
         <div class="aq-tools">
           <button class="aq-in" title="zoom in (+)">+</button><button class="aq-out" title="zoom out (−)">−</button>
-          <button class="aq-reset" title="whole atlas (0)">⟲</button><button class="aq-full" title="fullscreen">⤢</button>
+          <button class="aq-reset" title="whole atlas (0)">⟲</button>
+          <button class="aq-full" title="fullscreen">⤢</button>
         </div>
         <div class="aq-tip" hidden></div><div class="aq-box" hidden></div></div>
       <div class="aq-legend"><span class="aq-title"></span><canvas class="aq-ramp" width="160" height="12"></canvas>
         <span class="aq-ticks"></span><span class="aq-zero"></span>
         <label class="aq-heat" hidden><input type="checkbox" class="aq-heat-on" checked> heat layer
-          <input type="range" class="aq-heat-opacity" min="0" max="1" step="0.05" aria-label="heat layer opacity"></label>
+          <input type="range" class="aq-heat-opacity" min="0" max="1" step="0.05"
+                 aria-label="heat layer opacity"></label>
         <span class="aq-status"></span></div>`;
     parent.appendChild(this.root);
     const q = (s) => this.root.querySelector(s);
@@ -247,8 +250,19 @@ class AtlasMap {
   }
 
   draw() {
+    this.publish();
     if (this.frame) return;
     this.frame = requestAnimationFrame(() => { this.frame = null; this.paint(); });
+  }
+
+  // the view on the element, at once (tests and page scripts read it; the frame comes later)
+  publish() {
+    if (!this.width || !this.data) return;
+    const level = this.drawnLevel();
+    this.root.dataset.level = level ? level.size : "";
+    this.root.dataset.wanted = this.levelFor(this.view.zoom);
+    this.root.dataset.zoom = this.view.zoom.toFixed(4);
+    this.root.dataset.center = `${this.view.cx.toFixed(5)},${this.view.cy.toFixed(5)}`;
   }
 
   paint() {
@@ -259,10 +273,7 @@ class AtlasMap {
     ctx.fillRect(0, 0, w, h);
     const level = this.drawnLevel();
     const want = this.levelFor(this.view.zoom);
-    this.root.dataset.level = level ? level.size : "";
-    this.root.dataset.wanted = want;
-    this.root.dataset.zoom = this.view.zoom.toFixed(4);
-    this.root.dataset.center = `${this.view.cx.toFixed(5)},${this.view.cy.toFixed(5)}`;
+    this.publish();
     if (!level) { this.status("loading the atlas…"); return; }
     if (level !== this.legendLevel) { this.legendLevel = level; this.drawLegend(); }
     const g = level.size, c = this.scale() / g;
@@ -354,7 +365,8 @@ class AtlasMap {
     }
     if (c < BADGE_PX) return;  // smaller icons keep only the bar: a number would hide them
     const v = level.cells.value[row], size = 12;
-    const text = o.diverging ? `${v > 0 ? "▲" : "▼"}×${Math.pow(2, Math.abs(v)).toFixed(1)}` : compact(level.cells.n[row]);
+    const text = o.diverging ? `${v > 0 ? "▲" : "▼"}×${Math.pow(2, Math.abs(v)).toFixed(1)}`
+                             : compact(level.cells.n[row]);
     // bottom right, above the bar: the top left holds the cell's coordinates and label
     this.pill(text, x + c - 3, y + c - bar - size - 8, rgb(colour, 0.92), ink(colour), size, "right");
   }
@@ -394,14 +406,18 @@ class AtlasMap {
     L.ramp.hidden = false;
     const ctx = L.ramp.getContext("2d");
     for (let x = 0; x < 160; x++) {
-      ctx.fillStyle = fade ? `rgba(40,40,40,${0.12 + 0.88 * x / 159})` : rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, x / 159));
+      ctx.fillStyle = fade ? `rgba(40,40,40,${0.12 + 0.88 * x / 159})`
+                           : rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, x / 159));
       ctx.fillRect(x, 0, 1, 12);
     }
     const counts = !o.diverging && !o.opacity_only;
     const fmt = (v) => (counts || Math.abs(v) >= 100 ? compact(Math.round(v)) : Math.abs(v) >= 10 ? v.toFixed(0)
                         : v.toFixed(Math.abs(v) >= 1 ? 1 : 2));
     if (o.diverging) L.ticks.textContent = `${fmt(sc.low)} … 0 … +${fmt(sc.high)}`;
-    else L.ticks.textContent = `${fmt(sc.unshow(sc.low))} … ${fmt(sc.unshow((sc.low + sc.high) / 2))} … ${fmt(sc.unshow(sc.high))}`;
+    else {
+      const [low, mid, high] = [sc.low, (sc.low + sc.high) / 2, sc.high].map((v) => fmt(sc.unshow(v)));
+      L.ticks.textContent = `${low} … ${mid} … ${high}`;
+    }
     L.zero.textContent = o.diverging ? "no mark: not significant" : fade ? "" : "grey with 0: none of this dataset";
   }
 
@@ -418,10 +434,12 @@ class AtlasMap {
       const n = cells.n[r];
       lines.push(`activations: <b>${n.toLocaleString()}</b>`);
       if (cells.images[r] !== null) lines.push(`distinct images: <b>${cells.images[r].toLocaleString()}</b>`);
-      if (o.total) lines.push(`share of the dataset: <b>${(100 * n / o.total).toFixed(n && n / o.total < 0.001 ? 3 : 1)}%</b>`);
+      const share = o.total ? n / o.total : null;
+      if (share !== null) lines.push(`share of the dataset: <b>${(100 * share).toFixed(n && share < 0.001 ? 3 : 1)}%</b>`);
       const v = cells.value[r];
       if (o.diverging) lines.push(v === null ? "no significant difference" :
-        `log2 share ratio <b>${v > 0 ? "+" : ""}${v.toFixed(2)}</b> (${Math.pow(2, Math.abs(v)).toFixed(1)}× ${v > 0 ? "more" : "less"})`);
+        `log2 share ratio <b>${v > 0 ? "+" : ""}${v.toFixed(2)}</b> ` +
+        `(${Math.pow(2, Math.abs(v)).toFixed(1)}× ${v > 0 ? "more" : "less"})`);
       else if (o.opacity_only) lines.push(`${escapeHtml(o.legend)}: <b>${v === null ? "–" : v.toFixed(3)}</b>`);
     }
     lines.push(`reference activations: ${cells.ref[r].toLocaleString()}`);
@@ -502,7 +520,10 @@ class AtlasMap {
     };
     c.addEventListener("pointerup", end);
     c.addEventListener("pointercancel", end);
-    c.addEventListener("pointerleave", () => { this.tip.hidden = true; if (this.hover) { this.hover = null; this.draw(); } });
+    c.addEventListener("pointerleave", () => {
+      this.tip.hidden = true;
+      if (this.hover) { this.hover = null; this.draw(); }
+    });
     this.root.addEventListener("keydown", (e) => {
       const step = 0.15 / this.view.zoom;
       const keys = {
@@ -583,7 +604,8 @@ class AtlasMap {
 }
 
 function escapeHtml(text) {
-  return String(text).replace(/[&<>"']/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[ch]));
+  const entities = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+  return String(text).replace(/[&<>"']/g, (ch) => entities[ch]);
 }
 
 const maps = new WeakMap();
