@@ -11,6 +11,10 @@ matters here), and places the index on it. Then, in this process:
   store), then a rerun that changes nothing: the same, with the mosaics already encoded. The
   browser fetches a mosaic or cells file only when its URL changes, so a rerun sends the URLs.
 
+The sample keeps only a hundred-odd cells at 80×80, so the same is measured again on a stand-in
+atlas with every cell of 20×20, 40×40 and 80×80 kept (12,400 cells) and mosaics of smooth noise
+at 51 px a tile (as ``atlasq.atlas`` caps an 80×80 mosaic): the ``full_`` lines.
+
     python bench/atlas_map.py [--repeat 5]
 
 Prints name=value lines; the ratios compare with the baseline measured in the same run.
@@ -49,6 +53,67 @@ def prepare() -> None:
         histogram("levels80", "sample", home=WORK)
 
 
+class FullAtlas:
+    """Duck-typed stand-in for :class:`atlasq.atlas.Atlas` with every cell kept (see the docstring)."""
+
+    name = "full"
+    levels = [20, 40, 80]
+
+    def __init__(self, folder: Path):
+        import numpy as np
+        from PIL import Image
+
+        self.folder = folder
+        rng = np.random.default_rng(0)
+        for g in self.levels:
+            path = folder / f"mosaic_{g}.png"
+            if not path.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                side = 4080 if g == 80 else g * 80
+                small = Image.fromarray(rng.integers(0, 255, (side // 8, side // 8, 3), dtype=np.uint8))
+                small.resize((side, side), Image.Resampling.BICUBIC).save(path)
+
+    def tiles_path(self, level: int, tiles: str = "icons") -> Path:
+        return self.folder / f"mosaic_{level}.png"
+
+    def cells_at(self, level: int) -> dict:
+        i = [k // level for k in range(level * level)]
+        j = [k % level for k in range(level * level)]
+        n = [((a * 7 + b * 13) % 50) * 10 for a, b in zip(i, j)]  # some cells 0, the others up to 490
+        return {"i": i, "j": j, "count": n, "top_labels": [["stripes", "waves", "red_discs"]] * len(n),
+                "top_scores": [[0.3, 0.1, -0.2]] * len(n)}
+
+
+def measure(atlas, overlays, level: int, repeat: int) -> dict:
+    """The figures of one atlas (see the docstring)."""
+    from streamlit.runtime.media_file_storage import MediaFileKind
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    storage = MemoryMediaFileStorage("media")
+    sent: dict[str, int] = {}
+
+    def register(data: bytes, mimetype: str, name: str) -> str:
+        sent[name] = len(data)
+        return storage.get_url(storage.load_and_get_id(data, mimetype, MediaFileKind.MEDIA))
+
+    def old_rerun() -> str:
+        return appdata.data_uri(appdata.atlas_picture(atlas, level, overlays[level]))
+
+    def map_rerun() -> str:
+        levels = amap.map_payload(atlas, overlays, register=register)
+        return json.dumps({"levels": levels, "state": None, "overlay_style": "badge"})
+
+    baseline_s, picture = timed(old_rerun, repeat)
+    amap._mosaic_jpeg.cache_clear()
+    first_s, _ = timed(map_rerun, 1)
+    first_bytes = sum(sent.values())
+    rerun_s, message = timed(map_rerun, repeat)
+    return {"cells": sum(len(atlas.cells_at(g)["i"]) for g in atlas.levels), "baseline_rerun_s": baseline_s,
+            "baseline_rerun_bytes": len(picture), "map_first_draw_s": first_s, "map_first_draw_bytes": first_bytes,
+            "map_rerun_s": rerun_s, "map_rerun_bytes": len(message), "rerun_time_ratio": rerun_s / baseline_s,
+            "rerun_bytes_ratio": len(message) / len(picture)}
+
+
 def timed(function, repeat: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeat):
@@ -63,41 +128,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     prepare()
-    from streamlit.runtime.media_file_storage import MediaFileKind
-    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
-
     atlas = load_atlas("levels80", WORK)
     overlays = {g: appdata.overlay_counts(atlas, "sample", g, home=WORK) for g in atlas.levels}
-    cells80 = len(atlas.cells_at(80)["i"])
-    storage = MemoryMediaFileStorage("media")
-    sent: dict[str, int] = {}
-
-    def register(data: bytes, mimetype: str, name: str) -> str:
-        sent[name] = len(data)
-        return storage.get_url(storage.load_and_get_id(data, mimetype, MediaFileKind.MEDIA))
-
-    def old_rerun() -> str:
-        return appdata.data_uri(appdata.atlas_picture(atlas, 80, overlays[80]))
-
-    def map_rerun() -> str:
-        levels = amap.map_payload(atlas, overlays, register=register)
-        return json.dumps({"levels": levels, "state": None, "overlay_style": "badge"})
-
-    baseline_s, picture = timed(old_rerun, args.repeat)
-    amap._mosaic_jpeg.cache_clear()
-    first_s, _ = timed(map_rerun, 1)
-    first_bytes = sum(sent.values())
-    rerun_s, message = timed(map_rerun, args.repeat)
+    full = FullAtlas(WORK / "full_atlas")
+    full_overlays = {}
+    for g in full.levels:
+        cells = full.cells_at(g)
+        full_overlays[g] = appdata.CellOverlay(
+            [{"i": i, "j": j, "value": float(n), "count": n, "images": n // 2, "top_labels": ["stripes"]}
+             for i, j, n in zip(cells["i"], cells["j"], cells["count"])], log=True, legend="activations per cell")
     print(f"levels={','.join(map(str, atlas.levels))}")
-    print(f"cells_80={cells80}")
-    print(f"baseline_rerun_s={baseline_s:.4f}")
-    print(f"baseline_rerun_bytes={len(picture)}")
-    print(f"map_first_draw_s={first_s:.4f}")
-    print(f"map_first_draw_bytes={first_bytes}")
-    print(f"map_rerun_s={rerun_s:.4f}")
-    print(f"map_rerun_bytes={len(message)}")
-    print(f"rerun_time_ratio={rerun_s / baseline_s:.3f}")
-    print(f"rerun_bytes_ratio={len(message) / len(picture):.4f}")
+    for prefix, figures in (("", measure(atlas, overlays, 80, args.repeat)),
+                            ("full_", measure(full, full_overlays, 80, args.repeat))):
+        for name, value in figures.items():
+            print(f"{prefix}{name}={value:.4f}" if isinstance(value, float) else f"{prefix}{name}={value}")
 
 
 if __name__ == "__main__":

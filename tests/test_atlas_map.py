@@ -1,5 +1,6 @@
-"""The zoomable atlas map (atlasq.streamlit.atlas_map, in atlasq/streamlit/map_component.py): what it sends, and, in headless Chromium,
-that zooming switches levels and every click or selection names the cell drawn under the pointer.
+"""The zoomable atlas map (atlasq.streamlit.atlas_map, in atlasq/streamlit/map_component.py): what
+it sends, and, in headless Chromium, that zooming switches levels and every click or selection
+names the cell drawn under the pointer.
 
 The browser tests serve tests/apps/atlas_map_app.py (the map alone, over the session's
 ``atlas_home`` atlas: levels 10 and 20; every third cell's count set to 0) and drive Debian's
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -88,6 +90,11 @@ def test_state_given_by_the_app_and_sent_by_the_browser(monkeypatch):
     assert _current_state("m", [10, 20], given, sent).clicked == (10, 3, 3)  # a click wins
     # the app keeps passing its old state: the browser's latest stays
     assert _current_state("m", [10, 20], given, sent).clicked == (10, 3, 3)
+    # a link may carry anything: zoom and centre come back in range, a non-state is refused
+    assert MapState.from_dict({"level": 20, "zoom": -3, "center": [2, "nan"]}) == MapState(20, 1.0, (1.0, 0.5))
+    for bad in ({"zoom": 2}, {"level": 20, "selected": [[1, 2]]}, {"level": "x"}):
+        with pytest.raises(InvalidOptionError):
+            MapState.from_dict(bad)
     changed = {**given, "selected": [[20, 5, 5]]}
     assert _current_state("m", [10, 20], changed, sent).selected == ((20, 5, 5),)  # the app's change wins
     assert _current_state("m", [10, 20], changed, sent).selected == ((20, 5, 5),)
@@ -170,11 +177,11 @@ def atlas(atlas_home):
 class MapPage:
     """One browser page showing the test app's map, with the map's geometry read from the page."""
 
-    def __init__(self, browser, url: str, query: str = ""):
+    def __init__(self, browser, url: str, query: str = "", level: int = 10):
         self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
         self.page.goto(f"{url}/{query}")
         self.root = self.page.locator(".aq-map")
-        self.page.wait_for_selector(".aq-map[data-level='10']", timeout=120_000)
+        self.page.wait_for_selector(f".aq-map[data-level='{level}']", timeout=120_000)
         self.page.wait_for_timeout(300)  # the first frame after the mosaic arrived
 
     def fresh(self) -> dict:
@@ -350,24 +357,59 @@ def test_fullscreen_clicks_land_on_the_cell_drawn_there(plain_map, atlas):
         m.page.evaluate("() => document.fullscreenElement && document.exitFullscreen()")
 
 
-def test_keyboard_zooms_pans_and_resets(badge_map):
-    m = badge_map
-    m.fresh()
-    for _ in range(10):
-        if m.view()["level"] == 20:
-            break
-        m.page.keyboard.press("+")
-    zoomed = m.view()
-    assert zoomed["level"] == 20 and zoomed["scale"] / 20 >= MIN_ICON_PX
-    m.page.keyboard.press("ArrowRight")
-    m.page.keyboard.press("ArrowDown")
-    panned = m.view()
-    assert panned["cx"] > zoomed["cx"] and panned["cy"] > zoomed["cy"] and panned["zoom"] == zoomed["zoom"]
-    m.page.keyboard.press("-")
-    assert m.view()["zoom"] < panned["zoom"]
-    m.page.keyboard.press("0")
-    reset = m.view()
-    assert reset["zoom"] == 1 and (reset["cx"], reset["cy"]) == (0.5, 0.5) and reset["level"] == 10
+def test_a_given_state_is_restored_and_the_keyboard_zooms_pans_and_resets(browser, map_url, atlas):
+    cells = atlas.cells_at(20)
+    centred, other = (20, cells["i"][0], cells["j"][0]), (20, cells["i"][1], cells["j"][1])
+    centre = ((centred[2] + 0.5) / 20, (centred[1] + 0.5) / 20)
+    given = MapState(20, 2.5, centre, (other,), None)
+    m = MapPage(browser, map_url, "?state=" + urllib.parse.quote(json.dumps(given.to_dict())), level=20)
+    try:
+        restored = m.view()  # as a link would open it: that zoom, centre, level and selection
+        assert (restored["zoom"], restored["level"]) == (2.5, 20)
+        assert abs(restored["cx"] - centre[0]) < 1e-4 and abs(restored["cy"] - centre[1]) < 1e-4
+        assert m.root.evaluate("e => e.querySelector('.aq-status').textContent").endswith("1 selected")
+        m.root.focus()
+        runs = m.state()["runs"]
+        m.page.keyboard.press("Enter")  # selects the cell at the centre of the view
+        state = m.state(runs)["state"]
+        assert state["clicked"] == list(centred) and state["selected"] == [list(centred)]
+        m.page.keyboard.press("0")
+        assert m.view()["zoom"] == 1 and m.view()["level"] == 10
+        for _ in range(10):
+            if m.view()["level"] == 20:
+                break
+            m.page.keyboard.press("+")
+        zoomed = m.view()
+        assert zoomed["level"] == 20 and zoomed["scale"] / 20 >= MIN_ICON_PX
+        m.page.keyboard.press("ArrowRight")
+        m.page.keyboard.press("ArrowDown")
+        panned = m.view()
+        assert panned["cx"] > zoomed["cx"] and panned["cy"] > zoomed["cy"] and panned["zoom"] == zoomed["zoom"]
+        m.page.keyboard.press("-")
+        assert m.view()["zoom"] < panned["zoom"]
+        m.page.keyboard.press("0")
+        reset = m.view()
+        assert reset["zoom"] == 1 and (reset["cx"], reset["cy"]) == (0.5, 0.5) and reset["level"] == 10
+        # a pinch: two touch pointers moving apart zoom in around their midpoint (no rerun)
+        runs = m.state()["runs"]
+        m.page.locator(".aq-canvas").evaluate("""c => {
+            const r = c.getBoundingClientRect(), x = r.left + r.width / 2, y = r.top + r.height / 2;
+            const send = (type, id, dx) => c.dispatchEvent(new PointerEvent(type, {pointerId: id,
+                pointerType: "touch", clientX: x + dx, clientY: y, bubbles: true}));
+            send("pointerdown", 11, -20); send("pointerdown", 12, 20);
+            for (const d of [40, 60, 80]) { send("pointermove", 11, -d); send("pointermove", 12, d); }
+            send("pointerup", 11, -80); send("pointerup", 12, 80);
+        }""")
+        pinched = m.view()
+        assert 3.5 < pinched["zoom"] < 4.5 and abs(pinched["cx"] - 0.5) < 0.02, pinched  # 160 / 40 px apart
+        m.page.keyboard.press("0")
+        reset = m.view()
+        assert m.state()["runs"] == runs
+        # the view is Python's only after a click; the app's state, given unchanged, does not move it back
+        state = m.click(reset, 10, m.visible_cells(reset, atlas, 10)[0])
+        assert state["zoom"] == 1 and state["level"] == 10 and m.view()["zoom"] == 1
+    finally:
+        m.page.close()
 
 
 def test_shift_click_and_shift_box_select_the_union(badge_map, atlas):
@@ -409,6 +451,14 @@ def test_counts_leave_icons_as_they_are_and_zero_cells_stand_apart(badge_map, pl
             view = m.fresh()
             shots[style] = (view, m.screenshot())
             shots[style][1].save(SCREENSHOTS / f"atlas_map_{style}.png")
+        # the heat layer's switch, in the legend, turns it off in the browser (no rerun)
+        heat.page.locator(".aq-heat-on").uncheck()
+        heat.page.wait_for_timeout(100)
+        shots["heat off"] = (heat.view(), heat.screenshot())
+        heat.page.locator(".aq-heat-on").check()
+        heat.page.locator(".aq-heat-opacity").fill("0.2")
+        heat.page.wait_for_timeout(100)
+        shots["heat 0.2"] = (heat.view(), heat.screenshot())
     finally:
         heat.page.close()
     cells = MapPage.visible_cells(shots["off"][0], atlas, 10)
@@ -432,3 +482,6 @@ def test_counts_leave_icons_as_they_are_and_zero_cells_stand_apart(badge_map, pl
     # the heat layer does tint (at the chosen opacity), and leaves zero cells as the badge style does
     assert np.mean([np.abs(pixels("heat", c) - pixels("off", c)).mean() for c in some]) > 15
     assert np.abs(pixels("heat", zero[0]) - pixels("badge", zero[0])).mean() < 2
+    tint = {style: np.mean([np.abs(pixels(style, c) - pixels("off", c)).mean() for c in some])
+            for style in ("heat", "heat 0.2", "heat off")}
+    assert tint["heat off"] < 2 and 2 < tint["heat 0.2"] < 0.6 * tint["heat"], tint

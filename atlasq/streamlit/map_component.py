@@ -15,8 +15,9 @@ What travels to the browser, and how often:
 
 - one mosaic picture per level (the atlas's own, downscaled so a tile is at most ``TILE_PX``) and
   one JSON file per level (cells, counts, labels), both registered with Streamlit's media store
-  under a name made from their content. The page's script loads each URL once and keeps it, so
-  a rerun that changes nothing re-sends only those URLs (about 1 kB), not pictures or cells;
+  under a name made from their content. The page's script loads each URL once and keeps it (a
+  level's mosaic only when the zoom comes near that level), so a rerun that changes nothing
+  re-sends only those URLs (about 1 kB), not pictures or cells (``bench/atlas_map.py``);
 - the view to restore (``state``) and the drawing options.
 
 Why a custom component rather than pydeck or a chart: the map needs per-cell drawing that depends
@@ -85,11 +86,23 @@ class MapState:
 
     @classmethod
     def from_dict(cls, value: Mapping) -> "MapState":
-        clicked = value.get("clicked")
-        return cls(level=int(value["level"]), zoom=float(value.get("zoom", 1.0)),
-                   center=tuple(float(c) for c in value.get("center", (0.5, 0.5)))[:2],
-                   selected=tuple(tuple(int(v) for v in c) for c in value.get("selected") or ()),
-                   clicked=tuple(int(v) for v in clicked) if clicked else None)
+        """The state ``to_dict`` wrote (or the browser sent); zoom and centre are brought into range
+        (a link may carry anything). Raises ``InvalidOptionError`` for what is not a state at all."""
+        try:
+            clicked = value.get("clicked")
+            zoom = float(value.get("zoom", 1.0))
+            x, y = (float(c) for c in value.get("center", (0.5, 0.5)))
+            selected = tuple(_cell(c) for c in value.get("selected") or ())
+            return cls(level=int(value["level"]), zoom=max(zoom, 1.0) if math.isfinite(zoom) else 1.0,
+                       center=tuple(min(max(c, 0.0), 1.0) if math.isfinite(c) else 0.5 for c in (x, y)),
+                       selected=selected, clicked=_cell(clicked) if clicked else None)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidOptionError(f"not a map state: {value!r} ({exc})") from exc
+
+
+def _cell(value) -> tuple[int, int, int]:
+    level, i, j = (int(v) for v in value)
+    return level, i, j
 
 
 # ----------------------------------------------------------------------------- what the browser gets
@@ -193,7 +206,9 @@ def atlas_map(atlas: "Atlas", overlays: Mapping[int, "CellOverlay"] | None = Non
         bar per cell, ``"heat"`` a colour layer at ``heat_opacity``, ``"fade"`` icons fade by value
         (always so for an ``opacity_only`` overlay, the class view), ``"off"`` icons alone. Cells
         the dataset does not reach are greyed and marked 0 in every style but "off".
-    height : of the map in pixels (its width follows its container).
+    height : of the map in pixels (its width follows its container); below ``MIN_ICON_PX`` × the
+        coarsest grid size, that level's icons are smaller than 48 px until one zooms in.
+    key : one per map, and best one per atlas: the view and selection are kept under it.
 
     Mouse wheel, pinch or +/− zoom, drag or the arrow keys pan, 0 resets; a click selects a cell,
     shift-click adds or removes one, shift-drag selects the cells in a box, Escape clears.

@@ -6,7 +6,8 @@ Each level's overlay counts the atlas's reference activations, except that every
 (i + j divisible by 3) gets none, so a page shows zero and non-zero cells side by side. The URL
 chooses ``?style=`` (badge, heat, fade, off), ``?tiles=`` and ``?overlay=``: ``counts`` (that),
 ``compare`` (a diverging overlay: +log2 ratio where i + j ≡ 1 mod 3, − where ≡ 2, not significant
-elsewhere) or ``class`` (an opacity-only overlay of the counts, as the class view). The map's returned state is written
+elsewhere) or ``class`` (an opacity-only overlay of the counts, as the class view); ``?state=``
+a MapState as JSON, to restore (as a link would). The map's returned state is written
 below it as JSON (``map-state``), with how many times the page ran (``runs``).
 """
 
@@ -20,7 +21,7 @@ import streamlit as st
 
 from atlasq.appdata import CellOverlay
 from atlasq.atlas import load_atlas
-from atlasq.streamlit import atlas_map
+from atlasq.streamlit import MapState, atlas_map
 
 st.set_page_config(page_title="atlas map test", layout="wide")
 parser = argparse.ArgumentParser()
@@ -54,7 +55,9 @@ atlas, overlays = atlas_and_overlays(args.home, args.atlas, st.query_params.get(
 st.session_state["runs"] = st.session_state.get("runs", 0) + 1
 left, right = st.columns([3, 1])
 with left:
-    state = atlas_map(atlas, overlays, overlay_style=st.query_params.get("style", "badge"),
+    given = st.query_params.get("state")
+    state = atlas_map(atlas, overlays, state=MapState.from_dict(json.loads(given)) if given else None,
+                      overlay_style=st.query_params.get("style", "badge"),
                       tiles=st.query_params.get("tiles", "icons"), height=int(st.query_params.get("height", 600)))
 with right:
     st.code(json.dumps({"state": state.__dict__, "runs": st.session_state["runs"]}, default=list), language="json")

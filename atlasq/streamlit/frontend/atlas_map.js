@@ -9,7 +9,7 @@
 const SEQUENTIAL = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 const DIVERGING = [[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]];
 const SELECT = "#ff0050";
-const LEGEND_PX = 40;
+const BADGE_PX = 44;  // icons at least this wide carry their count as a number (12 px)
 
 function ramp(anchors, t) {
   t = Math.min(Math.max(t, 0), 1) * (anchors.length - 1);
@@ -48,22 +48,31 @@ class AtlasMap {
     this.root.className = "aq-map";
     this.root.tabIndex = 0;
     this.root.setAttribute("role", "application");
-    this.root.setAttribute("aria-label", "atlas map: wheel or +/- to zoom, drag or arrows to pan, click to select");
+    this.root.setAttribute("aria-label", "atlas map: wheel or +/- to zoom, drag or arrows to pan, 0 to reset, " +
+                          "click or Enter (the centre cell) to select, shift to add, shift-drag for a box, " +
+                          "Escape to clear");
     this.root.innerHTML = `
       <div class="aq-stage"><canvas class="aq-canvas"></canvas>
         <div class="aq-tools">
           <button class="aq-in" title="zoom in (+)">+</button><button class="aq-out" title="zoom out (−)">−</button>
-          <button class="aq-reset" title="whole atlas (0)">⟲</button><button class="aq-full" title="fullscreen">⤢</button>
+          <button class="aq-reset" title="whole atlas (0)">⟲</button>
+          <button class="aq-full" title="fullscreen">⤢</button>
         </div>
         <div class="aq-tip" hidden></div><div class="aq-box" hidden></div></div>
       <div class="aq-legend"><span class="aq-title"></span><canvas class="aq-ramp" width="160" height="12"></canvas>
-        <span class="aq-ticks"></span><span class="aq-zero"></span><span class="aq-status"></span></div>`;
+        <span class="aq-ticks"></span><span class="aq-zero"></span>
+        <label class="aq-heat" hidden><input type="checkbox" class="aq-heat-on" checked> heat layer
+          <input type="range" class="aq-heat-opacity" min="0" max="1" step="0.05"
+                 aria-label="heat layer opacity"></label>
+        <span class="aq-status"></span></div>`;
     parent.appendChild(this.root);
     const q = (s) => this.root.querySelector(s);
     [this.stage, this.canvas, this.tip, this.box] = [q(".aq-stage"), q(".aq-canvas"), q(".aq-tip"), q(".aq-box")];
     this.ctx = this.canvas.getContext("2d");
     this.legend = { title: q(".aq-title"), ramp: q(".aq-ramp"), ticks: q(".aq-ticks"), zero: q(".aq-zero"),
-                    status: q(".aq-status") };
+                    status: q(".aq-status"), heat: q(".aq-heat"), heatOn: q(".aq-heat-on"),
+                    heatOpacity: q(".aq-heat-opacity") };
+    this.heat = { on: true, opacity: 0.5, given: null };
     this.view = { zoom: 1, cx: 0.5, cy: 0.5 };
     this.selected = new Map();  // key -> [level, i, j]
     this.clicked = null;
@@ -88,16 +97,19 @@ class AtlasMap {
     this.setStateValue = setStateValue;
     this.data = data;
     this.root.style.setProperty("--aq-height", `${data.height}px`);
+    if (data.heat_opacity !== this.heat.given) {  // the page's setting, until the slider moves it
+      this.heat = { on: true, opacity: data.heat_opacity, given: data.heat_opacity };
+      this.legend.heatOn.checked = true;
+      this.legend.heatOpacity.value = data.heat_opacity;
+    }
     const old = new Map(this.levels.map((l) => [l.size, l]));
     this.levels = data.levels.map((spec) => {
       const level = old.get(spec.size) || { size: spec.size };
-      if (level.mosaicUrl !== spec.mosaic) {
+      if (level.mosaicUrl !== spec.mosaic) {  // fetched when first needed (see need())
         level.mosaicUrl = spec.mosaic;
         level.image = null;
+        level.requested = null;
         level.tile = spec.tile;
-        const image = new Image();
-        image.onload = () => { if (level.mosaicUrl === spec.mosaic) { level.image = image; this.draw(); } };
-        image.src = spec.mosaic;
       }
       if (level.cellsUrl !== spec.cells) {
         level.cellsUrl = spec.cells;
@@ -190,10 +202,25 @@ class AtlasMap {
     this.clampCentre();
     this.draw();
   }
+  // A level's mosaic (megabytes at 80×80) is fetched only once the zoom asks for that level or
+  // the next coarser one, so a view that stays zoomed out never downloads the fine levels.
+  need(size) {
+    const sizes = this.sizes(), k = sizes.indexOf(size);
+    for (const level of this.levels) {
+      const n = sizes.indexOf(level.size);
+      if (n > k + 1 || level.requested === level.mosaicUrl) continue;
+      const url = level.mosaicUrl, image = new Image();
+      level.requested = url;
+      image.onload = () => { if (level.mosaicUrl === url) { level.image = image; this.draw(); } };
+      image.src = url;
+    }
+  }
+
   // the level drawn now: the one the zoom asks for once its mosaic and cells are in, else the
   // nearest coarser one that is (then the finer one replaces it when it arrives)
   drawnLevel() {
     const want = this.levelFor(this.view.zoom);
+    this.need(want);
     const ready = this.levels.filter((l) => l.image && l.cells).sort((a, b) => a.size - b.size);
     return ready.filter((l) => l.size <= want).pop() || ready[0] || null;
   }
@@ -223,8 +250,19 @@ class AtlasMap {
   }
 
   draw() {
+    this.publish();
     if (this.frame) return;
     this.frame = requestAnimationFrame(() => { this.frame = null; this.paint(); });
+  }
+
+  // the view on the element, at once (tests and page scripts read it; the frame comes later)
+  publish() {
+    if (!this.width || !this.data) return;
+    const level = this.drawnLevel();
+    this.root.dataset.level = level ? level.size : "";
+    this.root.dataset.wanted = this.levelFor(this.view.zoom);
+    this.root.dataset.zoom = this.view.zoom.toFixed(4);
+    this.root.dataset.center = `${this.view.cx.toFixed(5)},${this.view.cy.toFixed(5)}`;
   }
 
   paint() {
@@ -235,10 +273,7 @@ class AtlasMap {
     ctx.fillRect(0, 0, w, h);
     const level = this.drawnLevel();
     const want = this.levelFor(this.view.zoom);
-    this.root.dataset.level = level ? level.size : "";
-    this.root.dataset.wanted = want;
-    this.root.dataset.zoom = this.view.zoom.toFixed(4);
-    this.root.dataset.center = `${this.view.cx.toFixed(5)},${this.view.cy.toFixed(5)}`;
+    this.publish();
     if (!level) { this.status("loading the atlas…"); return; }
     if (level !== this.legendLevel) { this.legendLevel = level; this.drawLegend(); }
     const g = level.size, c = this.scale() / g;
@@ -267,8 +302,8 @@ class AtlasMap {
         ctx.drawImage(level.image, j * t + crop, i * t + crop, t - 2 * crop, t - 2 * crop,
                       x + gap, y + gap, c - 2 * gap, c - 2 * gap);
         ctx.restore();
-        if (style === "heat" && tv !== null && !zero) {
-          ctx.fillStyle = rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, tv), this.data.heat_opacity);
+        if (style === "heat" && this.heat.on && tv !== null && !zero) {
+          ctx.fillStyle = rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, tv), this.heat.opacity);
           ctx.fillRect(x + gap, y + gap, c - 2 * gap, c - 2 * gap);
         }
         labelled.push([row, x, y, zero, tv]);
@@ -314,8 +349,7 @@ class AtlasMap {
   }
 
   zeroMark(x, y, c) {
-    const size = c >= 48 ? 12 : 10;
-    if (c >= 30) this.pill("0", x + c - 3, y + c - size - 8, "rgba(110,110,110,0.9)", "#fff", size, "right");
+    if (c >= BADGE_PX) this.pill("0", x + c - 3, y + c - 20, "rgba(110,110,110,0.9)", "#fff", 12, "right");
   }
 
   badge(level, row, x, y, c, tv) {
@@ -329,9 +363,10 @@ class AtlasMap {
       ctx.fillStyle = rgb(colour);
       ctx.fillRect(x + 1, y + c - bar - 1, Math.max(2, (c - 2) * tv), bar);
     }
-    if (c < 30) return;
-    const v = level.cells.value[row], size = c >= 48 ? 12 : 10;
-    const text = o.diverging ? `${v > 0 ? "▲" : "▼"}×${Math.pow(2, Math.abs(v)).toFixed(1)}` : compact(level.cells.n[row]);
+    if (c < BADGE_PX) return;  // smaller icons keep only the bar: a number would hide them
+    const v = level.cells.value[row], size = 12;
+    const text = o.diverging ? `${v > 0 ? "▲" : "▼"}×${Math.pow(2, Math.abs(v)).toFixed(1)}`
+                             : compact(level.cells.n[row]);
     // bottom right, above the bar: the top left holds the cell's coordinates and label
     this.pill(text, x + c - 3, y + c - bar - size - 8, rgb(colour, 0.92), ink(colour), size, "right");
   }
@@ -357,6 +392,7 @@ class AtlasMap {
     const level = drawn && drawn.cells ? drawn : this.levels.find((l) => l.cells && l.cells.overlay);
     const L = this.legend;
     if (!level || !level.cells.overlay || this.data.overlay_style === "off") {
+      L.heat.hidden = true;
       L.title.textContent = "";
       L.ramp.hidden = true;
       L.ticks.textContent = "";
@@ -364,20 +400,24 @@ class AtlasMap {
       return;
     }
     const o = level.cells.overlay, sc = level.scale;
+    L.heat.hidden = this.data.overlay_style !== "heat" || o.opacity_only;
     const fade = o.opacity_only || this.data.overlay_style === "fade";
     L.title.textContent = o.legend + (o.log && !o.diverging ? " (log scale)" : "");
     L.ramp.hidden = false;
     const ctx = L.ramp.getContext("2d");
     for (let x = 0; x < 160; x++) {
-      ctx.fillStyle = fade ? `rgba(40,40,40,${0.12 + 0.88 * x / 159})` : rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, x / 159));
+      ctx.fillStyle = fade ? `rgba(40,40,40,${0.12 + 0.88 * x / 159})`
+                           : rgb(ramp(o.diverging ? DIVERGING : SEQUENTIAL, x / 159));
       ctx.fillRect(x, 0, 1, 12);
     }
     const counts = !o.diverging && !o.opacity_only;
     const fmt = (v) => (counts || Math.abs(v) >= 100 ? compact(Math.round(v)) : Math.abs(v) >= 10 ? v.toFixed(0)
                         : v.toFixed(Math.abs(v) >= 1 ? 1 : 2));
     if (o.diverging) L.ticks.textContent = `${fmt(sc.low)} … 0 … +${fmt(sc.high)}`;
-    else L.ticks.textContent = `${fmt(sc.unshow(sc.low))} … ${fmt(sc.unshow((sc.low + sc.high) / 2))} … ${fmt(sc.unshow(sc.high))}` +
-      (fade ? " (opacity)" : "");
+    else {
+      const [low, mid, high] = [sc.low, (sc.low + sc.high) / 2, sc.high].map((v) => fmt(sc.unshow(v)));
+      L.ticks.textContent = `${low} … ${mid} … ${high}`;
+    }
     L.zero.textContent = o.diverging ? "no mark: not significant" : fade ? "" : "grey with 0: none of this dataset";
   }
 
@@ -394,10 +434,12 @@ class AtlasMap {
       const n = cells.n[r];
       lines.push(`activations: <b>${n.toLocaleString()}</b>`);
       if (cells.images[r] !== null) lines.push(`distinct images: <b>${cells.images[r].toLocaleString()}</b>`);
-      if (o.total) lines.push(`share of the dataset: <b>${(100 * n / o.total).toFixed(n && n / o.total < 0.001 ? 3 : 1)}%</b>`);
+      const share = o.total ? n / o.total : null;
+      if (share !== null) lines.push(`share of the dataset: <b>${(100 * share).toFixed(n && share < 0.001 ? 3 : 1)}%</b>`);
       const v = cells.value[r];
       if (o.diverging) lines.push(v === null ? "no significant difference" :
-        `log2 share ratio <b>${v > 0 ? "+" : ""}${v.toFixed(2)}</b> (${Math.pow(2, Math.abs(v)).toFixed(1)}× ${v > 0 ? "more" : "less"})`);
+        `log2 share ratio <b>${v > 0 ? "+" : ""}${v.toFixed(2)}</b> ` +
+        `(${Math.pow(2, Math.abs(v)).toFixed(1)}× ${v > 0 ? "more" : "less"})`);
       else if (o.opacity_only) lines.push(`${escapeHtml(o.legend)}: <b>${v === null ? "–" : v.toFixed(3)}</b>`);
     }
     lines.push(`reference activations: ${cells.ref[r].toLocaleString()}`);
@@ -425,7 +467,7 @@ class AtlasMap {
       this.showTip(px, py);
     }, { passive: false });
     c.addEventListener("pointerdown", (e) => {
-      c.setPointerCapture(e.pointerId);
+      try { c.setPointerCapture(e.pointerId); } catch (error) { /* a pointer the browser no longer tracks */ }
       this.root.focus({ preventScroll: true });
       const [px, py] = this.local(e);
       this.pointers.set(e.pointerId, [px, py]);
@@ -474,21 +516,14 @@ class AtlasMap {
       const [px, py] = this.local(e);
       if (d.box && d.moved) { this.boxSelect(d.x, d.y, px, py); return; }
       if (d.moved) return;
-      const hit = this.cellAt(px, py);
-      if (!hit) return;
-      const cell = [hit.level.size, hit.i, hit.j], k = cellKey(...cell);
-      if (e.shiftKey || e.metaKey || e.ctrlKey) {
-        if (this.selected.has(k)) this.selected.delete(k); else this.selected.set(k, cell);
-      } else {
-        this.selected = new Map([[k, cell]]);
-        this.clicked = cell;
-      }
-      this.draw();
-      this.send();
+      this.select(this.cellAt(px, py), e.shiftKey || e.metaKey || e.ctrlKey);
     };
     c.addEventListener("pointerup", end);
     c.addEventListener("pointercancel", end);
-    c.addEventListener("pointerleave", () => { this.tip.hidden = true; if (this.hover) { this.hover = null; this.draw(); } });
+    c.addEventListener("pointerleave", () => {
+      this.tip.hidden = true;
+      if (this.hover) { this.hover = null; this.draw(); }
+    });
     this.root.addEventListener("keydown", (e) => {
       const step = 0.15 / this.view.zoom;
       const keys = {
@@ -500,9 +535,14 @@ class AtlasMap {
         ArrowLeft: () => this.pan(-step, 0), ArrowRight: () => this.pan(step, 0),
         ArrowUp: () => this.pan(0, -step), ArrowDown: () => this.pan(0, step),
         Escape: () => { if (this.selected.size) { this.selected.clear(); this.draw(); this.send(); } },
+        Enter: () => this.select(this.cellAt(this.width / 2, this.height / 2), e.shiftKey),
       };
+      if (e.target.closest && e.target.closest("button, input")) return;  // their own keys
       if (keys[e.key] && !e.altKey && !e.metaKey && !e.ctrlKey) { e.preventDefault(); keys[e.key](); }
     });
+    // the heat layer's switch and opacity act at once, in the browser
+    this.legend.heatOn.addEventListener("change", (e) => { this.heat.on = e.target.checked; this.draw(); });
+    this.legend.heatOpacity.addEventListener("input", (e) => { this.heat.opacity = +e.target.value; this.draw(); });
     q(".aq-in").addEventListener("click", () => this.zoomAt(1.5, this.width / 2, this.height / 2));
     q(".aq-out").addEventListener("click", () => this.zoomAt(1 / 1.5, this.width / 2, this.height / 2));
     q(".aq-reset").addEventListener("click", () => { this.view = { zoom: 1, cx: 0.5, cy: 0.5 }; this.draw(); });
@@ -514,6 +554,20 @@ class AtlasMap {
     // the stage's size changes on entering or leaving fullscreen; the ResizeObserver redraws and
     // every pointer position is read against the canvas's box at that moment, so clicks keep
     // landing on the cell drawn under them
+  }
+
+  // a plain click selects the cell alone and is the latest click; with shift it toggles the cell
+  select(hit, toggle) {
+    if (!hit) return;
+    const cell = [hit.level.size, hit.i, hit.j], k = cellKey(...cell);
+    if (toggle) {
+      if (this.selected.has(k)) this.selected.delete(k); else this.selected.set(k, cell);
+    } else {
+      this.selected = new Map([[k, cell]]);
+      this.clicked = cell;
+    }
+    this.draw();
+    this.send();
   }
 
   pan(dx, dy) {
@@ -550,7 +604,8 @@ class AtlasMap {
 }
 
 function escapeHtml(text) {
-  return String(text).replace(/[&<>"']/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[ch]));
+  const entities = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+  return String(text).replace(/[&<>"']/g, (ch) => entities[ch]);
 }
 
 const maps = new WeakMap();
