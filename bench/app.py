@@ -63,7 +63,7 @@ def prepare(images: int) -> str:
 def first_page(index: str, cells: list[tuple[int, int]]) -> list[str]:
     """The paths the gallery shows first for the union of ``cells`` (what a click must bring)."""
     with IndexStore(index_folder(index, WORK)) as store:
-        members, _ = store.selection_members("bench", LEVEL, cells, ImageFilter(), limit=12)
+        members = store.selection_members("bench", LEVEL, cells, ImageFilter(), limit=12)
     return [m["path"] for m in members]
 
 
