@@ -102,6 +102,7 @@ def captions(page) -> list[str]:
 def click_cell(page, i: int, j: int, *, shift: bool = False) -> None:
     """Click cell (i, j) where the map draws it (its view is in the map element's data attributes;
     zoom 1 fits the atlas square into the canvas)."""
+    page.locator(".aq-canvas").first.scroll_into_view_if_needed()  # paging may have scrolled it away
     data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
     level, zoom = int(data["level"]), float(data["zoom"])
     cx, cy = map(float, data["center"].split(","))

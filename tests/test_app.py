@@ -479,6 +479,7 @@ def _shot(page, name: str) -> None:
 def _cell_xy(page, i: int, j: int) -> tuple[float, float]:
     """Where the map draws the centre of cell (i, j) of the level it shows (its view is in the
     map element's data attributes; zoom 1 fits the atlas square into the canvas)."""
+    page.locator(".aq-canvas").first.scroll_into_view_if_needed()
     data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
     level, zoom = int(data["level"]), float(data["zoom"])
     cx, cy = map(float, data["center"].split(","))
