@@ -350,6 +350,31 @@ def _take_histogram_choice(cells: list[tuple[int, int]]) -> None:
     st.session_state.pop("search", None)
 
 
+def _apply_map_view(view: MapState) -> None:
+    """A view the map sent (a click, a shift-click, a box): its level and cells become the app's."""
+    if view.level != st.session_state["level"]:
+        st.session_state["level"] = view.level
+    st.session_state["sel_cells"] = [f"{i},{j}" for g, i, j in view.selected if g == view.level]
+    st.session_state["zoom"], st.session_state["center"] = view.zoom, tuple(view.center)
+    st.session_state.pop("search", None)
+    _selection_changed_elsewhere()
+
+
+def _take_map_event() -> None:
+    """Before anything is drawn: what the map sent since the last run (so the map, the histogram
+    and the gallery all show the new selection in this run)."""
+    value = st.session_state.get("atlas_map")
+    view = value.get("view") if isinstance(value, dict) else getattr(value, "view", None)
+    if not view or view.get("seq") == st.session_state.get("_map_seq"):
+        return
+    st.session_state["_map_seq"] = view.get("seq")
+    state = MapState.from_dict(view)
+    if state.level in atlas.levels:
+        _apply_map_view(state)
+        st.session_state["_map_seen"] = (state.level, state.selected)
+
+
+_take_map_event()
 left, right = st.columns([3, 2], gap="small")
 with left:
     level_now = st.session_state["level"]
@@ -361,14 +386,8 @@ with left:
     seen = st.session_state.get("_map_seen")
     now = (map_state.level, map_state.selected)
     st.session_state["zoom"], st.session_state["center"] = map_state.zoom, tuple(map_state.center)
-    if seen is not None and now != seen:
-        if map_state.level != level_now:
-            st.session_state["level"] = map_state.level
-            st.session_state["sel_cells"] = []
-        if map_state.selected != seen[1]:
-            st.session_state["sel_cells"] = [f"{i},{j}" for g, i, j in map_state.selected if g == map_state.level]
-        st.session_state.pop("search", None)
-        _selection_changed_elsewhere()
+    if seen is not None and now != seen and now != (level_now, selected_now):  # sent, and not seen above
+        _apply_map_view(map_state)
     st.session_state["_map_seen"] = now
     st.caption("Wheel or +/− zooms (finer levels as icons grow), drag or arrows pan, a click selects a cell, "
                "shift-click adds one, shift-drag selects a box, Escape clears.")

@@ -63,7 +63,7 @@ def prepare(images: int) -> str:
 def first_page(index: str, cells: list[tuple[int, int]]) -> list[str]:
     """The paths the gallery shows first for the union of ``cells`` (what a click must bring)."""
     with IndexStore(index_folder(index, WORK)) as store:
-        members, _ = store.selection_members("bench", LEVEL, cells, ImageFilter(), limit=12)
+        members = store.selection_members("bench", LEVEL, cells, ImageFilter(), limit=12)
     return [m["path"] for m in members]
 
 
@@ -102,6 +102,7 @@ def captions(page) -> list[str]:
 def click_cell(page, i: int, j: int, *, shift: bool = False) -> None:
     """Click cell (i, j) where the map draws it (its view is in the map element's data attributes;
     zoom 1 fits the atlas square into the canvas)."""
+    page.locator(".aq-canvas").first.scroll_into_view_if_needed()  # paging may have scrolled it away
     data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
     level, zoom = int(data["level"]), float(data["zoom"])
     cx, cy = map(float, data["center"].split(","))
@@ -154,10 +155,17 @@ def main() -> None:
             page.wait_for_timeout(2000)
 
             def timed(name: str, action, done=None) -> float:
+                page.wait_for_timeout(500)  # the page idle before each action (not timed)
                 before = runs.finished
                 started = time.perf_counter()
                 action()
-                runs.wait_after(page, before)
+                try:
+                    runs.wait_after(page, before, timeout=20)
+                except TimeoutError:  # the action was lost (the page was redrawing): do it once more
+                    print(f"{name}: repeated", flush=True)
+                    started = time.perf_counter()
+                    action()
+                    runs.wait_after(page, before)
                 if done is not None:
                     page.wait_for_function(done[0], arg=done[1], timeout=60_000)
                 took = time.perf_counter() - started
@@ -175,25 +183,25 @@ def main() -> None:
             script = [
                 ("click a cell", lambda: click_cell(page, *a), (shown, first_page(index, [a]))),
                 ("shift-click a second cell", lambda: click_cell(page, *b, shift=True), (shown, first_page(index, [a, b]))),
-                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
-                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
-                ("previous page", lambda: page.get_by_role("button", name="◀ previous").click(), None),
+                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
+                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
+                ("previous page", lambda: page.get_by_role("button", name="◀", exact=True).click(), None),
                 ("click another cell", lambda: click_cell(page, *c), (shown, first_page(index, [c]))),
                 ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
                 ("close the dialog", None, None),
-                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
+                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
                 ("path filter", lambda: (sidebar.get_by_text("Filters").click(),
-                                         sidebar.get_by_label("Path pattern").fill("stripes"),
-                                         sidebar.get_by_label("Path pattern").press("Enter")), None),
-                ("clear the path filter", lambda: (sidebar.get_by_label("Path pattern").fill(""),
-                                                   sidebar.get_by_label("Path pattern").press("Enter")), None),
+                                         sidebar.get_by_role("textbox", name="Path pattern").fill("stripes"),
+                                         sidebar.get_by_role("textbox", name="Path pattern").press("Enter")), None),
+                ("clear the path filter", lambda: (sidebar.get_by_role("textbox", name="Path pattern").fill(""),
+                                                   sidebar.get_by_role("textbox", name="Path pattern").press("Enter")), None),
                 ("class overlay", lambda: sidebar.get_by_text("class attribution").click(), None),
                 ("counts overlay", lambda: sidebar.get_by_text("dataset counts").click(), None),
                 ("exemplar tiles", lambda: sidebar.get_by_text("real exemplars").click(), None),
                 ("icon tiles", lambda: sidebar.get_by_text("feature visualizations").click(), None),
                 ("click a cell", lambda: click_cell(page, *a), (shown, first_page(index, [a]))),
                 ("shift-click a cell", lambda: click_cell(page, *c, shift=True), (shown, first_page(index, [a, c]))),
-                ("next page", lambda: page.get_by_role("button", name="next ▶").click(), None),
+                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
                 ("heat layer", lambda: sidebar.get_by_text("heat layer").click(), None),
                 ("badges", lambda: sidebar.get_by_text("count badges (icons untouched)").click(), None),
                 ("click a cell", lambda: click_cell(page, *b), (shown, first_page(index, [b]))),

@@ -479,6 +479,7 @@ def _shot(page, name: str) -> None:
 def _cell_xy(page, i: int, j: int) -> tuple[float, float]:
     """Where the map draws the centre of cell (i, j) of the level it shows (its view is in the
     map element's data attributes; zoom 1 fits the atlas square into the canvas)."""
+    page.locator(".aq-canvas").first.scroll_into_view_if_needed()
     data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
     level, zoom = int(data["level"]), float(data["zoom"])
     cx, cy = map(float, data["center"].split(","))
@@ -571,10 +572,12 @@ def test_browser_at_1000_px_nothing_overlaps_and_no_button_is_empty(served_app, 
         _settled(page)
         _shot(page, "app_1000px.png")
         empty = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stMain"] button')]
-            .filter(b => b.offsetParent !== null && !b.innerText.trim() && !b.getAttribute('aria-label')
+            .filter(b => b.offsetParent !== null && !b.closest('details:not([open])') && b.checkVisibility()
+                         && !b.innerText.trim() && !b.getAttribute('aria-label')
                          && !b.getAttribute('title') && !b.querySelector('svg,img'))
-            .map(b => b.outerHTML.slice(0, 200))""")
-        assert empty == []
+            .map(b => [b.textContent, b.closest('[data-testid^="st"]:not(button)')?.getAttribute('data-testid'),
+                       JSON.stringify(b.getBoundingClientRect())])""")
+        assert empty == [], empty
         # the main area's blocks side by side (map | histogram; the gallery's columns) do not overlap
         overlaps = page.evaluate("""() => {
             const out = [];

@@ -249,11 +249,11 @@ def cell_gallery(atlas: Atlas, index: str, selected: Iterable[tuple[int, int, in
     named = ", ".join(cell_label(i, j) for i, j in cells[:8]) + (f" and {len(cells) - 8} more" if len(cells) > 8 else "")
     st.markdown(f"**{result.total_images:,} images** of {index} in cell{'s' * (len(cells) > 1)} {named} "
                 f"(level {level}; most typical first; red squares: the sampled positions)")
-    bar = st.columns([1, 1, 2, 1.4, 1.4], vertical_alignment="center")
-    bar[0].button("◀ previous", key=f"{key}_prev", disabled=page == 0, width="stretch", on_click=_turn,
-                  args=(page_key, -1))
-    bar[1].button("next ▶", key=f"{key}_next", disabled=not result.has_more, width="stretch", on_click=_turn,
-                  args=(page_key, 1))
+    bar = st.columns([0.8, 0.8, 2, 1.6, 1.6], vertical_alignment="center")
+    bar[0].button("◀", key=f"{key}_prev", disabled=page == 0, width="stretch", on_click=_turn,
+                  args=(page_key, -1), help="previous page")
+    bar[1].button("▶", key=f"{key}_next", disabled=not result.has_more, width="stretch", on_click=_turn,
+                  args=(page_key, 1), help="next page")
     bar[2].caption(f"page {page + 1} of {pages}")
     if export:
         _export_buttons(bar[3], bar[4], atlas, index, level, cells, where, home, key, result.total_images,
