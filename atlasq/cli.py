@@ -375,6 +375,8 @@ def atlas_info(
     def human(r):
         _print_fields(r, ("folder", "index", "model", "weights", "random_weights", "layer", "activations",
                           "icon_size", "icon_precision"), 15)
+        if r.get("kind"):  # a class or two-class atlas (atlasq.class_atlas)
+            _print_fields(r, ("kind", "analysis"), 15)
         print(f"{'options':>15}: {r['options']}")
         for level in r["levels"]:
             labels = ", ".join(f"{label} ({n})" for label, n in level["top_labels"][:6])
