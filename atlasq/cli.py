@@ -536,7 +536,7 @@ def atlas_info(
             ("options", {k: v for k, v in options.items() if k not in ("layer", "icons")}),
             ("build seconds", r["seconds"]), ("created", r["created"] or "–"),
             ("atlasq version", r["atlasq_version"] or "–"),
-        ])
+        ] + ([("kind", r["kind"]), ("analysis", r.get("analysis") or {})] if r.get("kind") else []))
         print()
         rows = []
         for level in r["levels"]:
