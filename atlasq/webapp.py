@@ -31,6 +31,7 @@ from atlasq.atlasdir import AtlasFolder
 from atlasq.errors import AtlasqError
 from atlasq.histogram import place_index
 from atlasq.streamlit import views
+from atlasq.streamlit.analysis_views import two_class_caption
 from atlasq.streamlit.map_component import MapState, atlas_map
 
 st.set_page_config(page_title="atlasq", layout="wide")
@@ -377,6 +378,7 @@ def _take_map_event() -> None:
 _take_map_event()
 left, right = st.columns([3, 2], gap="small")
 with left:
+    two_class_caption(atlas)  # "← A · B →" over a two-class atlas, nothing over any other
     level_now = st.session_state["level"]
     selected_now = tuple((level_now, i, j) for i, j in _cells_of(st.session_state.get("sel_cells") or []))
     map_state = atlas_map(atlas, overlays, tiles=tiles, overlay_style=style, heat_opacity=opacity, key="atlas_map",
@@ -463,7 +465,7 @@ def _optional_view(name: str, index: str, details: dict, level: int) -> None:
         st.caption(f"This version of atlasq has no {name.replace('_', ' ')}.")
         return
     if name == "inspect_view":
-        view_function(index, details["path"], atlas=atlas, home=HOME)
+        view_function(index, details["path"], atlas=atlas.name, home=HOME)
     else:
         view_function(index, details["id"], home=HOME)
 
