@@ -638,14 +638,15 @@ def draw_interface(result: Inspection) -> Image.Image:
         draw.text((x, y + 24 + side), f"total attribution {result.spatial[c].sum():+.3g}", fill="dimgray", font=small)
         x += side + pad
     if result.layer_to_layer is not None:
-        draw.text((x, y), f"{result.from_layer} -> {result.layer} {result.position}", fill="black", font=title)
+        draw.text((x, y), f"from {result.from_layer}", fill="black", font=title)
         canvas.paste(_over_image(result.image, result.layer_to_layer, side), (x, y + 22))
         py, px = result.position
         hl, wl = result.activations.shape[:2]
         cy, cx = y + 22 + (py + 0.5) * side / hl, x + (px + 0.5) * side / wl
         draw.rectangle((cx - side / hl / 2, cy - side / wl / 2, cx + side / hl / 2, cy + side / wl / 2),
                        outline="black", width=2)
-        draw.text((x, y + 24 + side), "earlier layer's contribution", fill="dimgray", font=small)
+        draw.text((x, y + 24 + side), f"to {result.layer} at {result.position[0]},{result.position[1]} (square)",
+                  fill="dimgray", font=small)
 
     # row 2: channel attribution
     y += row1 + pad

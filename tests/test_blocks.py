@@ -228,7 +228,7 @@ def test_activation_grid_lands_in_cells_of_the_image_class(demo, held_out, inspe
 def test_inspect_command_writes_the_interface_and_reuses_icons(demo, inspect_home, tmp_path):
     runner = CliRunner()
     args = ["inspect", _file("red_squares", 2), "--index", "sample", "--home", str(inspect_home),
-            "--groups", "3", "--steps", "4", "--from-layer", "mixed3b", "--position", "3,4", "--json"]
+            "--groups", "3", "--steps", "1", "--from-layer", "mixed3b", "--position", "3,4", "--json"]
     first = runner.invoke(app, args + ["--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     summary = json.loads(first.stdout)
@@ -256,3 +256,25 @@ def test_inspect_command_writes_the_interface_and_reuses_icons(demo, inspect_hom
                          (["--atlas", "app", "--layer", "mixed4d"], "layer")):
         failed = runner.invoke(app, args[:4] + ["--out", str(tmp_path / "c"), "--json"] + bad)
         assert failed.exit_code != 0 and message in json.loads(failed.stdout)["error"]
+
+
+def test_inspect_view_draws_the_interface_in_streamlit(inspect_home):
+    from streamlit.testing.v1 import AppTest
+
+    def page(home: str, image: str):
+        from pathlib import Path
+
+        import streamlit as st
+
+        import atlasq.streamlit as aq
+
+        st.session_state["summary"] = aq.inspect_view("sample", image, home=Path(home), layer="mixed4c")
+
+    at = AppTest.from_function(page, kwargs={"home": str(inspect_home), "image": _file("blue_rings", 4)},
+                               default_timeout=300).run()
+    assert not at.exception, at.exception
+    summary = at.session_state["summary"]
+    assert summary["layer"] == "mixed4c" and len(summary["groups"]) == 6
+    assert at.slider[0].value == 6 and len(at.dataframe) >= 2
+    at.slider[0].set_value(3).run()
+    assert not at.exception and len(at.session_state["summary"]["groups"]) == 3
