@@ -20,6 +20,14 @@ spatial_speedup_vs_jvp=.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the standard
+# library's inspect module (which numpy and torch import): drop the folder before importing them.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import statistics
 import tempfile
