@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -134,13 +135,17 @@ def neuron_groups(activations: np.ndarray, k: int, *, seed: int = 0, max_iter: i
     (``nndsvdar``), so the result is a function of the activations and the seed.
     """
     from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
 
     a = np.maximum(np.asarray(activations, np.float64), 0.0)  # post-ReLU: only rounding can go below 0
     k = int(k)
     if not 1 <= k <= min(a.shape):
         raise InvalidOptionError(f"--groups must be between 1 and {min(a.shape)} (positions and channels), not {k}")
     model = NMF(n_components=k, init="nndsvdar", random_state=seed, max_iter=max_iter, tol=1e-5)
-    spatial = model.fit_transform(a)
+    with warnings.catch_warnings():
+        # stopping at max_iter still gives a valid factorization; its error is returned and reported
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        spatial = model.fit_transform(a)
     directions = model.components_
     weight = spatial.sum(0) * np.linalg.norm(directions, axis=1)
     order = np.argsort(-weight, kind="stable")
