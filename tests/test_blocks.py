@@ -257,7 +257,7 @@ def test_inspect_command_writes_the_interface_and_reuses_icons(demo, inspect_hom
 
     for bad, message in ((["--classes", "purple"], "unknown class"), (["--position", "9"], "y,x"),
                          (["--atlas", "app", "--layer", "mixed4d"], "layer")):
-        failed = runner.invoke(app, args[:4] + ["--out", str(tmp_path / "c"), "--json"] + bad)
+        failed = runner.invoke(app, args[:6] + ["--out", str(tmp_path / "c"), "--json"] + bad)
         assert failed.exit_code != 0 and message in json.loads(failed.stdout)["error"]
 
 
