@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -134,13 +135,17 @@ def neuron_groups(activations: np.ndarray, k: int, *, seed: int = 0, max_iter: i
     (``nndsvdar``), so the result is a function of the activations and the seed.
     """
     from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
 
     a = np.maximum(np.asarray(activations, np.float64), 0.0)  # post-ReLU: only rounding can go below 0
     k = int(k)
     if not 1 <= k <= min(a.shape):
         raise InvalidOptionError(f"--groups must be between 1 and {min(a.shape)} (positions and channels), not {k}")
     model = NMF(n_components=k, init="nndsvdar", random_state=seed, max_iter=max_iter, tol=1e-5)
-    spatial = model.fit_transform(a)
+    with warnings.catch_warnings():
+        # stopping at max_iter still gives a valid factorization; its error is returned and reported
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        spatial = model.fit_transform(a)
     directions = model.components_
     weight = spatial.sum(0) * np.linalg.norm(directions, axis=1)
     order = np.argsort(-weight, kind="stable")
@@ -638,14 +643,15 @@ def draw_interface(result: Inspection) -> Image.Image:
         draw.text((x, y + 24 + side), f"total attribution {result.spatial[c].sum():+.3g}", fill="dimgray", font=small)
         x += side + pad
     if result.layer_to_layer is not None:
-        draw.text((x, y), f"{result.from_layer} -> {result.layer} {result.position}", fill="black", font=title)
+        draw.text((x, y), f"from {result.from_layer}", fill="black", font=title)
         canvas.paste(_over_image(result.image, result.layer_to_layer, side), (x, y + 22))
         py, px = result.position
         hl, wl = result.activations.shape[:2]
         cy, cx = y + 22 + (py + 0.5) * side / hl, x + (px + 0.5) * side / wl
         draw.rectangle((cx - side / hl / 2, cy - side / wl / 2, cx + side / hl / 2, cy + side / wl / 2),
                        outline="black", width=2)
-        draw.text((x, y + 24 + side), "earlier layer's contribution", fill="dimgray", font=small)
+        draw.text((x, y + 24 + side), f"to {result.layer} at {result.position[0]},{result.position[1]} (square)",
+                  fill="dimgray", font=small)
 
     # row 2: channel attribution
     y += row1 + pad

@@ -228,14 +228,17 @@ def test_activation_grid_lands_in_cells_of_the_image_class(demo, held_out, inspe
 def test_inspect_command_writes_the_interface_and_reuses_icons(demo, inspect_home, tmp_path):
     runner = CliRunner()
     args = ["inspect", _file("red_squares", 2), "--index", "sample", "--home", str(inspect_home),
-            "--groups", "3", "--steps", "4", "--from-layer", "mixed3b", "--position", "3,4", "--json"]
+            "--groups", "3", "--steps", "1", "--from-layer", "mixed3b", "--position", "3,4", "--json"]
     first = runner.invoke(app, args + ["--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     summary = json.loads(first.stdout)
     assert summary["layer"] == "mixed4d" and summary["layer_shape"] == [8, 8, 132]
     assert len(summary["classes"]) == 3 and summary["model"] == "demo"
     assert len(summary["groups"]) == 3 and summary["layer_to_layer"]["position"] == [3, 4]
-    assert summary["icons"]["rendered"] == 8 * 8 + 3 * 4 + 3 and summary["icons"]["reused"] == 0
+    icons = 8 * 8 + 3 * 4 + 3  # positions, the 4 top channels of 3 classes, groups
+    # a channel among the top of two classes is rendered once, then found in the cache
+    assert summary["icons"]["rendered"] + summary["icons"]["reused"] == icons
+    assert summary["icons"]["rendered"] >= 8 * 8 + 4 + 3
     arrays = np.load(tmp_path / "a" / "inspect.npz")
     assert arrays["spatial_attribution"].shape == (3, 8, 8) and arrays["layer_to_layer"].shape == (16, 16)
     np.testing.assert_allclose(arrays["channel_attribution"].sum(1), arrays["spatial_attribution"].sum((1, 2)),
@@ -247,12 +250,34 @@ def test_inspect_command_writes_the_interface_and_reuses_icons(demo, inspect_hom
     second = runner.invoke(app, args + ["--out", str(tmp_path / "b")])
     assert second.exit_code == 0, second.output
     icons = json.loads(second.stdout)["icons"]
-    assert icons["rendered"] == 0 and icons["reused"] == 8 * 8 + 3 * 4 + 3  # icons in the cache are never redone
+    assert icons["rendered"] == 0 and icons["reused"] == 8 * 8 + 3 * 4 + 3  # cached icons are never redone
     # the same seed gives the same numbers
     again = np.load(tmp_path / "b" / "inspect.npz")
     assert np.array_equal(again["groups_spatial"], arrays["groups_spatial"])
 
     for bad, message in ((["--classes", "purple"], "unknown class"), (["--position", "9"], "y,x"),
                          (["--atlas", "app", "--layer", "mixed4d"], "layer")):
-        failed = runner.invoke(app, args[:4] + ["--out", str(tmp_path / "c"), "--json"] + bad)
+        failed = runner.invoke(app, args[:6] + ["--out", str(tmp_path / "c"), "--json"] + bad)
         assert failed.exit_code != 0 and message in json.loads(failed.stdout)["error"]
+
+
+def test_inspect_view_draws_the_interface_in_streamlit(inspect_home):
+    from streamlit.testing.v1 import AppTest
+
+    def page(home: str, image: str):
+        from pathlib import Path
+
+        import streamlit as st
+
+        import atlasq.streamlit as aq
+
+        st.session_state["summary"] = aq.inspect_view("sample", image, home=Path(home), layer="mixed4c")
+
+    at = AppTest.from_function(page, kwargs={"home": str(inspect_home), "image": _file("blue_rings", 4)},
+                               default_timeout=300).run()
+    assert not at.exception, at.exception
+    summary = at.session_state["summary"]
+    assert summary["layer"] == "mixed4c" and len(summary["groups"]) == 6
+    assert at.slider[0].value == 6 and len(at.dataframe) >= 2
+    at.slider[0].set_value(3).run()
+    assert not at.exception and len(at.session_state["summary"]["groups"]) == 3

@@ -35,4 +35,8 @@ def __getattr__(name: str):
     module = _VIEWS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    # Importing a submodule sets it as this package's attribute, so a view named like its module
+    # (inspect_view, atlas_map) would be the module from the second use on: keep the view instead.
+    globals()[name] = value
+    return value

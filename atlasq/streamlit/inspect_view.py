@@ -46,7 +46,7 @@ def inspect_view(index: str, image: str | int, *, atlas: str | None = None, home
         st.error(str(exc))
         return None
     summary = result.to_dict()
-    st.image(picture, use_container_width=True,
+    st.image(picture,
              caption=f"{summary['layer']}: activation grid, spatial attribution, channel attribution, neuron groups")
     if summary["icons"]["rendered"] == 0 and not render and _missing(result):
         st.caption("Some icons are not cached yet and are drawn blank: switch on “Render missing icons”.")
