@@ -23,7 +23,7 @@ _VIEWS = {
     "concept_histogram": "views",
     "cell_gallery": "views",
     "dataset_summary": "views",
-    "inspect_view": "inspect_view",
+    "inspect_view": "inspection",
     "layers_view": "analysis_views",
     "two_class_caption": "analysis_views",
 }
@@ -36,7 +36,6 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    # Importing a submodule sets it as this package's attribute, so a view named like its module
-    # (inspect_view, atlas_map) would be the module from the second use on: keep the view instead.
-    globals()[name] = value
+    globals()[name] = value  # loaded once; later uses find it without this function
+
     return value
