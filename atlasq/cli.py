@@ -621,6 +621,14 @@ def _print_analysis_atlas(r: dict) -> None:
 
 _AnalysisGrids = typer.Option(None, help="Grid sizes, comma-separated [8 for a class, 10 for two classes].")
 _AnalysisMinCount = typer.Option(None, "--min-count", help="Drop cells with fewer activations [5].")
+# the options the class and two-class commands share (one declaration each)
+_AnalysisLayer = typer.Option(None, "--layer", help="The index's sampled layer." + _atlas_default("layer"))
+_AnalysisSteps = typer.Option(None, "--steps", help="Optimisation steps per icon." + _atlas_default("steps"))
+_AnalysisIconSize = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input].")
+_AnalysisIcons = typer.Option(None, "--icons/--no-icons", help="Render feature-visualization icons.", show_default=False)
+_AnalysisSeed = typer.Option(None, "--seed", help="Seeds the layout and the icons." + _atlas_default("seed"))
+_AnalysisOverwrite = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name.")
+_AnalysisDevice = typer.Option("auto", "--device", help="auto, cpu, cuda …")
 
 
 @atlas_app.command("class")
@@ -633,16 +641,15 @@ def atlas_class(
                                help="winning (largest attribution is the class) or magnitude (top N by attribution)."),
     top: int = typer.Option(3000, "--top", help="N kept by --filter magnitude (positive attributions only)."),
     layout: str = typer.Option("tsne", "--layout", help="tsne (the article's choice for class atlases) or umap."),
-    layer: Optional[str] = typer.Option(None, help="The index's sampled layer." + _atlas_default("layer")),
+    layer: Optional[str] = _AnalysisLayer,
     grids: Optional[str] = _AnalysisGrids,
     min_count: Optional[int] = _AnalysisMinCount,
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps per icon." + _atlas_default("steps")),
-    icon_size: Optional[int] = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input]."),
-    icons: Optional[bool] = typer.Option(None, "--icons/--no-icons", help="Render feature-visualization icons.",
-                                         show_default=False),
-    seed: Optional[int] = typer.Option(None, help="Seeds the layout and the icons." + _atlas_default("seed")),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    steps: Optional[int] = _AnalysisSteps,
+    icon_size: Optional[int] = _AnalysisIconSize,
+    icons: Optional[bool] = _AnalysisIcons,
+    seed: Optional[int] = _AnalysisSeed,
+    overwrite: bool = _AnalysisOverwrite,
+    device: str = _AnalysisDevice,
     home: Optional[Path] = HomeOption,
     as_json: bool = JsonOption,
 ):
@@ -666,16 +673,15 @@ def atlas_two_class(
     classes: str = typer.Option(..., "--classes", help="A,B: A's evidence is drawn on the left, B's on the right."),
     name: str = typer.Option(..., "--name", help="Name of the atlas (a folder under HOME/atlases)."),
     top: int = typer.Option(2000, "--top", help="Activations kept per class, by attribution (positive only)."),
-    layer: Optional[str] = typer.Option(None, help="The index's sampled layer." + _atlas_default("layer")),
+    layer: Optional[str] = _AnalysisLayer,
     grids: Optional[str] = _AnalysisGrids,
     min_count: Optional[int] = _AnalysisMinCount,
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps per icon." + _atlas_default("steps")),
-    icon_size: Optional[int] = typer.Option(None, "--icon-size", help="Icon side in px [80 at 224-px input]."),
-    icons: Optional[bool] = typer.Option(None, "--icons/--no-icons", help="Render feature-visualization icons.",
-                                         show_default=False),
-    seed: Optional[int] = typer.Option(None, help="Seeds the layout and the icons." + _atlas_default("seed")),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing atlas of that name."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    steps: Optional[int] = _AnalysisSteps,
+    icon_size: Optional[int] = _AnalysisIconSize,
+    icons: Optional[bool] = _AnalysisIcons,
+    seed: Optional[int] = _AnalysisSeed,
+    overwrite: bool = _AnalysisOverwrite,
+    device: str = _AnalysisDevice,
     home: Optional[Path] = HomeOption,
     as_json: bool = JsonOption,
 ):
