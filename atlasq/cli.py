@@ -478,9 +478,12 @@ def atlas_build(
         built = build_layer_atlases(index_name, name, _split_csv(layers) or (), home=home, options=options,
                                     device=device, overwrite=overwrite,
                                     progress=not as_json or sys.stderr.isatty())
-        _emit(as_json, {"atlases": [s.to_dict() for s in built]}, lambda r: [
-            print(f"atlas {a['name']} at layer {a['layer']}: {a['activations']:,} activations; "
-                  + ", ".join(f"{g}×{g} {f['cells']} cells" for g, f in a["levels"].items())) for a in r["atlases"]])
+        def human(r):
+            for a in r["built"]:
+                print(f"atlas {a['name']} at layer {a['layer']}: {a['activations']:,} activations; "
+                      + ", ".join(f"{g}×{g} {f['cells']} cells" for g, f in a["levels"].items()))
+
+        _emit(as_json, {"built": [s.to_dict() for s in built]}, human)  # one atlas per layer
         return
     summary = build_atlas(index_name, name, home=home, options=options, device=device,
                           overwrite=overwrite, progress=not as_json or sys.stderr.isatty())
