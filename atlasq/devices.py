@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a network runs: search and placement stay torch-free
+    import torch
 
 __all__ = ["Availability", "JPEG_MAX_GPU_PIXELS", "decoder_for", "faiss_on_gpu", "faiss_to_gpu",
            "gpu_decoding"]
@@ -34,6 +36,8 @@ class Availability:
     @staticmethod
     @functools.lru_cache(maxsize=1)
     def probe() -> "Availability":
+        import torch
+
         cuda = torch.cuda.is_available()
         return Availability(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
                             gpu_jpeg=cuda and _torchvision_gpu_jpeg(), faiss_gpus=_faiss_gpus())
@@ -48,6 +52,11 @@ def _torchvision_gpu_jpeg() -> bool:
         return False
     major, minor = (int(part) for part in torchvision.__version__.split(".")[:2])
     return (major, minor) >= (0, 19)
+
+
+@functools.lru_cache(maxsize=1)
+def _faiss_gpu_count() -> int:
+    return _faiss_gpus()
 
 
 def _faiss_gpus(faiss_module=None) -> int:
@@ -86,8 +95,9 @@ def decoder_for(image_format: str | None, mode: str | None, pixels: int, device:
 def faiss_on_gpu(device: torch.device | None = None, available: Availability | None = None) -> bool:
     """FAISS searches on the GPU when the faiss build has GPU support and sees a GPU, unless the
     run was asked to stay on the CPU (``device`` cpu)."""
-    available = available or Availability.probe()
-    return available.faiss_gpus > 0 and (device is None or device.type == "cuda")
+    # FAISS's own count of GPUs decides; probing CUDA through torch would load torch for nothing
+    gpus = available.faiss_gpus if available is not None else _faiss_gpu_count()
+    return gpus > 0 and (device is None or device.type == "cuda")
 
 
 def faiss_to_gpu(index, device: torch.device | None = None, available: Availability | None = None,
