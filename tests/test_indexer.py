@@ -607,7 +607,7 @@ def test_info_json(small):
     assert info["root"] == str(root.resolve()) and info["samples_per_image"] == 4
     assert info["faiss_current"] is True
     human = cli("info", "small", "--home", home)
-    assert human.exit_code == 0 and "random_weights: True" in human.stdout
+    assert human.exit_code == 0 and "RANDOM, for tests and smoke runs only" in human.stdout
 
 
 def test_info_of_missing_index(tmp_path):
