@@ -63,12 +63,13 @@ def test_app_pages_through_the_fullest_cell_of_the_big_index(big_home, monkeypat
     monkeypatch.setattr(sys, "argv", ["app.py", "--atlas", "app", "--index", "big"])
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     assert not at.exception, at.exception
-    at.selectbox(key="cell_picker_10").set_value(f"{cell.i},{cell.j}").run()
+    at.multiselect(key="sel_cells").set_value([f"{cell.i},{cell.j}"]).run()
     assert not at.exception, at.exception
-    assert f"{cell.images} images of big here" in " ".join(c.value for c in at.caption)
+    text = " ".join([m.value for m in at.markdown] + [c.value for c in at.caption])
+    assert f"**{cell.images:,} images** of big in cell {cell.i},{cell.j}" in text
     expected = [m.path for m in cell_images("app", "big", cell.i, cell.j, home=big_home, k=24).images]
     captions = [image.proto.imgs[0].caption for image in at.get("image") if image.proto.imgs[0].caption]
     assert captions == expected[:12]
-    at.button(key="next").click().run()
+    at.button(key="gallery_next").click().run()
     captions = [image.proto.imgs[0].caption for image in at.get("image") if image.proto.imgs[0].caption]
     assert captions == expected[12:24]
