@@ -509,8 +509,9 @@ def test_browser_a_deep_link_restores_the_view(served_app, chromium, app_home):
     page = _open(chromium, f"{served_app}/?index=sample&atlas=app&level=20&overlay=class&class=stripes&sel={sel}&page=1")
     try:
         page.get_by_text("attribution to stripes").first.wait_for(timeout=60_000)  # the map's legend
+        page.get_by_text("page 2 of").first.wait_for(timeout=60_000)  # the gallery, drawn in its own fragment
+        _settled(page)
         assert _gallery_captions(page)[:12] == expected[12:24]
-        assert page.get_by_text("page 2 of").count() == 1
         _shot(page, "app_class.png")
         # the URL keeps the view as the page writes it back
         url = page.url
