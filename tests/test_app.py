@@ -510,6 +510,8 @@ def test_browser_a_deep_link_restores_the_view(served_app, chromium, app_home):
     try:
         page.get_by_text("attribution to stripes").first.wait_for(timeout=60_000)  # the map's legend
         page.get_by_text("page 2 of").first.wait_for(timeout=60_000)  # the gallery, drawn in its own fragment
+        page.wait_for_function("document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= 12",
+                               timeout=60_000)  # its tiles arrive after its paging line
         _settled(page)
         assert _gallery_captions(page)[:12] == expected[12:24]
         _shot(page, "app_class.png")
