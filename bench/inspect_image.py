@@ -12,21 +12,13 @@ Baseline, in the same run: the spatial attribution map computed position by posi
 forward-mode formulation of :mod:`atlasq.attribution` (one tangent per position), against the
 reverse-mode maps :func:`atlasq.blocks.attribution_maps` computes (one backward pass per class).
 
-    python bench/inspect.py [--repeats 3] [--models demo,inceptionv1]
+    python bench/inspect_image.py [--repeats 3] [--models demo,inceptionv1]
 
 Last lines: inspect_seconds= (demo network, median), inspect_seconds_inceptionv1=,
 spatial_speedup_vs_jvp=.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the standard
-# library's inspect module (which numpy and torch import): drop the folder before importing them.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import argparse
 import statistics
