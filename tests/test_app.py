@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import CHROMIUM, headless_chromium, need_browser
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -34,7 +35,6 @@ from atlasq.store import IndexStore, index_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("ATLASQ_SCREENSHOTS") or REPO / "tests" / "_screenshots")
 
 
@@ -374,7 +374,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_app(app_home):
-    _need_browser()
+    need_browser()
     port = _free_port()
     # the checkout's entry, as the README gives it: streamlit run app.py -- --home H
     process = subprocess.Popen(
@@ -409,13 +409,6 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> None:
     raise RuntimeError("streamlit did not start")
 
 
-def _need_browser() -> None:
-    if not CHROMIUM.is_file():
-        if os.environ.get("ATLASQ_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium")
-        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
-
-
 def _start(command: list[str], **kwargs) -> subprocess.Popen:
     """Start a command in a session of its own, so that :func:`_stop` ends it with any children."""
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -435,15 +428,8 @@ def _stop(process: subprocess.Popen) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def chromium():
     """Debian's chromium driven by Playwright (one per module: its sync API cannot nest)."""
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+    with headless_chromium() as browser:
         yield browser
-        browser.close()
 
 
 def _open(chromium, url: str, width: int = 1500, height: int = 1800):

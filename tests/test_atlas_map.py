@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import headless_chromium, need_browser
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -36,7 +37,6 @@ from atlasq.streamlit.map_component import MIN_ICON_PX, TILE_PX, _current_state,
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "apps" / "atlas_map_app.py"
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("ATLASQ_SCREENSHOTS") or REPO / "tests" / "_screenshots")
 HEIGHT = 600  # the test page's map height (its width follows the page)
 
@@ -123,16 +123,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _need_browser() -> None:
-    if not CHROMIUM.is_file():
-        if os.environ.get("ATLASQ_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium")
-        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
-
-
 @pytest.fixture(scope="module")
 def map_url(atlas_home):
-    _need_browser()
+    need_browser()
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "ATLASQ_HOME"}
     process = subprocess.Popen(
@@ -158,15 +151,8 @@ def map_url(atlas_home):
 
 @pytest.fixture(scope="module")
 def browser():
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+    with headless_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
