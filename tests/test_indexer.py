@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+from processes import kill_9_when
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -449,18 +449,8 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
            *RANDOM_DEMO, "--batch-size", "8", "--commit-every", "8", "--workers", "1", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "ATLASQ_HOME": str(killed_home)})
-    deadline = time.monotonic() + 240
-    try:
-        # shard 2 can only be written once shard 1's rows are committed: kill mid-run after that
-        while proc.poll() is None and max(_shard_numbers(folder), default=0) < 2:
-            assert time.monotonic() < deadline, "indexing subprocess made no progress"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, f"the run was not interrupted: rc={proc.returncode}\n{err}"
+    # shard 2 can only be written once shard 1's rows are committed: kill mid-run after that
+    kill_9_when(proc, lambda: max(_shard_numbers(folder), default=0) >= 2, "indexing subprocess")
     interrupted_count = sql(folder, "SELECT count(*) FROM images")[0][0]
     assert 8 <= interrupted_count < total
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
+from processes import kill_9_when
 
 from atlasq.errors import AtlasqError, InvalidOptionError
 from atlasq.indexer import IndexOptions, build_index
@@ -134,17 +133,8 @@ def test_driver_killed_then_a_worker_dying_mid_batch_lose_and_duplicate_nothing_
            "--ray-address", ray_address, "--num-workers", "2", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 240
-    try:
-        while proc.poll() is None and _shards(home / "r") < 2:  # two chunks committed: mid-run
-            assert time.monotonic() < deadline, "the Ray indexing subprocess made no progress"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, f"the run was not interrupted: rc={proc.returncode}\n{err}"
+    # two chunks committed: mid-run
+    kill_9_when(proc, lambda: _shards(home / "r") >= 2, "Ray indexing subprocess")
     before, total = count(home / "r"), count(local_index)
     assert 2 <= before < total
 
