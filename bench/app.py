@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from bigindex import make_placed_index  # noqa: E402
+from browser import click_map_cell  # noqa: E402
 
 from atlasq.atlas import AtlasOptions, build_atlas  # noqa: E402
 from atlasq.atlasdir import AtlasFolder  # noqa: E402
@@ -99,25 +100,6 @@ def captions(page) -> list[str]:
     return page.locator("[data-testid='stImageCaption']").all_inner_texts()
 
 
-def click_cell(page, i: int, j: int, *, shift: bool = False) -> None:
-    """Click cell (i, j) where the map draws it (its view is in the map element's data attributes;
-    zoom 1 fits the atlas square into the canvas)."""
-    page.locator(".aq-canvas").first.scroll_into_view_if_needed()  # paging may have scrolled it away
-    data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
-    level, zoom = int(data["level"]), float(data["zoom"])
-    cx, cy = map(float, data["center"].split(","))
-    box = page.locator(".aq-canvas").first.bounding_box()
-    scale = min(box["width"], box["height"]) * zoom
-    x = box["x"] + box["width"] / 2 + ((j + 0.5) / level - cx) * scale
-    y = box["y"] + box["height"] / 2 + ((i + 0.5) / level - cy) * scale
-    page.mouse.move(x, y)
-    if shift:
-        page.keyboard.down("Shift")
-    page.mouse.click(x, y)
-    if shift:
-        page.keyboard.up("Shift")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100_000)
@@ -175,18 +157,18 @@ def main() -> None:
             shown = ("want => JSON.stringify([...document.querySelectorAll(\"[data-testid='stImageCaption']\")]"
                      ".slice(0, want.length).map(e => e.innerText)) === JSON.stringify(want)")
             for i, j in cells[:args.clicks]:
-                clicks.append(timed(f"click cell {i},{j}", lambda: click_cell(page, i, j),
+                clicks.append(timed(f"click cell {i},{j}", lambda: click_map_cell(page, i, j),
                                     (shown, first_page(index, [(i, j)]))))
 
             a, b, c = cells[0], cells[1], cells[2]
             sidebar = page.locator("[data-testid='stSidebar']")
             script = [
-                ("click a cell", lambda: click_cell(page, *a), (shown, first_page(index, [a]))),
-                ("shift-click a second cell", lambda: click_cell(page, *b, shift=True), (shown, first_page(index, [a, b]))),
+                ("click a cell", lambda: click_map_cell(page, *a), (shown, first_page(index, [a]))),
+                ("shift-click a second cell", lambda: click_map_cell(page, *b, shift=True), (shown, first_page(index, [a, b]))),
                 ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
                 ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
                 ("previous page", lambda: page.get_by_role("button", name="◀", exact=True).click(), None),
-                ("click another cell", lambda: click_cell(page, *c), (shown, first_page(index, [c]))),
+                ("click another cell", lambda: click_map_cell(page, *c), (shown, first_page(index, [c]))),
                 ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
                 ("close the dialog", None, None),
                 ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
@@ -199,12 +181,12 @@ def main() -> None:
                 ("counts overlay", lambda: sidebar.get_by_text("dataset counts").click(), None),
                 ("exemplar tiles", lambda: sidebar.get_by_text("real exemplars").click(), None),
                 ("icon tiles", lambda: sidebar.get_by_text("feature visualizations").click(), None),
-                ("click a cell", lambda: click_cell(page, *a), (shown, first_page(index, [a]))),
-                ("shift-click a cell", lambda: click_cell(page, *c, shift=True), (shown, first_page(index, [a, c]))),
+                ("click a cell", lambda: click_map_cell(page, *a), (shown, first_page(index, [a]))),
+                ("shift-click a cell", lambda: click_map_cell(page, *c, shift=True), (shown, first_page(index, [a, c]))),
                 ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
                 ("heat layer", lambda: sidebar.get_by_text("heat layer").click(), None),
                 ("badges", lambda: sidebar.get_by_text("count badges (icons untouched)").click(), None),
-                ("click a cell", lambda: click_cell(page, *b), (shown, first_page(index, [b]))),
+                ("click a cell", lambda: click_map_cell(page, *b), (shown, first_page(index, [b]))),
                 ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
                 ("close the dialog", None, None),
             ]

@@ -37,3 +37,23 @@ def headless_chromium():
             yield browser
         finally:
             browser.close()
+
+
+def click_map_cell(page, i: int, j: int, *, shift: bool = False) -> None:
+    """Click cell (i, j) of the level the atlas map shows, where the map draws it (its view is in
+    the map element's data attributes; zoom 1 fits the atlas square into the canvas); with
+    ``shift`` the click adds the cell to the selection."""
+    page.locator(".aq-canvas").first.scroll_into_view_if_needed()  # paging may have scrolled it away
+    data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
+    level, zoom = int(data["level"]), float(data["zoom"])
+    cx, cy = map(float, data["center"].split(","))
+    box = page.locator(".aq-canvas").first.bounding_box()
+    scale = min(box["width"], box["height"]) * zoom
+    x = box["x"] + box["width"] / 2 + ((j + 0.5) / level - cx) * scale
+    y = box["y"] + box["height"] / 2 + ((i + 0.5) / level - cy) * scale
+    page.mouse.move(x, y)
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if shift:
+        page.keyboard.up("Shift")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import CHROMIUM, headless_chromium, need_browser
+from browser import CHROMIUM, click_map_cell, headless_chromium, need_browser
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -462,29 +462,10 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
-def _cell_xy(page, i: int, j: int) -> tuple[float, float]:
-    """Where the map draws the centre of cell (i, j) of the level it shows (its view is in the
-    map element's data attributes; zoom 1 fits the atlas square into the canvas)."""
-    page.locator(".aq-canvas").first.scroll_into_view_if_needed()
-    data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
-    level, zoom = int(data["level"]), float(data["zoom"])
-    cx, cy = map(float, data["center"].split(","))
-    box = page.locator(".aq-canvas").first.bounding_box()
-    scale = min(box["width"], box["height"]) * zoom
-    return (box["x"] + box["width"] / 2 + ((j + 0.5) / level - cx) * scale,
-            box["y"] + box["height"] / 2 + ((i + 0.5) / level - cy) * scale)
-
-
 def _click_cell(page, level: int, i: int, j: int, *, shift: bool = False) -> None:
     """Click cell (i, j) on the map showing grid ``level`` (shift-click adds it to the selection)."""
     page.wait_for_selector(f".aq-map[data-level='{level}']", timeout=60_000)
-    x, y = _cell_xy(page, i, j)
-    page.mouse.move(x, y)
-    if shift:
-        page.keyboard.down("Shift")
-    page.mouse.click(x, y)
-    if shift:
-        page.keyboard.up("Shift")
+    click_map_cell(page, i, j, shift=shift)
     _settled(page)
 
 
