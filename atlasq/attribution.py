@@ -18,6 +18,7 @@ which measured several times slower here than the whole attribution.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -68,7 +69,10 @@ def attribute(network: StagedClassifier, layer: str, h: torch.Tensor, positions:
             mask[torch.arange(t, device=h.device)[None, :], owner[:, None], 0, where[..., 0], where[..., 1]] = 1
             tangents = primal.unsqueeze(0) * mask
             along = lambda tangent: torch.func.jvp(rest, (primal,), (tangent,))[1]
-            with _FORWARD_AD, torch.enable_grad():
+            with _FORWARD_AD, torch.enable_grad(), warnings.catch_warnings():
+                # torch's first forward-mode pass scripts its own decompositions and warns that
+                # scripting is deprecated: torch's business, not the user's
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
                 parts.append(torch.func.vmap(along)(tangents).detach())  # (T, count, classes)
         out.append(torch.cat(parts).transpose(0, 1))
     return torch.cat(out)

@@ -103,11 +103,15 @@ class Layout:
             fitted = np.sort(rng.choice(len(X), self.fit_size, replace=False))
         else:
             fitted = np.arange(len(X))
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(self.n_neighbors, len(fitted) - 1),
+        n_neighbors = min(self.n_neighbors, len(fitted) - 1)
+        reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors,
                             min_dist=self.min_dist, metric=self.metric, n_epochs=self.n_epochs,
-                            random_state=self.random_state, init="spectral" if len(fitted) > 10 else "random")
+                            random_state=self.random_state, init="spectral" if len(fitted) > 10 else "random",
+                            precomputed_knn=(*exact_neighbours(X[fitted], n_neighbors, self.metric), None))
         with warnings.catch_warnings():  # a seeded UMAP runs single-threaded and says so each time
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            # we place new points ourselves (transform below), so UMAP's own transform is not needed
+            warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
             raw_fitted = reducer.fit_transform(X[fitted]).astype(np.float32)
         self.fit_indices_ = fitted
         self.anchors_ = unit_rows(X[fitted]) if self.metric == "cosine" else X[fitted]
@@ -144,6 +148,35 @@ class Layout:
 
     def fit_transform(self, X: np.ndarray) -> np.ndarray:
         return self.fit(X).embedding_
+
+
+def exact_neighbours(X: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest rows of ``X`` (itself first, at distance 0) and their distances,
+    exact, by FAISS: what UMAP computes itself, but without its per-pair Python calls (under
+    4,096 points it measures every pair through a Python-level metric) or its approximate
+    search's compile time, which together were most of a small atlas's layout time (README)."""
+    import faiss
+
+    X = np.ascontiguousarray(X, np.float32)
+    if metric == "cosine":
+        index = faiss.IndexFlatIP(X.shape[1])
+        index.add(unit_rows(X))
+        sims, nn = index.search(unit_rows(X), k)
+        dist = np.maximum(1.0 - sims, 0.0)
+    else:
+        index = faiss.IndexFlatL2(X.shape[1])
+        index.add(X)
+        squared, nn = index.search(X, k)
+        dist = np.sqrt(np.maximum(squared, 0.0))
+    rows = np.arange(len(X))
+    # UMAP takes column 0 as the point itself; duplicates can tie with it in any order
+    is_self = nn == rows[:, None]
+    order = np.argsort(~is_self, axis=1, kind="stable")
+    nn, dist = np.take_along_axis(nn, order, 1), np.take_along_axis(dist, order, 1)
+    missing = ~is_self.any(axis=1)
+    nn[missing, 1:], dist[missing, 1:] = nn[missing, :-1], dist[missing, :-1]
+    nn[:, 0], dist[:, 0] = rows, 0.0
+    return nn.astype(np.int64), dist.astype(np.float32)
 
 
 class Grid:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from atlasq.errors import AtlasqError, InvalidOptionError
-from atlasq.layout import Grid, Layout
+from atlasq.layout import Grid, Layout, exact_neighbours, unit_rows
 
 
 def _clusters(n_per: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -73,3 +73,23 @@ def test_points_beyond_fit_size_are_placed_next_to_their_cluster():
     centres = np.stack([p[layout.fit_indices_][labels[layout.fit_indices_] == c].mean(0) for c in range(3)])
     nearest = np.linalg.norm(p[unseen][:, None] - centres[None], axis=2).argmin(1)
     np.testing.assert_array_equal(nearest, labels[unseen])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_neighbours_match_brute_force_with_each_point_first(metric):
+    """The k-NN handed to UMAP: every row starts with itself at distance 0, even where duplicates
+    tie with it, and the rest are the true nearest rows in order."""
+    rng = np.random.default_rng(1)
+    X = np.abs(rng.normal(size=(300, 16))).astype(np.float32)
+    X[10] = X[11] = X[12]  # three identical points
+    nn, dist = exact_neighbours(X, 8, metric)
+    assert (nn[:, 0] == np.arange(len(X))).all() and (dist[:, 0] == 0).all()
+    if metric == "cosine":
+        full = 1 - unit_rows(X) @ unit_rows(X).T
+    else:
+        full = np.linalg.norm(X[:, None] - X[None], axis=2)
+    np.fill_diagonal(full, -1)  # itself first
+    expected = np.sort(full, axis=1)[:, 1:8]
+    assert np.allclose(np.sort(dist[:, 1:], axis=1), np.maximum(expected, 0), atol=1e-4)
+    assert set(nn[10, :3]) == {10, 11, 12} and set(nn[11, :3]) == {10, 11, 12}
+
