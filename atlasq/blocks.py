@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -105,22 +106,21 @@ def forward_between(network: StagedClassifier, start: str, end: str, h: torch.Te
     raise AssertionError("unreachable: end follows start")
 
 
-def layer_to_layer(network: StagedClassifier, x: torch.Tensor, from_layer: str, layer: str,
+def layer_to_layer(network: StagedClassifier, h_e: torch.Tensor, from_layer: str, layer: str,
                    position: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """How each position of ``from_layer`` contributes to the activation at ``position`` of ``layer``.
+    """How each position of ``from_layer`` (whose activations are ``h_e``, (1, C_E, H_E, W_E))
+    contributes to the activation at ``position`` of ``layer``.
 
     The target is ``s = h_L(p) · û`` with û the unit direction of ``h_L(p)`` (held fixed), i.e. the
     activation's magnitude; the map is ``Σ_channels h_E · ∂s/∂h_E`` at every position of the
     earlier layer. Returns ``(map (H_E, W_E), s)``.
     """
     y, x_ = position
-    with torch.no_grad():
-        h_e = network.forward_layers(x, [from_layer])[from_layer].float()
-        target = forward_between(network, from_layer, layer, h_e)[0, :, y, x_]
-        unit = target / target.norm().clamp_min(1e-12)
-    h_e = h_e.clone().requires_grad_(True)
+    h_e = h_e.detach().float().clone().requires_grad_(True)
     with torch.enable_grad():
-        s = (forward_between(network, from_layer, layer, h_e)[0, :, y, x_] * unit).sum()
+        target = forward_between(network, from_layer, layer, h_e)[0, :, y, x_]
+        unit = (target / target.norm().clamp_min(1e-12)).detach()
+        s = (target * unit).sum()
         grad = torch.autograd.grad(s, h_e)[0]
     return (grad * h_e.detach()).sum(1)[0].cpu().numpy(), float(s.detach())
 
@@ -411,6 +411,17 @@ def _resolve_classes(classes: Sequence[str | int] | None, categories: list[str],
     return out
 
 
+_RELAXED: "weakref.WeakKeyDictionary[StagedClassifier, StagedClassifier]" = weakref.WeakKeyDictionary()
+
+
+def _relaxed(network: StagedClassifier) -> StagedClassifier:
+    """``network``'s max-pool-relaxed copy, made once per network (copying it took a second of an
+    InceptionV1 inspection)."""
+    if network not in _RELAXED:
+        _RELAXED[network] = relax_maxpool(network)
+    return _RELAXED[network]
+
+
 def input_image(model: LoadedModel, image: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
     """The network's input for ``image`` (1, 3, S, S) and the same crop as RGB (S, S, 3) uint8."""
     x = model.transform(image)
@@ -457,11 +468,12 @@ def inspect_image(model: LoadedModel, image: Image.Image, *, layer: str | None =
                                      f"{', '.join(map(str, atlas.levels))}")
     layer = layer or default_layer(network)
     network.check_layers([layer] + ([from_layer] if from_layer else []))
-    attribution_network = relax_maxpool(network) if relaxed_maxpool else network
+    attribution_network = _relaxed(network) if relaxed_maxpool else network
 
     x, rgb = input_image(model, image)
-    with torch.no_grad():
-        h = network.forward_layers(x, [layer])[layer].float()
+    with torch.no_grad():  # one pass for both layers (the relaxed copy computes the same values)
+        computed = network.forward_layers(x, [layer] + ([from_layer] if from_layer else []))
+        h = computed[layer].float()
         logits = network.forward_from(layer, h)[0].float().cpu().numpy()
     classes = _resolve_classes(classes, model.categories, logits, top)
     spatial, channel, gradients = attribution_maps(attribution_network, layer, h, classes)
@@ -483,7 +495,8 @@ def inspect_image(model: LoadedModel, image: Image.Image, *, layer: str | None =
             raise InvalidOptionError(f"--position {position[0]},{position[1]} is outside the layer's "
                                      f"{height}×{width} positions")
         result.from_layer, result.position = from_layer, (int(position[0]), int(position[1]))
-        result.layer_to_layer, _ = layer_to_layer(attribution_network, x, from_layer, layer, result.position)
+        result.layer_to_layer, _ = layer_to_layer(attribution_network, computed[from_layer], from_layer, layer,
+                                                   result.position)
 
     size = default_icon_size(model.input_size, (height, width))
     cache = IconCache(icon_folder, model, layer, size=size, steps=icon_steps, seed=seed)

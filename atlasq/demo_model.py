@@ -185,11 +185,14 @@ def _train_here(root: Path, out: Path, recipe: dict, progress: bool) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=recipe["lr"], total_steps=recipe["epochs"] * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    cutmix = v2.CutMix(num_classes=len(CATEGORIES)) if recipe.get("cutmix") else None
     for epoch in range(recipe["epochs"]):
         net.train()
         total = 0.0
         for x, y in _batches(train_images, train_labels, recipe["batch_size"], generator, True, recipe):
             optimiser.zero_grad()
+            if cutmix is not None and torch.rand((), generator=generator) < recipe["cutmix"]:
+                x, y = cutmix(x, y)
             loss = loss_fn(net(x), y)
             loss.backward()
             optimiser.step()

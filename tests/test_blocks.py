@@ -95,9 +95,10 @@ def test_group_and_layer_to_layer_attribution_equal_autograd(demo):
 
     position = (int(rng.integers(height)), int(rng.integers(width)))
     earlier = "mixed3b"
-    contribution, target = layer_to_layer(demo.network, x, earlier, layer, position)
     with torch.no_grad():
         h_e = demo.network.forward_layers(x, [earlier])[earlier]
+    contribution, target = layer_to_layer(demo.network, h_e, earlier, layer, position)
+    with torch.no_grad():
         out = forward_between(demo.network, earlier, layer, h_e)[0, :, position[0], position[1]]
     assert target == pytest.approx(float(out.norm()), rel=1e-5)
     unit = out / out.norm()
