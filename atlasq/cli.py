@@ -372,12 +372,16 @@ def demo(
 @user_errors
 def demo_model_command(
     force: bool = typer.Option(False, help="Retrain even when cached weights exist."),
+    ship: bool = typer.Option(False, help="Also copy the weights into the package (atlasq/data), replacing "
+                                          "those shipped before: for maintainers, after changing the recipe."),
     as_json: bool = JsonOption,
 ):
     """Train (or find cached) the small demo network on sample_data/ and report its held-out accuracy."""
     from . import demo_model
 
     path = demo_model.ensure_trained(force=force)
+    if ship:
+        demo_model.ship(path)
     report = demo_model.report(path)
     payload = {"weights": str(path), **{k: v for k, v in report.items() if k != "held_out"}}
     _emit(as_json, payload, lambda r: print(

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from torchvision.transforms import v2
 from torchvision.transforms._presets import ImageClassification
 
 from . import sampledata
+from .fileio import replaced
 from .images import open_rgb, scan_images
 from .model import (LoadedModel, Preprocess, TinyInceptionV1, _load_state_dict_file,
                     load_fitting, register_model, weights_digest)
@@ -53,6 +55,8 @@ RECIPE = {"epochs": 30, "batch_size": 32, "lr": 3e-3, "weight_decay": 5e-4,
 #: is why the tests assert the network's quality in aggregate, with margins.
 NUMERICS = {"threads": 2, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 HOLD_OUT_EVERY = 5
+#: Trained weights shipped with the package, named as in the cache (see :func:`shipped`).
+SHIPPED = Path(__file__).resolve().parent / "data"
 
 
 def sample_data_dir() -> Path:
@@ -185,14 +189,11 @@ def _train_here(root: Path, out: Path, recipe: dict, progress: bool) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=recipe["lr"], total_steps=recipe["epochs"] * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
-    cutmix = v2.CutMix(num_classes=len(CATEGORIES)) if recipe.get("cutmix") else None
     for epoch in range(recipe["epochs"]):
         net.train()
         total = 0.0
         for x, y in _batches(train_images, train_labels, recipe["batch_size"], generator, True, recipe):
             optimiser.zero_grad()
-            if cutmix is not None and torch.rand((), generator=generator) < recipe["cutmix"]:
-                x, y = cutmix(x, y)
             loss = loss_fn(net(x), y)
             loss.backward()
             optimiser.step()
@@ -226,11 +227,45 @@ def _train_here(root: Path, out: Path, recipe: dict, progress: bool) -> dict:
     return result
 
 
+def shipped(key: str) -> Path | None:
+    """The weights trained for cache key ``key`` that ship with atlasq, if any.
+
+    ``atlasq demo-model`` trained them on ``sample_data/`` with this recipe, these pinned numerics
+    and this torch version (all part of the key); they ship so that a first ``atlasq demo`` does
+    not spend its first minute and a half training. ``tests/test_demo_model.py`` retrains them
+    and checks that training still gives a network of the same quality, and that the shipped file
+    is the one the current key names."""
+    path = SHIPPED / f"demo-{key}.pt"
+    return path if path.is_file() and path.with_suffix(".json").is_file() else None
+
+
+def ship(weights: Path) -> Path:
+    """Copy cached ``weights`` (and their report) into the package as the shipped weights,
+    removing any shipped for another key. Returns the shipped path."""
+    SHIPPED.mkdir(exist_ok=True)
+    target = SHIPPED / weights.name
+    for suffix in (".json", ".pt"):
+        shutil.copyfile(weights.with_suffix(suffix), target.with_suffix(suffix))
+    for old in SHIPPED.glob("demo-*"):
+        if old.stem != target.stem:
+            old.unlink()
+    return target
+
+
 def ensure_trained(root: Path | None = None, *, force: bool = False) -> Path:
-    """Path to the cached demo weights for ``root``, training them first if needed."""
+    """Path to the cached demo weights for ``root``: copied from the weights atlasq ships when they
+    were trained for the same key (:func:`shipped`), else trained first."""
     root = root or sample_data_dir()
     files = labelled_files(root)
-    out = cache_dir() / f"demo-{_cache_key(root, files)}.pt"
+    key = _cache_key(root, files)
+    out = cache_dir() / f"demo-{key}.pt"
+    if not force and not out.is_file() and (packaged := shipped(key)) is not None:
+        for suffix in (".json", ".pt"):  # the weights last: their presence means both are there
+            with replaced(out.with_suffix(suffix)) as tmp:
+                shutil.copyfile(packaged.with_suffix(suffix), tmp)
+        print(f"demo network: using the weights atlasq ships for sample_data/ (held-out accuracy "
+              f"{report(out)['held_out_accuracy']:.3f}; `atlasq demo-model --force` retrains them)",
+              file=sys.stderr, flush=True)
     if force or not out.is_file():
         print(f"training the demo network on {root} (once; cached at {out}) …",
               file=sys.stderr, flush=True)

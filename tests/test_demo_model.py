@@ -80,3 +80,38 @@ def test_demo_network_registers_itself_and_model_does_not_import_it():
     preset = random.transform.preset
     assert list(preset.mean) == [0.485, 0.456, 0.406] and list(preset.std) == [0.229, 0.224, 0.225]
     assert json.dumps(demo_model.transform().preset.mean) == json.dumps(preset.mean)
+
+
+def _current_key() -> str:
+    root = demo_model.sample_data_dir()
+    return demo_model._cache_key(root, demo_model.labelled_files(root))
+
+
+def test_an_empty_cache_gets_the_shipped_weights_without_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATLASQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo_model, "train", lambda *a, **k: pytest.fail("trained although weights ship"))
+    path = demo_model.ensure_trained()
+    shipped = demo_model.shipped(_current_key())
+    assert path.parent == tmp_path and path.read_bytes() == shipped.read_bytes()
+    assert demo_model.report(path) == demo_model.report(shipped)
+    assert "weights atlasq ships" in capsys.readouterr().err
+    assert load_model("demo").weights_sha256 == load_model("demo", str(shipped)).weights_sha256
+
+
+def test_the_shipped_demo_network_is_what_training_gives(tmp_path):
+    """The shipped weights are named by the current key (sample data, recipe, pinned numerics,
+    torch), so changing any of them without `atlasq demo-model --force --ship` fails here; and
+    retraining now gives a network of the same held-out accuracy (bit-identical on a CPU that
+    computes as the one that trained them)."""
+    key = _current_key()
+    shipped = demo_model.shipped(key)
+    assert shipped is not None, (f"no weights shipped for key {key}: run `atlasq demo-model --force --ship` "
+                                 f"after changing the recipe or the sample data")
+    retrained = demo_model.train(demo_model.sample_data_dir(), tmp_path / "demo.pt", progress=False)
+    expected = demo_model.report(shipped)
+    identical = all(torch.equal(a, b) for a, b in zip(_state(tmp_path / "demo.pt").values(), _state(shipped).values()))
+    print(f"retrained: held-out accuracy {retrained['held_out_accuracy']:.3f} in {retrained['seconds']} s "
+          f"(shipped: {expected['held_out_accuracy']:.3f}, {expected['cpu_capability']}); weights "
+          f"{'bit-identical' if identical else 'differ in their last bits'}")
+    assert retrained["recipe"] == expected["recipe"] and retrained["held_out"] == expected["held_out"]
+    assert retrained["held_out_accuracy"] == pytest.approx(expected["held_out_accuracy"], abs=0.04)
