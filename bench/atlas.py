@@ -9,9 +9,15 @@
    :func:`atlasq.featurevis.render_directions`, which runs the network only up to the layer, with
    its BatchNorms folded into the convolutions, in bf16 where the CPU supports it (``--precision
    fp32`` stands in for a CPU without bf16). The baseline is a plain loop with the same parameterisation,
-   transforms, objective, steps, size and batch, which runs the full network in fp32. The time of
-   a 20×20 grid at 512 steps is extrapolated from the timed batch. bf16's result is checked on
-   the trained demo network: icons rendered in bf16 and in fp32 are both scored in fp32.
+   transforms, objective, size and batch, which runs the full network in fp32. ``icon_step_speedup``
+   compares one step of each; ``icon_speedup`` compares one icon: the plain loop's 512 steps (the
+   articles') against atlasq's default steps, which end with a settle phase on the untransformed
+   image. Whether atlasq's icons are as faithful is checked on the trained demo network at mixed5a,
+   with real activations as directions (random weights cannot tell): ``icon_fidelity_ratio`` is the
+   share of atlasq's icons whose centre activation is closest to their own direction, ÷ the plain
+   loop's. The time of a 20×20 grid at the default steps is extrapolated from the timed batch.
+   bf16's result is checked on the demo network too: icons rendered in bf16 and in fp32 are both
+   scored in fp32.
 
 InceptionV1 runs with seeded random weights: the ImageNet weights cannot be downloaded here, and
 the speed does not depend on the weights.
@@ -19,7 +25,8 @@ the speed does not depend on the weights.
     python bench/atlas.py [--points 100000] [--fit-size 20000] [--icon-steps 16] [--skip-layout]
                           [--precision auto|fp32|bf16] [--device cpu|cuda] [--cpu-time]
 
-Last lines: layout_speedup=, trustworthiness_ratio=, icon_speedup=, icons_20x20_minutes=.
+Last lines: layout_speedup=, trustworthiness_ratio=, icon_fidelity_ratio=, icon_step_speedup=,
+icon_speedup=, icons_20x20_minutes=.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from synthetic import synthetic_activations
 #: The benchmark's clock: wall time, or with --cpu-time this process's CPU time (steadier when
 #: other work shares the cores; both loops use the same torch thread count).
 CLOCK = time.perf_counter
+#: Steps of the plain loop an icon is compared with: the articles' 512.
+BASELINE_STEPS = 512
 
 
 def trustworthiness_on(X: np.ndarray, Y: np.ndarray, sample: np.ndarray) -> float:
@@ -75,10 +84,10 @@ def bench_layout(points: int, dims: int, fit_size: int) -> dict:
 
 
 def plain_full_network_loop(network, layer_module: torch.nn.Module, directions: torch.Tensor, *, size: int,
-                            steps: int, seed: int = 0) -> float:
+                            steps: int, seed: int = 0, images: list | None = None) -> float:
     """The straightforward loop: every step runs the whole network in fp32 and reads the layer
     from a forward hook. Same parameterisation, transforms and objective as atlasq's. Returns
-    seconds per step."""
+    seconds per step; the final images are appended to ``images`` when it is given."""
     generator = torch.Generator().manual_seed(seed)
     device = next(network.parameters()).device
     params, image_fn = fft_image(len(directions), size, generator=generator, device=device)
@@ -99,6 +108,8 @@ def plain_full_network_loop(network, layer_module: torch.nn.Module, directions: 
             optimiser.step()
     finally:
         hook.remove()
+    if images is not None:
+        images.append(image_fn().detach())
     return (CLOCK() - clock) / steps
 
 
@@ -130,19 +141,10 @@ def bf16_check(steps: int, batch: int) -> float:
     near zero), so this uses the trained demo network at mixed5a, with real activations of
     sample_data/ images as directions, and scores both sets of final icons in fp32."""
     from atlasq.atlas import default_icon_size
-    from atlasq.demo_model import sample_data_dir
 
-    model = load_model("demo", device="cpu")
+    model, directions = _demo_directions(batch)
     network, layer = model.network, "mixed5a"
-    for p in network.parameters():
-        p.requires_grad_(False)
-    files = sorted(sample_data_dir().rglob("*.png"))[::7][:batch]
-    from PIL import Image
-    x = torch.stack([model.transform(Image.open(f).convert("RGB")) for f in files])
-    with torch.no_grad():
-        acts = network.forward_layers(x, [layer])[layer]
-    directions = acts[:, :, acts.shape[2] // 2, acts.shape[3] // 2].clone()
-    size = default_icon_size(model.input_size, tuple(acts.shape[2:]))
+    size = default_icon_size(model.input_size, (4, 4))
     scores, cosines = {}, {}
     for p in ("fp32", "bf16"):
         rendered = render_directions(network, layer, directions, size=size, steps=steps, precision=p, seed=1)
@@ -150,10 +152,64 @@ def bf16_check(steps: int, batch: int) -> float:
         cosines[p] = torch.nn.functional.cosine_similarity(torch.from_numpy(rendered.final_activation),
                                                            directions).mean().item()
     ratio = float(scores["bf16"].mean() / scores["fp32"].mean())
-    print(f"  bf16 check (demo network, {layer}, {len(files)} real directions, {size} px, {steps} steps): "
+    print(f"  bf16 check (demo network, {layer}, {len(directions)} real directions, {size} px, {steps} steps): "
           f"mean fp32-scored objective bf16/fp32 = {ratio:.3f}; centre cosine to the direction "
           f"fp32 {cosines['fp32']:.3f}, bf16 {cosines['bf16']:.3f}", flush=True)
     return ratio
+
+
+def _demo_directions(batch: int, layer: str = "mixed5a"):
+    """The trained demo network and the centre activations of ``batch`` sample_data/ images at
+    ``layer``: real directions, which random weights cannot give."""
+    from PIL import Image
+
+    from atlasq.demo_model import sample_data_dir
+
+    model = load_model("demo", device="cpu")
+    for p in model.network.parameters():
+        p.requires_grad_(False)
+    files = sorted(sample_data_dir().rglob("*.png"))[::7][:batch]
+    x = torch.stack([model.transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        acts = model.network.forward_layers(x, [layer])[layer]
+    return model, acts[:, :, acts.shape[2] // 2, acts.shape[3] // 2].clone()
+
+
+def _centre_fidelity(network, layer: str, directions: torch.Tensor, images: torch.Tensor) -> tuple[float, float]:
+    """Of icons ``images`` (B, 3, S, S in [0, 1]), untransformed: the share whose centre activation
+    is closer (cosine) to its own direction than to any other of the batch (the atlas's
+    ``icon_fidelity``, with directions for cells), and their mean cosine to their own direction."""
+    x = (images - torch.tensor(IMAGENET_MEAN)[None, :, None, None]) / torch.tensor(IMAGENET_STD)[None, :, None, None]
+    with torch.no_grad():
+        acts = network.forward_layers(x, [layer])[layer]
+    centre = torch.nn.functional.normalize(acts[:, :, acts.shape[2] // 2, acts.shape[3] // 2], dim=1)
+    cosines = centre @ torch.nn.functional.normalize(directions, dim=1).T
+    own = (cosines.argmax(1) == torch.arange(len(directions))).float().mean().item()
+    return own, cosines.diagonal().mean().item()
+
+
+def fidelity_check(batch: int, baseline_steps: int = 512) -> tuple[float, int]:
+    """Do atlasq's default steps give icons as faithful as the plain loop's ``baseline_steps``?
+    On the trained demo network at mixed5a (fp32), with real directions. Returns atlasq's
+    own-direction share ÷ the plain loop's, and atlasq's default number of steps."""
+    from atlasq.atlas import AtlasOptions, default_icon_size
+
+    options = AtlasOptions()
+    model, directions = _demo_directions(batch)
+    network, layer = model.network, "mixed5a"
+    size = default_icon_size(model.input_size, (4, 4))
+    plain = []
+    plain_full_network_loop(network, network.mixed5a, directions, size=size, steps=baseline_steps, images=plain)
+    ours = render_directions(network, layer, directions, size=size, steps=options.steps, lr=options.lr,
+                             settle_steps=round(options.settle * options.steps), precision="fp32", seed=1)
+    plain_own, plain_cos = _centre_fidelity(network, layer, directions, plain[0])
+    ours_own, ours_cos = _centre_fidelity(network, layer, directions,
+                                          torch.from_numpy(ours.images).permute(0, 3, 1, 2).float() / 255)
+    print(f"  fidelity (demo network, {layer}, {len(directions)} real directions, {size} px, fp32): plain loop at "
+          f"{baseline_steps} steps: {plain_own:.3f} closest to their own direction, mean cosine {plain_cos:.3f}; "
+          f"atlasq at its default {options.steps} steps ({options.settle:g} of them settling): {ours_own:.3f}, "
+          f"mean cosine {ours_cos:.3f}", flush=True)
+    return ours_own / plain_own, options.steps
 
 
 def bench_icons(steps: int, batch: int, size: int, check_steps: int, precision: str = "auto",
@@ -176,14 +232,22 @@ def bench_icons(steps: int, batch: int, size: int, check_steps: int, precision: 
         network.to(memory_format=torch.channels_last)
     ours = atlasq_loop(network, layer, directions, size=size, steps=steps, precision=precision)
     print(f"  atlasq (up to {layer}, {precision}): {ours:.3f} s/step", flush=True)
-    result = {"icon_speedup": baseline / ours}
+    from atlasq.atlas import AtlasOptions
 
+    steps_per_icon = AtlasOptions().steps
+    result = {"icon_step_speedup": baseline / ours}
+    if check_steps and model.device.type == "cpu":
+        result["icon_fidelity_ratio"], steps_per_icon = fidelity_check(batch, BASELINE_STEPS)
+    # per icon: the plain loop's steps against atlasq's default steps, whose fidelity is checked above
+    result["icon_speedup"] = baseline * BASELINE_STEPS / (ours * steps_per_icon)
+    print(f"  per icon: plain loop {BASELINE_STEPS} steps × {baseline:.3f} s, atlasq {steps_per_icon} steps × "
+          f"{ours:.3f} s", flush=True)
     if precision == "bf16" and check_steps and model.device.type == "cpu":
         result["bf16_objective_ratio"] = bf16_check(check_steps, batch)
     cells = 20 * 20
-    minutes = math.ceil(cells / batch) * 512 * ours / 60
-    print(f"  icons_20x20_minutes is extrapolated from the timed batch: ceil({cells}/{batch}) batches × 512 steps "
-          f"× {ours:.3f} s/step, every cell kept, no retries", flush=True)
+    minutes = math.ceil(cells / batch) * steps_per_icon * ours / 60
+    print(f"  icons_20x20_minutes is extrapolated from the timed batch: ceil({cells}/{batch}) batches × "
+          f"{steps_per_icon} steps × {ours:.3f} s/step, every cell kept, no retries", flush=True)
     result["icons_20x20_minutes"] = minutes
     return result
 
@@ -196,7 +260,7 @@ def main() -> None:
     parser.add_argument("--icon-steps", type=int, default=16, help="timed steps per icon loop")
     parser.add_argument("--icon-batch", type=int, default=32)
     parser.add_argument("--icon-size", type=int, default=80)
-    parser.add_argument("--check-steps", type=int, default=128, help="steps of the bf16-vs-fp32 check (0: skip)")
+    parser.add_argument("--check-steps", type=int, default=128, help="steps of the bf16-vs-fp32 check (0: skip it and the fidelity check)")
     parser.add_argument("--skip-layout", action="store_true")
     parser.add_argument("--skip-icons", action="store_true")
     parser.add_argument("--precision", default="auto",
@@ -214,8 +278,8 @@ def main() -> None:
     if not args.skip_icons:
         results.update(bench_icons(args.icon_steps, args.icon_batch, args.icon_size, args.check_steps,
                                    args.precision, args.device))
-    for key in ("bf16_objective_ratio", "layout_speedup", "trustworthiness_ratio", "icon_speedup",
-                "icons_20x20_minutes"):
+    for key in ("bf16_objective_ratio", "layout_speedup", "trustworthiness_ratio", "icon_fidelity_ratio",
+                "icon_step_speedup", "icon_speedup", "icons_20x20_minutes"):
         if key in results:
             print(f"{key}={results[key]:.3f}")
 
