@@ -17,7 +17,7 @@
    Data creates on its first use in a cluster (``ray_startup_s``), since a cluster is started
    once for many runs. Counted: the pool's start-up (each actor's process importing Ray Data and
    torch and loading the network), which every run pays once; ``ray_first_batch_s`` shows it, and
-   ``*_steady_images_per_s`` the rates once every stream or actor has returned a batch. Also
+   ``*_steady_images_per_s`` the rates over the second half of the batches. Also
    printed: CPU seconds during the Ray run of the actors, Ray Data's helper actors, Ray's daemons
    and the driver. The default of 960 images makes a run of about half a minute on 2 cores, so
    that the pool's start-up weighs in it less than it does in a run of 160 images (a few seconds
@@ -128,12 +128,12 @@ def local_rate(photos: Path, images: int, *, attributions: bool) -> tuple[float,
 
 class BatchClock:
     """When an engine's batches were asked for and when each came back. Its start-up is the wait
-    for the first batch; its steady rate counts from the batch that the last of its ``parallel``
-    streams (the local engine's network streams, the pool's actors) returned first, so that neither
-    the start-up nor results finished during it (which arrive all at once) count."""
+    for the first batch; its steady rate is that of the second half of the batches, by when every
+    network stream or actor has long been running and batches finished during the start-up (which
+    the Ray engine hands over all at once, in file order, behind the first) have been handed over."""
 
-    def __init__(self, parallel: int = 2):
-        self.parallel, self.asked, self.arrivals = parallel, None, []
+    def __init__(self):
+        self.asked, self.arrivals = None, []
 
     def wrap(self, batches):
         self.asked = time.perf_counter()
@@ -147,9 +147,9 @@ class BatchClock:
 
     @property
     def steady_rate(self) -> float:
-        settled = self.arrivals[self.parallel - 1:]
-        seconds = settled[-1][0] - settled[0][0]
-        return sum(n for _, n in settled[1:]) / seconds if len(settled) > 1 and seconds > 0 else float("nan")
+        half = self.arrivals[max(0, len(self.arrivals) // 2 - 1):]
+        seconds = half[-1][0] - half[0][0]
+        return sum(n for _, n in half[1:]) / seconds if len(half) > 1 and seconds > 0 else float("nan")
 
 
 def clocked_local_engine(clock: BatchClock):
@@ -298,12 +298,14 @@ def ray_against_local(photos: Path, images: int, batch_size: int) -> dict:
     kinds = ray_cpu.by_kind()
     batches = math.ceil(images / batch_size)
     print(f"local engine {local_rates[0]:.2f} then {local_rates[1]:.2f} img/s (whole runs; steady "
-          f"{local_clocks[0].steady_rate:.2f} and {local_clocks[1].steady_rate:.2f} img/s after the first batch, which "
-          f"came {local_clocks[0].startup_s:.1f} and {local_clocks[1].startup_s:.1f} s after the pipeline started; "
+          f"{local_clocks[0].steady_rate:.2f} and {local_clocks[1].steady_rate:.2f} img/s over the second half of the "
+          f"batches; the first came {local_clocks[0].startup_s:.1f} and {local_clocks[1].startup_s:.1f} s after the "
+          f"pipeline started; "
           f"CPU of the process {local_cpu[0]:.1f} and {local_cpu[1]:.1f} s)", flush=True)
     print(f"Ray engine (2 actors × 1 thread) {on_ray:.2f} img/s on {images} JPEGs (whole run; steady "
-          f"{ray_clock.steady_rate:.2f} img/s after the first batch, which came {ray_clock.startup_s:.1f} s after "
-          f"the pool was asked for: actors starting, importing Ray Data and torch, loading the network); "
+          f"{ray_clock.steady_rate:.2f} img/s over the second half of the batches; the first came "
+          f"{ray_clock.startup_s:.1f} s after the pool was asked for: actors starting, importing Ray Data and torch, "
+          f"loading the network); "
           f"starting Ray took {startup:.1f} s ({started_s:.1f} s ray.init, then Ray Data's helper actors), not counted",
           flush=True)
     print(f"CPU during the Ray run: actors {kinds['actors']:.1f} s, Ray Data's helper actors {kinds['helpers']:.1f} s, "
