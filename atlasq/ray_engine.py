@@ -251,15 +251,18 @@ def _records(raw_paths, decoded: list, embedded, config, shapes: dict) -> dict:
             full[ok] = values
         out[name] = full
 
+    # Each column in the narrowest type that holds what the writer stores: the shards keep
+    # activations and attributions as float16, so casting here instead of in the driver gives the
+    # same values and halves what crosses the object store (and the network, on a cluster).
     column("pooled", shapes["pooled"], embedded and embedded.pooled, np.float32)
     top = min(5, shapes["classes"])
-    column("top5_class", top, embedded and embedded.top5_class, np.int64)
+    column("top5_class", top, embedded and embedded.top5_class, np.int32)
     column("top5_prob", top, embedded and embedded.top5_prob, np.float32)
     for layer in config.layers:
         pick = lambda table: table[layer] if embedded is not None else None
-        column(f"pos.{layer}", 2, pick(embedded.positions) if embedded else None, np.int64, (k,))
-        column(f"act.{layer}", shapes[layer], pick(embedded.activations) if embedded else None, np.float32, (k,))
+        column(f"pos.{layer}", 2, pick(embedded.positions) if embedded else None, np.int32, (k,))
+        column(f"act.{layer}", shapes[layer], pick(embedded.activations) if embedded else None, np.float16, (k,))
         if config.attributions:
             column(f"attr.{layer}", shapes["classes"], pick(embedded.attributions) if embedded else None,
-                   np.float32, (k,))
+                   np.float16, (k,))
     return out

@@ -7,11 +7,21 @@
    ``atlasq index`` does. Baseline: the local pipeline indexing ``--local-images`` real 640×480
    JPEGs with the same settings (InceptionV1, random weights, attributions, K = 4) in the same run.
    ``writer_vs_local_ratio`` is how many such machines one writer keeps up with.
-2. Ray against local (``--part ray``). ``--images`` JPEGs indexed (no attributions) by the local
-   engine and by ``--engine ray`` with 2 single-threaded actors on a local Ray of 2 CPUs, same
-   machine, same run. Starting Ray itself (``ray_startup_s``) is left out of the Ray run's time,
-   since a cluster is started once for many runs; the actors' start-up (imports, loading the
-   network) is in it.
+2. Ray against local (``--part ray``). ``--images`` JPEGs indexed (no attributions, K = 4 at
+   mixed4c, batches of ``--batch-size``) by the local engine, then by ``--engine ray`` with 2
+   single-threaded actors on a local Ray of 2 CPUs, then by the local engine again, in one process;
+   ``ray_vs_local_ratio`` = the Ray run's images/s ÷ the mean of the two local runs, each timed
+   over its whole ``build_index`` (loading the network, scanning, writing, FAISS). The local engine
+   runs its usual two one-thread network streams and one decoding thread; each actor decodes and
+   embeds its own batches on one thread. Not counted: starting Ray and the three helper actors Ray
+   Data creates on its first use in a cluster (``ray_startup_s``), since a cluster is started
+   once for many runs. Counted: the pool's start-up (each actor's process importing Ray Data and
+   torch and loading the network), which every run pays once; ``ray_first_batch_s`` shows it, and
+   ``*_steady_images_per_s`` the rates over the second half of the batches. Also
+   printed: CPU seconds during the Ray run of the actors, Ray Data's helper actors, Ray's daemons
+   and the driver. The default of 960 images makes a run of about half a minute on 2 cores, so
+   that the pool's start-up weighs in it less than it does in a run of 160 images (a few seconds
+   of work), though still far more than in a reference build of hours.
 3. Compact placement index (``--part compact``). bench/histogram.py's data: a 100,000-activation
    synthetic reference (512-d) and ``--queries`` activations to place. Cells come from a real
    layout of the reference (atlasq's UMAP layout, gridded at 20, 40 and 80). Each activation's
@@ -21,15 +31,16 @@
    finest grid; all three are printed). ``compact_size_ratio`` = compact index bytes ÷ the raw
    float16 activations an atlas ships otherwise.
 
-    python bench/scale.py [--part writer,ray,compact] [--images 320] [--local-images 48]
+    python bench/scale.py [--part writer,ray,compact] [--images 960] [--batch-size 32] [--local-images 48]
 
 Last lines: writer_images_per_s=, local_attr_images_per_s=, writer_vs_local_ratio=,
-ray_vs_local_ratio=, compact_size_ratio=, compact_cell_agreement=.
+ray_vs_local_ratio= (with its breakdown above it), compact_size_ratio=, compact_cell_agreement=.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import tempfile
@@ -98,14 +109,14 @@ def writer_rate(images: int, commit_every: int = 256) -> float:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def local_rate(photos: Path, images: int, *, attributions: bool, engine=None) -> tuple[float, int]:
+def local_rate(photos: Path, images: int, *, attributions: bool) -> tuple[float, int]:
     """Images/s of ``atlasq index`` on ``photos`` (InceptionV1, random weights), and how many it indexed."""
     from atlasq.indexer import IndexOptions, build_index
 
     home = Path(tempfile.mkdtemp(prefix="atlasq-scale-"))
     try:
         started = time.perf_counter()
-        summary = build_index(photos, "b", home=home, progress=False, engine=engine,
+        summary = build_index(photos, "b", home=home, progress=False,
                               options=IndexOptions(model="inceptionv1", weights="random", attributions=attributions,
                                                    samples_per_image=4, layers=("mixed4c",)))
         return summary.indexed / (time.perf_counter() - started), summary.indexed
@@ -115,24 +126,197 @@ def local_rate(photos: Path, images: int, *, attributions: bool, engine=None) ->
 
 # ----------------------------------------------------------------------------- 2. Ray against local
 
-def _timed_ray_engine():
+class BatchClock:
+    """When an engine's batches were asked for and when each came back. Its start-up is the wait
+    for the first batch; its steady rate is that of the second half of the batches, by when every
+    network stream or actor has long been running and batches finished during the start-up (which
+    the Ray engine hands over all at once, in file order, behind the first) have been handed over."""
+
+    def __init__(self):
+        self.asked, self.arrivals = None, []
+
+    def wrap(self, batches):
+        self.asked = time.perf_counter()
+        for decoded, embedded in batches:
+            self.arrivals.append((time.perf_counter(), len(decoded)))
+            yield decoded, embedded
+
+    @property
+    def startup_s(self) -> float:
+        return self.arrivals[0][0] - self.asked
+
+    @property
+    def steady_rate(self) -> float:
+        half = self.arrivals[max(0, len(self.arrivals) // 2 - 1):]
+        seconds = half[-1][0] - half[0][0]
+        return sum(n for _, n in half[1:]) / seconds if len(half) > 1 and seconds > 0 else float("nan")
+
+
+def clocked_local_engine(clock: BatchClock):
+    """Patch the local engine's batch stream so that ``clock`` times it (the bench's process only)."""
+    from atlasq import indexer
+
+    plain = indexer._embedded_batches
+    indexer._embedded_batches = lambda *args, **kwargs: clock.wrap(plain(*args, **kwargs))
+    return lambda: setattr(indexer, "_embedded_batches", plain)
+
+
+def clocked_ray_engine(clock: BatchClock, **kwargs):
     from atlasq.ray_engine import RayEngine
 
-    class Timed(RayEngine):
-        """The Ray engine, noting when it was asked for batches and when the first came back."""
+    class Clocked(RayEngine):
+        def embedded_batches(self, *args, **kw):
+            return clock.wrap(super().embedded_batches(*args, **kw))
 
-        def embedded_batches(self, *args, **kwargs):
-            object.__setattr__(self, "started_at", time.perf_counter())
-            for i, (decoded, embedded) in enumerate(super().embedded_batches(*args, **kwargs)):
-                if i == 0:
-                    object.__setattr__(self, "first_batch_at", time.perf_counter())
-                yield decoded, embedded
-
-    return Timed
+    return Clocked(**kwargs)
 
 
-def TimedRayEngine(**kwargs):
-    return _timed_ray_engine()(**kwargs)
+def warm_ray_data(ray) -> None:
+    """One tiny Ray Data job on a one-actor pool. On its first use in a cluster, Ray Data creates
+    three detached helper actors (its stats, its autoscaling coordinator, the actor-location
+    tracker) that then live as long as the cluster; a cluster that has served a run already has
+    them, so they belong to starting the cluster, not to the timed run."""
+
+    class Echo:
+        def __call__(self, batch):
+            return batch
+
+    ray.data.range(2, override_num_blocks=1).map_batches(
+        Echo, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).take_all()
+
+
+class ProcessCpu:
+    """CPU seconds of this process's descendants (a local Ray's daemons and workers), sampled from
+    /proc every ``every`` s so that processes which end before the last sample still count."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
+        self.every, self.seen, self._stop = every, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _read() -> dict[int, tuple[int, str, float]]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            out[int(stat.parent.name)] = (int(fields[1]), command.strip(), (int(fields[11]) + int(fields[12])) / ticks)
+        return out
+
+    def _sample(self) -> None:
+        table = self._read()
+        mine = {os.getpid()}
+        grew = True
+        while grew:  # the process tree under this one
+            found = {pid for pid, (parent, _, _) in table.items() if parent in mine} - mine
+            mine |= found
+            grew = bool(found)
+        for pid in mine - {os.getpid()}:
+            _, command, cpu = table[pid]
+            self.seen[pid] = (command, cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self.before = dict(self.seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds spent during the run by the pool's actors, Ray Data's helper actors and
+        Ray's daemons (GCS, raylet, agents, idle workers)."""
+        out = {"actors": 0.0, "helpers": 0.0, "daemons": 0.0}
+        for pid, (command, cpu) in self.seen.items():
+            used = cpu - self.before.get(pid, (command, 0.0))[1]
+            if command.startswith("ray::MapWorker"):
+                out["actors"] += used
+            elif command.startswith("ray::") and not command.startswith("ray::IDLE"):
+                out["helpers"] += used
+            else:
+                out["daemons"] += used
+        return out
+
+
+def ray_against_local(photos: Path, images: int, batch_size: int) -> dict:
+    """The local engine, the Ray engine (2 single-threaded actors), then the local engine again, on
+    the same folder in one process; Ray (and Ray Data's helpers) started before, not counted."""
+    import ray
+
+    from atlasq.indexer import IndexOptions, build_index
+
+    def run(engine=None) -> tuple[float, float]:
+        """Images/s of one whole ``build_index`` (start-up included), and its CPU seconds in this process."""
+        home = Path(tempfile.mkdtemp(prefix="atlasq-scale-"))
+        try:
+            started, cpu = time.perf_counter(), time.process_time()
+            summary = build_index(photos, "b", home=home, progress=False, engine=engine, batch_size=batch_size,
+                                  options=IndexOptions(model="inceptionv1", weights="random", samples_per_image=4,
+                                                       layers=("mixed4c",)))
+            assert summary.indexed == images, summary
+            return images / (time.perf_counter() - started), time.process_time() - cpu
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+    clock = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started_s = time.perf_counter() - clock
+    warm_ray_data(ray)
+    startup = time.perf_counter() - clock
+    try:
+        local_clocks, local_rates, local_cpu = [], [], []
+        ray_clock = BatchClock()
+        for which in ("local", "ray", "local"):
+            if which == "local":
+                local_clocks.append(BatchClock())
+                restore = clocked_local_engine(local_clocks[-1])
+                try:
+                    rate, cpu = run()
+                finally:
+                    restore()
+                local_rates.append(rate)
+                local_cpu.append(cpu)
+            else:
+                with ProcessCpu() as ray_cpu:
+                    on_ray, driver_cpu = run(clocked_ray_engine(ray_clock, num_workers=2))
+    finally:
+        ray.shutdown()
+    baseline = sum(local_rates) / 2  # bracket the Ray run against drift in machine load
+    local_steady = sum(c.steady_rate for c in local_clocks) / 2
+    kinds = ray_cpu.by_kind()
+    batches = math.ceil(images / batch_size)
+    print(f"local engine {local_rates[0]:.2f} then {local_rates[1]:.2f} img/s (whole runs; steady "
+          f"{local_clocks[0].steady_rate:.2f} and {local_clocks[1].steady_rate:.2f} img/s over the second half of the "
+          f"batches; the first came {local_clocks[0].startup_s:.1f} and {local_clocks[1].startup_s:.1f} s after the "
+          f"pipeline started; "
+          f"CPU of the process {local_cpu[0]:.1f} and {local_cpu[1]:.1f} s)", flush=True)
+    print(f"Ray engine (2 actors × 1 thread) {on_ray:.2f} img/s on {images} JPEGs (whole run; steady "
+          f"{ray_clock.steady_rate:.2f} img/s over the second half of the batches; the first came "
+          f"{ray_clock.startup_s:.1f} s after the pool was asked for: actors starting, importing Ray Data and torch, "
+          f"loading the network); "
+          f"starting Ray took {startup:.1f} s ({started_s:.1f} s ray.init, then Ray Data's helper actors), not counted",
+          flush=True)
+    print(f"CPU during the Ray run: actors {kinds['actors']:.1f} s, Ray Data's helper actors {kinds['helpers']:.1f} s, "
+          f"Ray's daemons {kinds['daemons']:.1f} s, the driver (planning, Ray Data's scheduling, the writer) "
+          f"{driver_cpu:.1f} s = {1000 * driver_cpu / batches:.0f} ms per batch of {batch_size}", flush=True)
+    return dict(ray_startup_s=startup, ray_first_batch_s=ray_clock.startup_s, ray_images_per_s=on_ray,
+                local_images_per_s=baseline, ray_steady_images_per_s=ray_clock.steady_rate,
+                local_steady_images_per_s=local_steady, ray_actors_cpu_s=kinds["actors"],
+                ray_helpers_cpu_s=kinds["helpers"], ray_daemons_cpu_s=kinds["daemons"],
+                ray_driver_cpu_s=driver_cpu, ray_steady_vs_local_ratio=ray_clock.steady_rate / local_steady,
+                ray_vs_local_ratio=on_ray / baseline)
 
 
 # ----------------------------------------------------------------------------- 3. the compact index
@@ -182,7 +366,8 @@ def compact_agreement(n_reference: int, n_queries: int, grids=(20, 40, 80)) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="writer,ray,compact")
-    parser.add_argument("--images", type=int, default=320, help="JPEGs for the Ray-against-local run")
+    parser.add_argument("--images", type=int, default=960, help="JPEGs for the Ray-against-local run")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (per actor call) in that run")
     parser.add_argument("--local-images", type=int, default=48, help="JPEGs for the local baseline with attributions")
     parser.add_argument("--writer-images", type=int, default=4096)
     parser.add_argument("--reference", type=int, default=100_000)
@@ -200,28 +385,8 @@ def main() -> None:
         figures.update(writer_images_per_s=writer, local_attr_images_per_s=local, writer_vs_local_ratio=writer / local)
 
     if "ray" in parts:
-        import ray
-
         photos = make_photos(WORK / f"photos_{args.images}", args.images)
-        clock = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        startup = time.perf_counter() - clock
-        engine = TimedRayEngine(num_workers=2)
-        try:
-            local, n = local_rate(photos, args.images, attributions=False)
-            clock = time.perf_counter()
-            on_ray, m = local_rate(photos, args.images, attributions=False, engine=engine)
-            local_after, _ = local_rate(photos, args.images, attributions=False)
-        finally:
-            ray.shutdown()
-        baseline = (local + local_after) / 2  # bracket the Ray run against drift in machine load
-        first = engine.first_batch_at - engine.started_at
-        print(f"local engine {local:.2f} then {local_after:.2f} img/s; Ray engine (2 actors × 1 thread) "
-              f"{on_ray:.2f} img/s on {m} JPEGs; starting Ray took {startup:.1f} s (not counted); the first "
-              f"batch came back {first:.1f} s after the pool was asked for (actors starting and loading the network; "
-              f"in file order, so that batch waits for the first actor)", flush=True)
-        figures.update(ray_startup_s=startup, ray_first_batch_s=first, ray_images_per_s=on_ray,
-                       ray_vs_local_ratio=on_ray / baseline)
+        figures.update(ray_against_local(photos, args.images, args.batch_size))
 
     if "compact" in parts:
         figures.update(compact_agreement(args.reference, args.queries))
