@@ -104,10 +104,15 @@ class Layout:
         else:
             fitted = np.arange(len(X))
         n_neighbors = min(self.n_neighbors, len(fitted) - 1)
+        # Under UMAP_EXACT_BELOW points UMAP measures every pair itself (exactly) and its layouts are
+        # left as they were; above, its approximate search (and its compile time) is replaced by
+        # FAISS's exact one.
+        knn = ((*exact_neighbours(X[fitted], n_neighbors, self.metric), None)
+               if len(fitted) >= UMAP_EXACT_BELOW else (None, None, None))
         reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors,
                             min_dist=self.min_dist, metric=self.metric, n_epochs=self.n_epochs,
                             random_state=self.random_state, init="spectral" if len(fitted) > 10 else "random",
-                            precomputed_knn=(*exact_neighbours(X[fitted], n_neighbors, self.metric), None))
+                            precomputed_knn=knn)
         with warnings.catch_warnings():  # a seeded UMAP runs single-threaded and says so each time
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
             # we place new points ourselves (transform below), so UMAP's own transform is not needed
@@ -150,11 +155,14 @@ class Layout:
         return self.fit(X).embedding_
 
 
+#: UMAP's own threshold: with fewer points it computes exact neighbours from all pairwise distances.
+UMAP_EXACT_BELOW = 4096
+
+
 def exact_neighbours(X: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` nearest rows of ``X`` (itself first, at distance 0) and their distances,
-    exact, by FAISS: what UMAP computes itself, but without its per-pair Python calls (under
-    4,096 points it measures every pair through a Python-level metric) or its approximate
-    search's compile time, which together were most of a small atlas's layout time (README)."""
+    exact, by FAISS, for UMAP's ``precomputed_knn``: exact where UMAP's own search on many points
+    is approximate, and without that search's compile time."""
     import faiss
 
     X = np.ascontiguousarray(X, np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from atlasq.errors import AtlasqError, InvalidOptionError
-from atlasq.layout import Grid, Layout, exact_neighbours, unit_rows
+from atlasq.layout import UMAP_EXACT_BELOW, Grid, Layout, exact_neighbours, unit_rows
 
 
 def _clusters(n_per: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -46,8 +46,10 @@ def test_bad_grid_parameters_are_refused(size, min_count):
         Grid(size, min_count=min_count).fit(np.full((3, 2), 0.5))
 
 
-def test_layout_is_seeded_in_the_unit_square_and_keeps_clusters_apart():
-    X, labels = _clusters()
+@pytest.mark.parametrize("n_per", [40, UMAP_EXACT_BELOW // 3 + 1])
+def test_layout_is_seeded_in_the_unit_square_and_keeps_clusters_apart(n_per):
+    """Also above UMAP_EXACT_BELOW points, where the neighbours UMAP uses come from FAISS."""
+    X, labels = _clusters(n_per)
     a = Layout(n_neighbors=10, n_epochs=50, random_state=1).fit(X)
     b = Layout(n_neighbors=10, n_epochs=50, random_state=1).fit(X)
     np.testing.assert_array_equal(a.embedding_, b.embedding_)
