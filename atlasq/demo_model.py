@@ -8,7 +8,9 @@ it the first time the name is asked for.
 Training is seeded and runs in a child process whose arithmetic is pinned (see ``NUMERICS``),
 so that CPUs of different kinds compute the same thing wherever torch lets them. The result is
 cached on disk under a key made of the training data, the recipe, the pinned arithmetic and
-torch's version, so changing any of them trains anew and every later use loads the file.
+torch's version, so changing any of them trains anew and every later use loads the file. The
+weights for the repository's ``sample_data/`` ship with the package (:func:`shipped`), so a first
+use copies them instead of training.
 
 A fixed fifth of each class (every image whose number ends the class's list in steps of 5)
 is held out of training; :func:`held_out_paths` names them so tests can use images the
