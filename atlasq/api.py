@@ -104,8 +104,8 @@ def index_info(name: str, home: Path | None = None) -> dict:
 
 # The demo atlas: the article's layer for ImageNet InceptionV1; mixed5a for the demo network, whose
 # single-position attributions carry the class only after its last max-pool (see README).
-DEMO_ATLAS = {"inceptionv1": dict(layer="mixed4c", grids=(10, 20), steps=512),
-              "demo": dict(layer="mixed5a", grids=(10, 20), steps=512)}
+DEMO_ATLAS = {"inceptionv1": dict(layer="mixed4c", grids=(10, 20)),
+              "demo": dict(layer="mixed5a", grids=(10, 20))}
 
 
 def run_demo(home: Path | None = None, name: str = "sample", progress: bool = True, say=None) -> dict:

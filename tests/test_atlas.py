@@ -31,11 +31,11 @@ from conftest import QUICK_ATLAS
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
-# The default 512 steps: icons converge on their cell in the settle phase (the last 64 steps);
-# at 256 steps 88% of the 10x10 icons are closest to their own cell, at 512 all of them.
+# The default steps and settle phase (the last quarter of 256 steps, where icons converge on
+# their cell; README: "Fewer steps" for how they were chosen).
 # One level: icon fidelity is asserted at the coarsest, and the 20x20 level's icons would cost most
 # of the suite's time; two levels (10 and 20) are built by conftest's quick atlas (atlas_home).
-OPTIONS = dict(layer="mixed5a", grids=(10,), steps=512, icon_batch=32, precision="fp32", seed=3)
+OPTIONS = dict(layer="mixed5a", grids=(10,), icon_batch=32, precision="fp32", seed=3)
 
 
 # ----------------------------------------------------------------------------- grid binning
@@ -259,7 +259,7 @@ def test_icons_raise_their_objective_and_resemble_their_own_cell(built):
 def test_same_seed_gives_the_same_atlas_even_after_an_interrupted_build(atlas_home, sample_home, monkeypatch):
     """Interrupt after the first icon batch, resume, and compare with the uninterrupted build of the
     same index and options: the session's atlas ``app`` (conftest's QUICK_ATLAS, 16-step icons; what
-    is compared does not depend on the number of steps, and a second 512-step build would only cost)."""
+    is compared does not depend on the number of steps, and a second full-step build would only cost)."""
     reference = load_atlas("app", atlas_home)
     options = QUICK_ATLAS
     real = atlas_module.render_directions
