@@ -17,7 +17,6 @@ only the map's fragment, which writes them into the URL.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -115,13 +114,6 @@ def atlas_by_name(name: str):
     return cached_atlas(name, AtlasFolder.named(name, HOME).modified())
 
 
-@st.cache_resource(show_spinner="loading the network…")
-def cached_model(network: str):
-    from atlasq.api import model_for_index
-
-    return model_for_index(json.loads(network), device="cpu")
-
-
 @st.cache_data(show_spinner=False)
 def cached_scan(home: str, stamp: tuple) -> tuple[list[str], dict[str, str]]:
     return appdata.scan_indexes(Path(home))
@@ -137,7 +129,11 @@ def index_source(index: str) -> dict:
 
 
 def model_of(index: str):
-    return cached_model(json.dumps(index_source(index)["network"], sort_keys=True))
+    """The index's network, loaded once per process (usually already, by appdata.warm_up's thread)."""
+    if appdata.network_loaded(index, HOME):
+        return appdata.index_network(index, HOME)
+    with st.spinner("loading the network…"):
+        return appdata.index_network(index, HOME)
 
 
 @st.cache_data(show_spinner=False)
@@ -236,6 +232,8 @@ if unreadable:
             st.caption(f"**{name}**: {problem}")
 problem = problems.get(index_name) if index_name else None
 shown_index = index_name if index_name and problem is None else None  # whose counts and images are shown
+# the network and the cells' counts, while the user looks (in a server; AppTest has none)
+appdata.warm_up(atlas, shown_index, HOME, freeze=st.runtime.exists())
 
 # several layers in the dataset, and atlases for them: switch between them
 if index_name:
@@ -466,8 +464,10 @@ def image_dialog(image_id: int, index: str, level: int) -> None:
     details = appdata.image_details(atlas, index, image_id, home=HOME)
     root = appdata.index_root(index, HOME)
     model = model_of(index)
-    tabs = st.tabs(["Image", "Inspect", "Layers"])
-    with tabs[0]:
+    # only the part shown is computed (tabs would compute all three; Inspect takes seconds)
+    part = st.segmented_control("Show", ["Image", "Inspect", "Layers"], default="Image", key=f"dialog_part_{image_id}",
+                                label_visibility="collapsed") or "Image"
+    if part == "Image":
         positions = [p for p in details["placements"] if p["level"] == level]
         tile = appdata.image_tile(atlas, root, details["path"], positions, side=560, model=model)
         picture, facts = st.columns([3, 2])
@@ -485,9 +485,9 @@ def image_dialog(image_id: int, index: str, level: int) -> None:
                                         "cell": "off-atlas" if p["off_atlas"] else f"{p['i']},{p['j']}",
                                         "distance": round(p["distance"], 4)} for p in positions]),
                          hide_index=True, width="stretch")
-    with tabs[1]:
+    elif part == "Inspect":
         _optional_view("inspect_view", index, details, level)
-    with tabs[2]:
+    else:
         _optional_view("layers_view", index, details, level)
 
 

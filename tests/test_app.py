@@ -588,6 +588,9 @@ def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(se
         _click_cell(page, 10, cells[0].i, cells[0].j)
         _click_cell(page, 10, cells[1].i, cells[1].j, shift=True)
         page.get_by_text(f"{len(expected):,} images").first.wait_for(timeout=60_000)
+        page.wait_for_function("n => document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= n",
+                               arg=min(12, len(expected)), timeout=60_000)  # the tiles come after that line
+        _settled(page)
         assert _gallery_captions(page)[:12] == expected[:12]
         with page.expect_download() as download:
             page.get_by_role("button", name="CSV of paths").click()
@@ -602,6 +605,13 @@ def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(se
         dialog = page.locator("[role='dialog']").bounding_box()
         assert dialog["width"] >= 700  # a useful size, not the image's native 65 px
         _shot(page, "app_dialog.png")
+        # the Layers view is drawn when chosen (not with the image: the Inspect view takes seconds)
+        assert page.locator("[role='dialog']").get_by_text("mixed5a", exact=True).count() == 0
+        page.locator("[role='dialog']").get_by_text("Layers", exact=True).click()
+        page.locator("[role='dialog']").get_by_text("mixed5a", exact=True).first.wait_for(timeout=120_000)
+        _settled(page)
+        assert page.get_by_text("Top-5 predictions").count() == 0
+        _shot(page, "app_dialog_layers.png")
     finally:
         page.close()
 
@@ -709,6 +719,7 @@ def test_atlasq_app_listens_on_this_machine_only_unless_told(tmp_path):
                      command[command.index("run") + 2:command.index("--")][1::2]))
     assert flags["--server.address"] == "127.0.0.1"
     assert flags["--browser.gatherUsageStats"] == "false" and flags["--client.toolbarMode"] == "minimal"
+    assert flags["--runner.postScriptGC"] == "false"
     assert serve.streamlit_command(tmp_path, host="0.0.0.0", port=_free_port())[command.index("--server.address") + 1] \
         == "0.0.0.0"
 
