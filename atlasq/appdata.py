@@ -288,7 +288,7 @@ def index_source(index: str, home: Path | None = None) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _index_source(index: str, folder: str, stamp: int) -> dict:
-    with IndexStore(Path(folder)) as store:
+    with IndexStore(Path(folder), hold=True) as store:
         meta = store.meta()
     missing = [key for key in _COMPLETE_META if key not in meta]
     if missing:
@@ -346,7 +346,7 @@ def thumbnail(atlas: Atlas, root: Path, path: str, positions: list[dict], *, sid
 
 def image_details(atlas: Atlas, index: str, image_id: int, *, home: Path | None = None) -> dict:
     """An image's path, size, top-5 predictions and where its activations fall on the atlas."""
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         rows = store.images([image_id])
         if not rows:
             raise AppError(f"no image {image_id} in index {index!r}")
@@ -370,7 +370,7 @@ def search_upload(atlas: Atlas, index: str, data: bytes, filename: str, *, k: in
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"query{suffix}"
         path.write_bytes(data)
-        with IndexStore(index_folder(index, home)) as store:
+        with IndexStore(index_folder(index, home), hold=True) as store:
             model = model or model_for_index(store.meta())
             try:
                 vector = embed_image(path, model)
@@ -383,7 +383,7 @@ def search_indexed(atlas: Atlas, index: str, image_id: int, *, k: int = 12, home
     """Like :func:`search_upload`, for an image already in ``index`` (the query itself left out)."""
     from .search import search
 
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         _, vectors = store.pooled([image_id])
         if not len(vectors):
             raise AppError(f"no image {image_id} in index {index!r}")
@@ -411,7 +411,7 @@ def compatibility(atlas: Atlas, index: str, home: Path | None = None) -> str | N
     from .histogram import check_compatible
 
     try:
-        with IndexStore(index_folder(index, home)) as store:
+        with IndexStore(index_folder(index, home), hold=True) as store:
             check_compatible(atlas, store.meta(), index)
     except AtlasqError as exc:
         return str(exc)
@@ -420,7 +420,7 @@ def compatibility(atlas: Atlas, index: str, home: Path | None = None) -> str | N
 
 def index_layers(index: str, home: Path | None = None) -> list[str]:
     """The layers whose activations ``index`` samples."""
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         return list(store.meta().get("layers") or [])
 
 
@@ -448,7 +448,7 @@ def cell_rows(atlas: Atlas, index: str | None, level: int, where: ImageFilter = 
         counts = {(int(i), int(j)): (int(n), 0) for i, j, n in zip(cells["i"], cells["j"], cells["count"])}
         totals = {"activations": int(sum(cells["count"])), "off_atlas": 0, "images": 0}
     else:
-        with IndexStore(index_folder(index, home)) as store:
+        with IndexStore(index_folder(index, home), hold=True) as store:
             raw = store.filtered_cell_counts(atlas.name, level, where)
             totals = store.filtered_totals(atlas.name, level, where)
         counts = {(int(i), int(j)): (int(a), int(b))
@@ -498,7 +498,7 @@ def selection_page(atlas: Atlas, index: str, level: int, cells: list[tuple[int, 
         total, size = _cell_totals(str(folder), stamp, atlas.name, level).get(cells[0], (0, 0))
     else:
         total, size = _selection_totals(str(folder), stamp, atlas.name, level, tuple(cells), where)
-    with IndexStore(folder) as store:
+    with IndexStore(folder, hold=True) as store:
         if len(cells) == 1 and where.everything:  # one cell, no filter: the store's own cell query
             (i, j), = cells
             members = [{**m, "positions": [{**q, "i": i, "j": j} for q in m["positions"]]}
@@ -512,7 +512,7 @@ def selection_page(atlas: Atlas, index: str, level: int, cells: list[tuple[int, 
 @functools.lru_cache(maxsize=256)
 def _selection_totals(folder: str, stamp: int, atlas: str, level: int, cells: tuple, where: ImageFilter):
     """Kept per index version: paging through a selection does not count it again."""
-    with IndexStore(Path(folder)) as store:
+    with IndexStore(Path(folder), hold=True) as store:
         return store.selection_totals(atlas, level, list(cells), where)
 
 
@@ -520,14 +520,14 @@ def _selection_totals(folder: str, stamp: int, atlas: str, level: int, cells: tu
 def _cell_totals(folder: str, stamp: int, atlas: str, level: int) -> dict:
     """Every cell's image count and bytes at ``level``, kept per index version (a first click on a
     cell of 100,000 images then costs no count of its own)."""
-    with IndexStore(Path(folder)) as store:
+    with IndexStore(Path(folder), hold=True) as store:
         return store.cell_totals(atlas, level)
 
 
 def selection_files(atlas: Atlas, index: str, level: int, cells: list[tuple[int, int]], *,
                     where: ImageFilter = ImageFilter(), home: Path | None = None) -> list[dict]:
     """Every image of the selection (``image_id, path, bytes``), most typical first."""
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         members = store.selection_files(atlas.name, level, list(cells), where)
     return [{"image_id": int(m["image_id"]), "path": m["path"], "bytes": int(m["bytes"] or 0)} for m in members]
 
@@ -581,7 +581,7 @@ def dataset_facts(atlas: Atlas, index: str, level: int, where: ImageFilter = Ima
     the images with the most off-atlas activations), its most frequent top-1 predictions, and the
     atlas's model, weights, layer and icon fidelity."""
     categories = atlas.manifest["categories"]
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         images, errors = store.count("images"), store.count("errors")
         totals = store.filtered_totals(atlas.name, level, where)
         predicted = store.top_predictions(where, top)
