@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import io
+import json
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,8 @@ __all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_s
            "image_details", "search_upload", "search_indexed", "placement_state", "overlay_legend",
            "ImageFilter", "SCORE_HELP", "ZIP_CAP_BYTES", "compatibility", "index_layers", "atlas_layers", "cell_rows",
            "overlay_of_rows", "SelectionPage", "selection_page", "selection_files", "selection_csv", "zip_refusal",
-           "selection_zip", "dataset_facts", "icon_uri", "class_number"]
+           "selection_zip", "dataset_facts", "icon_uri", "class_number", "index_network", "network_loaded",
+           "warm_up"]
 
 VIEW_SIDE = 520  # pixels of the atlas picture sent to the browser (fits the wide layout's left column)
 
@@ -284,7 +288,7 @@ def index_source(index: str, home: Path | None = None) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _index_source(index: str, folder: str, stamp: int) -> dict:
-    with IndexStore(Path(folder)) as store:
+    with IndexStore(Path(folder), hold=True) as store:
         meta = store.meta()
     missing = [key for key in _COMPLETE_META if key not in meta]
     if missing:
@@ -342,7 +346,7 @@ def thumbnail(atlas: Atlas, root: Path, path: str, positions: list[dict], *, sid
 
 def image_details(atlas: Atlas, index: str, image_id: int, *, home: Path | None = None) -> dict:
     """An image's path, size, top-5 predictions and where its activations fall on the atlas."""
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         rows = store.images([image_id])
         if not rows:
             raise AppError(f"no image {image_id} in index {index!r}")
@@ -366,7 +370,7 @@ def search_upload(atlas: Atlas, index: str, data: bytes, filename: str, *, k: in
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"query{suffix}"
         path.write_bytes(data)
-        with IndexStore(index_folder(index, home)) as store:
+        with IndexStore(index_folder(index, home), hold=True) as store:
             model = model or model_for_index(store.meta())
             try:
                 vector = embed_image(path, model)
@@ -379,7 +383,7 @@ def search_indexed(atlas: Atlas, index: str, image_id: int, *, k: int = 12, home
     """Like :func:`search_upload`, for an image already in ``index`` (the query itself left out)."""
     from .search import search
 
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         _, vectors = store.pooled([image_id])
         if not len(vectors):
             raise AppError(f"no image {image_id} in index {index!r}")
@@ -407,7 +411,7 @@ def compatibility(atlas: Atlas, index: str, home: Path | None = None) -> str | N
     from .histogram import check_compatible
 
     try:
-        with IndexStore(index_folder(index, home)) as store:
+        with IndexStore(index_folder(index, home), hold=True) as store:
             check_compatible(atlas, store.meta(), index)
     except AtlasqError as exc:
         return str(exc)
@@ -416,7 +420,7 @@ def compatibility(atlas: Atlas, index: str, home: Path | None = None) -> str | N
 
 def index_layers(index: str, home: Path | None = None) -> list[str]:
     """The layers whose activations ``index`` samples."""
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         return list(store.meta().get("layers") or [])
 
 
@@ -444,7 +448,7 @@ def cell_rows(atlas: Atlas, index: str | None, level: int, where: ImageFilter = 
         counts = {(int(i), int(j)): (int(n), 0) for i, j, n in zip(cells["i"], cells["j"], cells["count"])}
         totals = {"activations": int(sum(cells["count"])), "off_atlas": 0, "images": 0}
     else:
-        with IndexStore(index_folder(index, home)) as store:
+        with IndexStore(index_folder(index, home), hold=True) as store:
             raw = store.filtered_cell_counts(atlas.name, level, where)
             totals = store.filtered_totals(atlas.name, level, where)
         counts = {(int(i), int(j)): (int(a), int(b))
@@ -489,8 +493,12 @@ def selection_page(atlas: Atlas, index: str, level: int, cells: list[tuple[int, 
     _cells(atlas, level)
     cells = sorted({(int(i), int(j)) for i, j in cells})
     folder = index_folder(index, home)
-    total, size = _selection_totals(str(folder), index_stamp(index, home), atlas.name, level, tuple(cells), where)
-    with IndexStore(folder) as store:
+    stamp = index_stamp(index, home)
+    if len(cells) == 1 and where.everything:  # one cell: every cell's totals come from one query
+        total, size = _cell_totals(str(folder), stamp, atlas.name, level).get(cells[0], (0, 0))
+    else:
+        total, size = _selection_totals(str(folder), stamp, atlas.name, level, tuple(cells), where)
+    with IndexStore(folder, hold=True) as store:
         if len(cells) == 1 and where.everything:  # one cell, no filter: the store's own cell query
             (i, j), = cells
             members = [{**m, "positions": [{**q, "i": i, "j": j} for q in m["positions"]]}
@@ -504,14 +512,22 @@ def selection_page(atlas: Atlas, index: str, level: int, cells: list[tuple[int, 
 @functools.lru_cache(maxsize=256)
 def _selection_totals(folder: str, stamp: int, atlas: str, level: int, cells: tuple, where: ImageFilter):
     """Kept per index version: paging through a selection does not count it again."""
-    with IndexStore(Path(folder)) as store:
+    with IndexStore(Path(folder), hold=True) as store:
         return store.selection_totals(atlas, level, list(cells), where)
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_totals(folder: str, stamp: int, atlas: str, level: int) -> dict:
+    """Every cell's image count and bytes at ``level``, kept per index version (a first click on a
+    cell of 100,000 images then costs no count of its own)."""
+    with IndexStore(Path(folder), hold=True) as store:
+        return store.cell_totals(atlas, level)
 
 
 def selection_files(atlas: Atlas, index: str, level: int, cells: list[tuple[int, int]], *,
                     where: ImageFilter = ImageFilter(), home: Path | None = None) -> list[dict]:
     """Every image of the selection (``image_id, path, bytes``), most typical first."""
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         members = store.selection_files(atlas.name, level, list(cells), where)
     return [{"image_id": int(m["image_id"]), "path": m["path"], "bytes": int(m["bytes"] or 0)} for m in members]
 
@@ -565,7 +581,7 @@ def dataset_facts(atlas: Atlas, index: str, level: int, where: ImageFilter = Ima
     the images with the most off-atlas activations), its most frequent top-1 predictions, and the
     atlas's model, weights, layer and icon fidelity."""
     categories = atlas.manifest["categories"]
-    with IndexStore(index_folder(index, home)) as store:
+    with IndexStore(index_folder(index, home), hold=True) as store:
         images, errors = store.count("images"), store.count("errors")
         totals = store.filtered_totals(atlas.name, level, where)
         predicted = store.top_predictions(where, top)
@@ -614,3 +630,61 @@ def class_number(atlas: Atlas, name: str) -> int:
     if name not in categories:
         raise AppError(f"unknown class {name!r}")
     return categories.index(name)
+
+
+# ----------------------------------------------------------------------------- the network, and warming up
+_NETWORKS: dict[str, object] = {}
+_NETWORKS_LOCK = threading.Lock()
+_WARMED: set = set()
+
+
+def _network_key(index: str, home: Path | None) -> str:
+    return json.dumps(index_source(index, home)["network"], sort_keys=True)
+
+
+def network_loaded(index: str, home: Path | None = None) -> bool:
+    """Whether :func:`index_network` has the index's network in memory already."""
+    return _network_key(index, home) in _NETWORKS
+
+
+def index_network(index: str, home: Path | None = None):
+    """The network ``index`` was built with, loaded once per process (several indexes built with
+    the same network share it). Safe from several threads: one loads, the others wait for it."""
+    key = _network_key(index, home)
+    with _NETWORKS_LOCK:
+        if key not in _NETWORKS:
+            from .api import model_for_index
+
+            _NETWORKS[key] = model_for_index(json.loads(key), device="cpu")
+        return _NETWORKS[key]
+
+
+def warm_up(atlas: Atlas, index: str | None, home: Path | None = None, *,
+            freeze: bool = True) -> threading.Thread | None:
+    """Load, in a background thread, what the first interactions with ``index`` on ``atlas`` would
+    otherwise wait for: the index's network (the gallery outlines positions with it; the image
+    dialog predicts with it) and every cell's image count at each level (a first click). Then,
+    with ``freeze``, move everything loaded so far out of the garbage collector's way
+    (``gc.freeze``): the full collection Streamlit runs after every run of a page took 0.2–0.3 s
+    once the network was loaded, walking its objects, and delayed the next run by as much. Once per
+    process for each atlas and index; returns the thread (None when already done)."""
+    if index is None or (atlas.name, index, str(home)) in _WARMED:
+        return None
+    _WARMED.add((atlas.name, index, str(home)))
+
+    def work() -> None:
+        try:
+            folder, stamp = str(index_folder(index, home)), index_stamp(index, home)
+            for level in sorted(atlas.levels):
+                _cell_totals(folder, stamp, atlas.name, level)
+            index_network(index, home)
+        except Exception:  # noqa: BLE001 - a failure shows when the page itself needs the thing
+            pass
+        finally:
+            if freeze:
+                gc.collect()
+                gc.freeze()
+
+    thread = threading.Thread(target=work, name=f"atlasq-warm-{index}", daemon=True)
+    thread.start()
+    return thread

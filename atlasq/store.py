@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,13 +125,49 @@ class Chunk:
     errors: list[tuple[str, int, float, str]]  # (path, bytes, mtime, reason)
 
 
+#: How long a reader opened with ``hold=True`` keeps the database open after its first connection.
+HOLD_S = 1.0
+# DuckDB shares one database instance between a process's connections to a file while any of them
+# is open: a connect then costs under 1 ms instead of the 15-30 ms of reading the file's catalog
+# again. The app opens an index five or more times per run, so its readers (hold=True) keep one
+# extra read-only connection per file for HOLD_S seconds from its first use, then let the file go
+# (a writer in another process waits for readers, trying every 50 ms). A writer in this process
+# closes such a connection before it opens the file.
+_HELD: dict[str, duckdb.DuckDBPyConnection] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _release_held(path: str) -> None:
+    with _HELD_LOCK:
+        con = _HELD.pop(path, None)
+    if con is not None:
+        con.close()
+
+
+def _hold(path: str) -> None:
+    """Keep ``path``'s database open (read-only) for :data:`HOLD_S` seconds, unless already held."""
+    with _HELD_LOCK:
+        if path in _HELD:
+            return
+        try:
+            _HELD[path] = duckdb.connect(path, read_only=True)  # the instance is open: this is quick
+        except duckdb.Error:
+            return
+    timer = threading.Timer(HOLD_S, _release_held, args=(path,))
+    timer.daemon = True
+    timer.start()
+
+
 class IndexStore:
     """An index folder: DuckDB connection, shard arrays and the FAISS file."""
 
-    def __init__(self, folder: Path, *, read_only: bool = True, lock_wait: float = 20.0):
+    def __init__(self, folder: Path, *, read_only: bool = True, lock_wait: float = 20.0, hold: bool = False):
+        """``hold``: a reader that keeps the database open a moment after it closes (see :data:`HOLD_S`),
+        for callers that open the same index many times in quick succession (the app)."""
         self.folder = self.require(folder)
         self.read_only = read_only
         self.lock_wait = lock_wait
+        self.hold = hold and read_only
         self._con = None
         self.con  # open now, so a missing, locked or damaged database is reported here
 
@@ -154,6 +191,8 @@ class IndexStore:
         """
         if self._con is None:
             db = self.folder / DB_FILE
+            if not self.read_only:
+                _release_held(str(db))  # this process's own held reader would keep a writer out
             deadline = time.monotonic() + self.lock_wait
             while True:
                 try:
@@ -174,6 +213,8 @@ class IndexStore:
                     raise _damaged_database(db, exc) from exc
                 except PermissionError as exc:
                     raise NotFoundError(f"cannot open {db}: {exc.strerror}") from exc
+            if self.hold:
+                _hold(str(db))
         return self._con
 
     def release(self) -> None:
@@ -190,6 +231,7 @@ class IndexStore:
         (folder / "shards").mkdir(parents=True, exist_ok=True)
         store = cls.__new__(cls)
         store.folder, store.read_only, store.lock_wait, store._con = folder, False, lock_wait, None
+        store.hold = False
         try:
             store.con.execute(SCHEMA)  # waits for readers like every later open
         except duckdb.Error as exc:
@@ -323,8 +365,11 @@ class IndexStore:
 
     # ------------------------------------------------------------------ placements on an atlas
     def _placements_exist(self) -> bool:
-        return bool(self.con.execute("SELECT count(*) FROM information_schema.tables "
-                                     "WHERE table_name = 'placements'").fetchone()[0])
+        # asked once per opened store (information_schema took 15 ms a time, several times per app run)
+        if not getattr(self, "_has_placements", False):
+            self._has_placements = bool(self.con.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'placements'").fetchone()[0])
+        return self._has_placements
 
     def placed_atlases(self) -> dict[str, str]:
         """atlas name → the build key of the atlas its placements were made on."""
@@ -495,6 +540,17 @@ class IndexStore:
             f"SELECT count(*), coalesce(sum(im.bytes), 0) FROM (SELECT DISTINCT image_id FROM ({chosen})) s "
             f"JOIN images im ON im.id = s.image_id", values).fetchone()
         return int(images), int(size)
+
+    def cell_totals(self, atlas: str, level: int) -> dict[tuple[int, int], tuple[int, int]]:
+        """Per cell (i, j) of ``level``: what :meth:`selection_totals` gives for that cell alone
+        (distinct images with an on-atlas activation there, their files' bytes), all cells in one query."""
+        if not self._placements_exist():
+            return {}
+        rows = self.con.execute(
+            "SELECT s.i, s.j, count(*), coalesce(sum(im.bytes), 0) FROM (SELECT DISTINCT i, j, image_id "
+            "FROM placements WHERE atlas = ? AND level = ? AND NOT off_atlas AND i IS NOT NULL) s "
+            "JOIN images im ON im.id = s.image_id GROUP BY s.i, s.j", [atlas, level]).fetchall()
+        return {(int(i), int(j)): (int(n), int(b)) for i, j, n, b in rows}
 
     def selection_files(self, atlas: str, level: int, cells: list[tuple[int, int]],
                         where: "ImageFilter") -> list[dict]:

@@ -8,14 +8,15 @@ This file is the page script Streamlit runs (it lives in the package so that an 
 has it; the root ``app.py`` runs it from a checkout). UI only: the numbers come from
 :mod:`atlasq.appdata`, the views from :mod:`atlasq.streamlit`.
 
-The view lives in the URL (``?index=…&atlas=…&level=…&sel=3.4,3.5&page=…``): it is read once when
-a session starts and written on every run, so a reload or a shared link shows the same view.
+The view lives in the URL (``?index=…&atlas=…&level=…&zoom=…&center=…&sel=3.4_3.5&page=…``): it is
+read once when a session starts and written on every run, so a reload or a shared link shows the
+same view. The map reports its zoom and centre once they rest after a zoom or pan; that reruns
+only the map's fragment, which writes them into the URL.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def _restore_from_url() -> None:
     st.session_state["_wanted_index"] = st.session_state["index_name"]
     for key, name, kind in (("level", "level", int), ("gallery_page", "page", int), ("view", "overlay", str),
                             ("class_name", "class", str), ("other", "compare", str), ("path_pattern", "path", str),
-                            ("zoom", "zoom", float), ("tiles", "tiles", str)):
+                            ("zoom", "zoom", float), ("tiles", "tiles", str), ("map_level", "maplevel", int)):
         if name in q:
             try:
                 st.session_state[key] = kind(q[name])
@@ -86,9 +87,11 @@ def _restore_from_url() -> None:
 
 def _write_url() -> None:
     s = st.session_state
+    # the map's level is the one its zoom shows; "level" is the histogram's and the gallery's
+    map_level = s.get("map_level") if s.get("map_level") != s.get("level") else None
     params = {"atlas": s.get("atlas_name"), "index": s.get("index_name"), "level": s.get("level"),
-              "overlay": s.get("view"), "zoom": f"{s.get('zoom', 1.0):g}",
-              "center": "{:.3f},{:.3f}".format(*s.get("center", (0.5, 0.5))),
+              "maplevel": map_level, "overlay": s.get("view"), "zoom": f"{s.get('zoom', 1.0):g}",
+              "center": "{:.5f},{:.5f}".format(*s.get("center", (0.5, 0.5))),
               "sel": "_".join(c.replace(",", ".") for c in s.get("sel_cells") or []) or None,
               "page": s.get("gallery_page") or None, "tiles": s.get("tiles"),
               "class": s.get("class_name") if s.get("view") == "class" else None,
@@ -111,13 +114,6 @@ def atlas_by_name(name: str):
     return cached_atlas(name, AtlasFolder.named(name, HOME).modified())
 
 
-@st.cache_resource(show_spinner="loading the network…")
-def cached_model(network: str):
-    from atlasq.api import model_for_index
-
-    return model_for_index(json.loads(network), device="cpu")
-
-
 @st.cache_data(show_spinner=False)
 def cached_scan(home: str, stamp: tuple) -> tuple[list[str], dict[str, str]]:
     return appdata.scan_indexes(Path(home))
@@ -133,7 +129,11 @@ def index_source(index: str) -> dict:
 
 
 def model_of(index: str):
-    return cached_model(json.dumps(index_source(index)["network"], sort_keys=True))
+    """The index's network, loaded once per process (usually already, by appdata.warm_up's thread)."""
+    if appdata.network_loaded(index, HOME):
+        return appdata.index_network(index, HOME)
+    with st.spinner("loading the network…"):
+        return appdata.index_network(index, HOME)
 
 
 @st.cache_data(show_spinner=False)
@@ -187,9 +187,15 @@ def _selection_changed_elsewhere() -> None:
 
 
 def clear_selection() -> None:
-    for key in ("sel_cells", "search", "_map_seen"):
+    for key in ("sel_cells", "search"):
         st.session_state.pop(key, None)
     _selection_changed_elsewhere()
+
+
+def _level_chosen() -> None:
+    """Another level for the histogram and the gallery: the map zooms to it too."""
+    clear_selection()
+    st.session_state.pop("map_level", None)
 
 
 # ----------------------------------------------------------------------------- sidebar: what to show
@@ -226,6 +232,8 @@ if unreadable:
             st.caption(f"**{name}**: {problem}")
 problem = problems.get(index_name) if index_name else None
 shown_index = index_name if index_name and problem is None else None  # whose counts and images are shown
+# the network and the cells' counts, while the user looks (in a server; AppTest has none)
+appdata.warm_up(atlas, shown_index, HOME, freeze=st.runtime.exists())
 
 # several layers in the dataset, and atlases for them: switch between them
 if index_name:
@@ -351,48 +359,74 @@ def _take_histogram_choice(cells: list[tuple[int, int]]) -> None:
     st.session_state.pop("search", None)
 
 
+def _keep_view(view: MapState) -> None:
+    """The map's level, zoom and centre (written into the URL)."""
+    st.session_state["map_level"], st.session_state["zoom"] = view.level, view.zoom
+    st.session_state["center"] = tuple(view.center)
+
+
 def _apply_map_view(view: MapState) -> None:
-    """A view the map sent (a click, a shift-click, a box): its level and cells become the app's."""
+    """A selection the map sent (a click, a shift-click, a box, Escape): the level it was made at
+    and its cells become the app's."""
     if view.level != st.session_state["level"]:
         st.session_state["level"] = view.level
     st.session_state["sel_cells"] = [f"{i},{j}" for g, i, j in view.selected if g == view.level]
-    st.session_state["zoom"], st.session_state["center"] = view.zoom, tuple(view.center)
+    _keep_view(view)
     st.session_state.pop("search", None)
     _selection_changed_elsewhere()
 
 
-def _take_map_event() -> None:
-    """Before anything is drawn: what the map sent since the last run (so the map, the histogram
-    and the gallery all show the new selection in this run)."""
+def _unseen_map_message() -> dict | None:
+    """What the map sent since it was last taken (None: nothing new)."""
     value = st.session_state.get("atlas_map")
     view = value.get("view") if isinstance(value, dict) else getattr(value, "view", None)
     if not view or view.get("seq") == st.session_state.get("_map_seq"):
+        return None
+    return view
+
+
+def _take_map_event() -> None:
+    """What the map sent since the last run: a view report (zoom, centre) is kept for the URL; a
+    selection is applied before anything is drawn, so the map, the histogram and the gallery all
+    show it in this run."""
+    view = _unseen_map_message()
+    if view is None:
         return
     st.session_state["_map_seq"] = view.get("seq")
     state = MapState.from_dict(view)
-    if state.level in atlas.levels:
+    if state.level not in atlas.levels:
+        return
+    if view.get("kind") == "view":
+        _keep_view(state)
+    else:
         _apply_map_view(state)
-        st.session_state["_map_seen"] = (state.level, state.selected)
+
+
+@st.fragment
+def map_panel(overlays: dict, tiles: str, style: str, opacity: float) -> None:
+    """The map. Zooming and panning happen in the browser; when the view rests the map reports it,
+    which reruns this fragment alone (it keeps the view and writes it into the URL). A selection
+    made on the map needs the histogram and the gallery too: the whole page reruns."""
+    message = _unseen_map_message()
+    if message is not None and message.get("kind") != "view":
+        st.rerun(scope="app")  # the page's run takes the selection (_take_map_event)
+    _take_map_event()
+    two_class_caption(atlas)  # "← A · B →" over a two-class atlas, nothing over any other
+    level_now = st.session_state["level"]
+    selected_now = tuple((level_now, i, j) for i, j in _cells_of(st.session_state.get("sel_cells") or []))
+    atlas_map(atlas, overlays, tiles=tiles, overlay_style=style, heat_opacity=opacity, key="atlas_map", height=560,
+              state=MapState(level=st.session_state.get("map_level") or level_now,
+                             zoom=st.session_state.get("zoom", 1.0), center=st.session_state.get("center", (0.5, 0.5)),
+                             selected=selected_now, clicked=None))
+    st.caption("Wheel or +/− zooms (finer levels as icons grow), drag or arrows pan, a click selects a cell, "
+               "shift-click adds one, shift-drag selects a box, Escape clears.")
+    _write_url()
 
 
 _take_map_event()
 left, right = st.columns([3, 2], gap="small")
 with left:
-    two_class_caption(atlas)  # "← A · B →" over a two-class atlas, nothing over any other
-    level_now = st.session_state["level"]
-    selected_now = tuple((level_now, i, j) for i, j in _cells_of(st.session_state.get("sel_cells") or []))
-    map_state = atlas_map(atlas, overlays, tiles=tiles, overlay_style=style, heat_opacity=opacity, key="atlas_map",
-                          height=560, state=MapState(level=level_now, zoom=st.session_state.get("zoom", 1.0),
-                                         center=st.session_state.get("center", (0.5, 0.5)),
-                                         selected=selected_now, clicked=None))
-    seen = st.session_state.get("_map_seen")
-    now = (map_state.level, map_state.selected)
-    st.session_state["zoom"], st.session_state["center"] = map_state.zoom, tuple(map_state.center)
-    if seen is not None and now != seen and now != (level_now, selected_now):  # sent, and not seen above
-        _apply_map_view(map_state)
-    st.session_state["_map_seen"] = now
-    st.caption("Wheel or +/− zooms (finer levels as icons grow), drag or arrows pan, a click selects a cell, "
-               "shift-click adds one, shift-drag selects a box, Escape clears.")
+    map_panel(overlays, tiles, style, opacity)
 
 with right:
     if shown_index:
@@ -402,7 +436,7 @@ with right:
                     f"{totals_now['activations']:,} off-atlas)")
     else:
         st.markdown("**Concept histogram** · the atlas's reference activations per cell")
-    level = st.selectbox("Histogram and images at level", atlas.levels, key="level", on_change=clear_selection,
+    level = st.selectbox("Histogram and images at level", atlas.levels, key="level", on_change=_level_chosen,
                          format_func=lambda g: f"{g} × {g}", help="zooming the map to another level and clicking "
                                                                   "a cell there changes it too")
 rows, totals = rows_by_level[level]
@@ -430,8 +464,10 @@ def image_dialog(image_id: int, index: str, level: int) -> None:
     details = appdata.image_details(atlas, index, image_id, home=HOME)
     root = appdata.index_root(index, HOME)
     model = model_of(index)
-    tabs = st.tabs(["Image", "Inspect", "Layers"])
-    with tabs[0]:
+    # only the part shown is computed (tabs would compute all three; Inspect takes seconds)
+    part = st.segmented_control("Show", ["Image", "Inspect", "Layers"], default="Image", key=f"dialog_part_{image_id}",
+                                label_visibility="collapsed") or "Image"
+    if part == "Image":
         positions = [p for p in details["placements"] if p["level"] == level]
         tile = appdata.image_tile(atlas, root, details["path"], positions, side=560, model=model)
         picture, facts = st.columns([3, 2])
@@ -449,9 +485,9 @@ def image_dialog(image_id: int, index: str, level: int) -> None:
                                         "cell": "off-atlas" if p["off_atlas"] else f"{p['i']},{p['j']}",
                                         "distance": round(p["distance"], 4)} for p in positions]),
                          hide_index=True, width="stretch")
-    with tabs[1]:
+    elif part == "Inspect":
         _optional_view("inspect_view", index, details, level)
-    with tabs[2]:
+    else:
         _optional_view("layers_view", index, details, level)
 
 

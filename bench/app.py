@@ -11,7 +11,10 @@ with Playwright and
   rows of the histogram, filters, level, overlay, tiles, the image dialog), timing each from the
   action until the app's run for it has finished (Streamlit's ``script_finished`` message, read
   from the page's websocket) and the page shows its result (``interaction_p95_s``, the 95th
-  percentile, and ``interaction_median_s``).
+  percentile, and ``interaction_median_s``);
+- zooms the map with the wheel, one step at a time, and times each from the wheel event until the
+  run the map's view report causes has finished, less the map's rest before it reports
+  (``view_report_s``, the median: what writing the view into the URL costs).
 
 Needs /usr/bin/chromium. Timings are printed, never compared with a limit.
 
@@ -117,7 +120,7 @@ def main() -> None:
                                "--server.port", str(port), "--server.address", "127.0.0.1",
                                "--browser.gatherUsageStats", "false", "--", "--home", str(WORK), "--atlas", "bench"],
                               cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    clicks, steps = [], []
+    clicks, steps, reports = [], [], []
     try:
         for _ in range(240):
             try:
@@ -196,6 +199,22 @@ def main() -> None:
                     page.wait_for_timeout(300)
                     continue
                 steps.append(timed(name, action, done))
+
+            # zoom and pan reach the URL: one run of the map's fragment once the view rests
+            from atlasq.streamlit.map_component import VIEW_REST_MS
+
+            page.locator(".aq-canvas").first.scroll_into_view_if_needed()
+            box = page.locator(".aq-canvas").first.bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+            for step in (-120, -120, -120, 120, 120, 120):
+                page.wait_for_timeout(500)
+                before = runs.finished
+                started = time.perf_counter()
+                page.mouse.wheel(0, step)
+                runs.wait_after(page, before)
+                reports.append(time.perf_counter() - started - VIEW_REST_MS / 1000)
+                print(f"zoom {'in' if step < 0 else 'out'}: view reported, run done {reports[-1]:.2f} s after the "
+                      f"rest", flush=True)
             browser.close()
     finally:
         server.terminate()
@@ -206,6 +225,7 @@ def main() -> None:
     print(f"interaction_median_s={statistics.median(steps):.3f}")
     print(f"interaction_p95_s={p95:.3f}")
     print(f"click_to_images_s={statistics.median(clicks):.3f}")
+    print(f"view_report_s={statistics.median(reports):.3f}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -235,9 +237,21 @@ def test_the_url_holds_the_view_and_a_fresh_session_restores_it(app_home, monkey
     url = dict(at.query_params)
     assert url["level"] == "20" and url["overlay"] == "class" and url["class"] == "stripes" and url["page"] == "1"
     assert url["index"] == "sample" and url["atlas"] == "app" and "zoom" in url
+    # the map reports its view once a zoom or pan rests (see atlas_map): kept in the URL, and
+    # neither the selection nor the page changes
+    from atlasq.streamlit import MapState
+
+    selected = tuple((20, c.i, c.j) for c in cells)
+    at.session_state["atlas_map"] = {"view": {**MapState(20, 3.5, (0.3, 0.4), selected, None).to_dict(),
+                                              "kind": "view", "seq": 41}}
+    at.run()
+    url = dict(at.query_params)
+    assert url["zoom"] == "3.5" and url["center"] == "0.30000,0.40000" and "maplevel" not in url
+    assert url["page"] == "1" and at.session_state["sel_cells"] == [f"{c.i},{c.j}" for c in cells]
     fresh = _app(app_home, monkeypatch, index="two", query=url)  # the link opened elsewhere
     assert not fresh.exception, fresh.exception
     assert fresh.session_state["index_name"] == "sample" and fresh.session_state["level"] == 20
+    assert fresh.session_state["zoom"] == 3.5 and fresh.session_state["center"] == (0.3, 0.4)
     assert fresh.session_state["view"] == "class" and fresh.session_state["class_name"] == "stripes"
     assert fresh.session_state["sel_cells"] == [f"{c.i},{c.j}" for c in cells]
     assert fresh.session_state["gallery_page"] == 1 and _captions(fresh) == _captions(at)
@@ -489,6 +503,82 @@ def test_browser_a_deep_link_restores_the_view(served_app, chromium, app_home):
         page.close()
 
 
+def _map_view(page) -> dict:
+    """The map's view as the page draws it (its element's data attributes) and its canvas's box."""
+    data = page.locator(".aq-map").first.evaluate("e => ({...e.dataset})")
+    cx, cy = map(float, data["center"].split(","))
+    box = page.locator(".aq-canvas").first.bounding_box()
+    return {"level": int(data["level"]), "zoom": float(data["zoom"]), "cx": cx, "cy": cy, "box": box,
+            "scale": min(box["width"], box["height"]) * float(data["zoom"])}
+
+
+def test_browser_a_wheel_zoom_lives_in_the_url_and_a_fresh_browser_restores_it(served_app, chromium, app_home):
+    """Zoom and pan happen in the browser; once the view rests the map reports it and the page
+    writes it into the URL. That URL opened in a fresh browser draws the same level, zoom and
+    centre, and a click at the same place selects the same cell there."""
+    page = _open(chromium, f"{served_app}/?index=sample&atlas=app")
+    fresh = None
+    try:
+        box = _map_view(page)["box"]
+        # off the centre, so that zooming there moves the view's centre too
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.35)
+        for _ in range(40):
+            if _map_view(page)["level"] == 20:
+                break
+            page.mouse.wheel(0, -120)
+            page.wait_for_timeout(50)
+        page.mouse.wheel(0, -120)  # one step more, so the zoom is not where the level switched
+        page.wait_for_timeout(100)
+        view = _map_view(page)
+        assert view["level"] == 20 and view["zoom"] > 1 and (view["cx"], view["cy"]) != (0.5, 0.5)
+        page.wait_for_function("z => new URLSearchParams(location.search).get('zoom') === z",
+                               arg=f"{view['zoom']:g}", timeout=60_000)
+        _settled(page)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)
+        assert query["maplevel"] == ["20"] and query["level"] == ["10"]  # the histogram stays at 10 until a click
+        cx, cy = map(float, query["center"][0].split(","))
+        assert abs(cx - view["cx"]) < 1e-6 and abs(cy - view["cy"]) < 1e-6
+        assert "sel" not in query  # a zoom selects nothing
+
+        fresh = _open(chromium, page.url)  # a new browser context: no session, no cookies
+        fresh.wait_for_selector(".aq-map[data-level='20']", timeout=60_000)
+        fresh.wait_for_timeout(300)  # the first frame with the level's mosaic
+        again = _map_view(fresh)
+        assert again["level"] == 20 and abs(again["zoom"] - view["zoom"]) < 1e-3
+        assert abs(again["cx"] - view["cx"]) < 1e-6 and abs(again["cy"] - view["cy"]) < 1e-6
+        _shot(fresh, "app_zoom_link.png")
+
+        # the same point of both pages: a kept cell of level 20 near the canvas's bottom right
+        atlas = load_atlas("app", app_home)
+        cells = atlas.cells_at(20)
+
+        def where(v, i, j):
+            return (v["box"]["x"] + v["box"]["width"] / 2 + ((j + 0.5) / 20 - v["cx"]) * v["scale"],
+                    v["box"]["y"] + v["box"]["height"] / 2 + ((i + 0.5) / 20 - v["cy"]) * v["scale"])
+
+        with_images = {(c.i, c.j) for c in _cells_by_images(app_home, level=20)}
+        inside = [(i, j) for i, j in zip(cells["i"], cells["j"]) if (i, j) in with_images
+                  and box["x"] + 30 < where(view, i, j)[0] < box["x"] + box["width"] - 30
+                  and box["y"] + 30 < where(view, i, j)[1] < box["y"] + box["height"] - 30]
+        assert inside
+        cell = max(inside, key=lambda c: sum(where(view, *c)))
+        assert again["box"] == view["box"]
+        chosen = []
+        for p, v in ((page, view), (fresh, again)):
+            p.mouse.click(*where(v, *cell))
+            p.wait_for_function("s => new URLSearchParams(location.search).get('sel') === s",
+                                arg=f"{cell[0]}.{cell[1]}", timeout=60_000)
+            _settled(p)
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(p.url).query)
+            chosen.append((query["level"], query["sel"], _gallery_captions(p)[:12]))
+        assert chosen[0] == chosen[1] and chosen[0][0] == ["20"]
+        assert chosen[0][2] == _union(app_home, [SimpleNamespace(i=cell[0], j=cell[1])], level=20)[:12]
+    finally:
+        page.close()
+        if fresh is not None:
+            fresh.close()
+
+
 def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(served_app, chromium, app_home):
     cells = _cells_by_images(app_home)[:2]
     expected = _union(app_home, cells)
@@ -498,6 +588,9 @@ def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(se
         _click_cell(page, 10, cells[0].i, cells[0].j)
         _click_cell(page, 10, cells[1].i, cells[1].j, shift=True)
         page.get_by_text(f"{len(expected):,} images").first.wait_for(timeout=60_000)
+        page.wait_for_function("n => document.querySelectorAll(\"[data-testid='stImageCaption']\").length >= n",
+                               arg=min(12, len(expected)), timeout=60_000)  # the tiles come after that line
+        _settled(page)
         assert _gallery_captions(page)[:12] == expected[:12]
         with page.expect_download() as download:
             page.get_by_role("button", name="CSV of paths").click()
@@ -512,6 +605,13 @@ def test_browser_cells_clicked_and_shift_clicked_give_their_union_and_its_csv(se
         dialog = page.locator("[role='dialog']").bounding_box()
         assert dialog["width"] >= 700  # a useful size, not the image's native 65 px
         _shot(page, "app_dialog.png")
+        # the Layers view is drawn when chosen (not with the image: the Inspect view takes seconds)
+        assert page.locator("[role='dialog']").get_by_text("mixed5a", exact=True).count() == 0
+        page.locator("[role='dialog']").get_by_text("Layers", exact=True).click()
+        page.locator("[role='dialog']").get_by_text("mixed5a", exact=True).first.wait_for(timeout=120_000)
+        _settled(page)
+        assert page.get_by_text("Top-5 predictions").count() == 0
+        _shot(page, "app_dialog_layers.png")
     finally:
         page.close()
 
@@ -619,6 +719,7 @@ def test_atlasq_app_listens_on_this_machine_only_unless_told(tmp_path):
                      command[command.index("run") + 2:command.index("--")][1::2]))
     assert flags["--server.address"] == "127.0.0.1"
     assert flags["--browser.gatherUsageStats"] == "false" and flags["--client.toolbarMode"] == "minimal"
+    assert flags["--runner.postScriptGC"] == "false"
     assert serve.streamlit_command(tmp_path, host="0.0.0.0", port=_free_port())[command.index("--server.address") + 1] \
         == "0.0.0.0"
 

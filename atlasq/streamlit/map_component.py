@@ -6,10 +6,13 @@
     if state.clicked:
         level, i, j = state.clicked
 
-Everything the eye follows (zoom, pan, hover, the level switch) happens in the browser; only a
-click, a selection change or Escape sends the view back to Python (one rerun). Zooming in moves
-to finer grid levels as the Distill viewer does: the finest level whose icons are still drawn at
-least ``MIN_ICON_PX`` wide is shown.
+Everything the eye follows (zoom, pan, hover, the level switch) happens in the browser. A click, a
+selection change or Escape sends the view and the selection back to Python (one rerun); so does
+the view alone once it has rested (``VIEW_REST_MS`` after the last wheel, drag, pinch or key), so
+that a page can keep it (in the URL, say). Put the map in an ``st.fragment`` to keep those view
+reports cheap: they then rerun the fragment only. Zooming in moves to finer grid levels as the
+Distill viewer does: the finest level whose icons are still drawn at least ``MIN_ICON_PX`` wide
+is shown.
 
 What travels to the browser, and how often:
 
@@ -60,6 +63,9 @@ TILE_PX = 96
 OVERLAY_STYLES = ("badge", "heat", "fade", "off")
 #: Top classes shown per cell (only those with positive attribution).
 TOP_CLASSES = 3
+#: The browser reports a new view (zoom, centre) this many milliseconds after the user's last zoom
+#: or pan (the same figure is in frontend/atlas_map.js).
+VIEW_REST_MS = 400
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ def _component():
 
 def atlas_map(atlas: "Atlas", overlays: Mapping[int, "CellOverlay"] | None = None, *, tiles: str = "icons",
               state: MapState | None = None, overlay_style: str = "badge", heat_opacity: float = 0.5,
-              height: int = 640, key: str = "atlas_map") -> MapState:
+              height: int = 640, key: str = "atlas_map", report_view: bool = True) -> MapState:
     """Draw ``atlas`` as a zoomable map and return the current view and selection.
 
     overlays : per level, the values to show on its cells (:mod:`atlasq.appdata`'s ``overlay_*``);
@@ -209,6 +215,9 @@ def atlas_map(atlas: "Atlas", overlays: Mapping[int, "CellOverlay"] | None = Non
     height : of the map in pixels (its width follows its container); below ``MIN_ICON_PX`` × the
         coarsest grid size, that level's icons are smaller than 48 px until one zooms in.
     key : one per map, and best one per atlas: the view and selection are kept under it.
+    report_view : send the view (level, zoom, centre) back once it rests after a zoom or pan (one
+        rerun, of the fragment the map is in, if any); without it only clicks and selections do.
+        ``st.session_state[key]["view"]["kind"]`` says which it was: ``"view"`` or ``"select"``.
 
     Mouse wheel, pinch or +/− zoom, drag or the arrow keys pan, 0 resets; a click selects a cell,
     shift-click adds or removes one, shift-drag selects the cells in a box, Escape clears.
@@ -225,7 +234,8 @@ def atlas_map(atlas: "Atlas", overlays: Mapping[int, "CellOverlay"] | None = Non
     given = state.to_dict() if state is not None else None
     data = {"levels": map_payload(atlas, overlays, tiles=tiles, key=key), "state": given,
             "overlay_style": overlay_style, "heat_opacity": float(min(max(heat_opacity, 0.0), 1.0)),
-            "height": int(height), "min_icon_px": MIN_ICON_PX, "name": atlas.name}
+            "height": int(height), "min_icon_px": MIN_ICON_PX, "name": atlas.name,
+            "report_view": bool(report_view)}
     result = _component()(key=key, data=data, default={"view": None}, height="content",
                           on_view_change=lambda: None)
     return _current_state(key, levels, given, result.get("view"))

@@ -10,6 +10,7 @@ const SEQUENTIAL = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [
 const DIVERGING = [[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]];
 const SELECT = "#ff0050";
 const BADGE_PX = 44;  // icons at least this wide carry their count as a number (12 px)
+const VIEW_REST_MS = 400;  // the view is reported this long after the last zoom or pan
 
 function ramp(anchors, t) {
   t = Math.min(Math.max(t, 0), 1) * (anchors.length - 1);
@@ -81,6 +82,8 @@ class AtlasMap {
     this.seq = Date.now() % 1e9;
     this.lastGiven = undefined;
     this.lastSent = null;
+    this.recent = [];           // the views of the latest states sent (Python echoes them back)
+    this.viewTimer = null;
     this.pending = null;        // a view to apply once the canvas has a size
     this.bind(q);
     this.resizer = new ResizeObserver(() => this.resize());
@@ -88,6 +91,7 @@ class AtlasMap {
   }
 
   destroy() {
+    clearTimeout(this.viewTimer);
     this.resizer.disconnect();
     this.root.remove();
   }
@@ -135,10 +139,14 @@ class AtlasMap {
     this.resize();
   }
 
+  // What Python gives back is often a state this map sent a moment ago, while the user has
+  // zoomed or panned on since: that echo must not move the map back. (The app gives no click
+  // back, so only the view and the selection are compared.)
+  static viewOf(state) {
+    return JSON.stringify([state.level, state.zoom, state.center, state.selected]);
+  }
   sameAsSent(state) {
-    const s = this.lastSent;
-    return s && JSON.stringify([state.level, state.zoom, state.center, state.selected, state.clicked]) ===
-      JSON.stringify([s.level, s.zoom, s.center, s.selected, s.clicked]);
+    return this.recent.includes(AtlasMap.viewOf(state));
   }
 
   apply(state) {
@@ -154,13 +162,33 @@ class AtlasMap {
     this.clampCentre();
   }
 
-  send() {
+  // kind "select": a click, a box or Escape changed the selection; "view": only the zoom or the
+  // centre changed (sent once the view has rested, so a link to the page keeps it)
+  send(kind = "select") {
+    clearTimeout(this.viewTimer);  // this state carries the view too
+    this.viewTimer = null;
     const state = { level: this.levelFor(this.view.zoom), zoom: +this.view.zoom.toFixed(4),
                     center: [+this.view.cx.toFixed(5), +this.view.cy.toFixed(5)],
-                    selected: [...this.selected.values()], clicked: this.clicked, seq: ++this.seq };
+                    selected: [...this.selected.values()], clicked: this.clicked, kind, seq: ++this.seq };
     this.lastSent = state;
+    this.recent = [...this.recent.slice(-15), AtlasMap.viewOf(state)];
     this.root.dataset.sent = JSON.stringify(state);
     if (this.setStateValue) this.setStateValue("view", state);
+  }
+
+  // called on every zoom or pan by the user: the view is sent VIEW_REST_MS after the last one
+  // (and after the pointer is released), and only when it differs from the last one sent
+  moved() {
+    if (!this.data || this.data.report_view === false) return;
+    clearTimeout(this.viewTimer);
+    this.viewTimer = setTimeout(() => {
+      this.viewTimer = null;
+      if (this.pointers.size) { this.moved(); return; }  // still dragging or pinching
+      const s = this.lastSent, level = this.levelFor(this.view.zoom);
+      if (s && s.level === level && s.zoom === +this.view.zoom.toFixed(4) &&
+          s.center[0] === +this.view.cx.toFixed(5) && s.center[1] === +this.view.cy.toFixed(5)) return;
+      this.send("view");
+    }, VIEW_REST_MS);
   }
 
   // ----------------------------------------------------------------- geometry
@@ -201,6 +229,7 @@ class AtlasMap {
     this.view.cy = uy - (py - this.height / 2) / s;
     this.clampCentre();
     this.draw();
+    this.moved();
   }
   // A level's mosaic (megabytes at 80×80) is fetched only once the zoom asks for that level or
   // the next coarser one, so a view that stays zoomed out never downloads the fine levels.
@@ -504,6 +533,7 @@ class AtlasMap {
         this.view.cy = d.cy - (py - d.y) / s;
         this.clampCentre();
         this.draw();
+        this.moved();
       }
     });
     const end = (e) => {
@@ -531,7 +561,7 @@ class AtlasMap {
         "=": () => this.zoomAt(1.25, this.width / 2, this.height / 2),
         "-": () => this.zoomAt(0.8, this.width / 2, this.height / 2),
         "_": () => this.zoomAt(0.8, this.width / 2, this.height / 2),
-        "0": () => { this.view = { zoom: 1, cx: 0.5, cy: 0.5 }; this.draw(); },
+        "0": () => this.reset(),
         ArrowLeft: () => this.pan(-step, 0), ArrowRight: () => this.pan(step, 0),
         ArrowUp: () => this.pan(0, -step), ArrowDown: () => this.pan(0, step),
         Escape: () => { if (this.selected.size) { this.selected.clear(); this.draw(); this.send(); } },
@@ -545,7 +575,7 @@ class AtlasMap {
     this.legend.heatOpacity.addEventListener("input", (e) => { this.heat.opacity = +e.target.value; this.draw(); });
     q(".aq-in").addEventListener("click", () => this.zoomAt(1.5, this.width / 2, this.height / 2));
     q(".aq-out").addEventListener("click", () => this.zoomAt(1 / 1.5, this.width / 2, this.height / 2));
-    q(".aq-reset").addEventListener("click", () => { this.view = { zoom: 1, cx: 0.5, cy: 0.5 }; this.draw(); });
+    q(".aq-reset").addEventListener("click", () => this.reset());
     q(".aq-full").addEventListener("click", () => {
       const doc = this.root.getRootNode();
       if ((doc.fullscreenElement || document.fullscreenElement) === this.root) document.exitFullscreen();
@@ -575,6 +605,13 @@ class AtlasMap {
     this.view.cy += dy;
     this.clampCentre();
     this.draw();
+    this.moved();
+  }
+
+  reset() {
+    this.view = { zoom: 1, cx: 0.5, cy: 0.5 };
+    this.draw();
+    this.moved();
   }
 
   pinchState() {
