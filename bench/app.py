@@ -18,7 +18,7 @@ with Playwright and
 
 Needs /usr/bin/chromium. Timings are printed, never compared with a limit.
 
-    python bench/app.py [--images 100000] [--clicks 5]
+    python bench/app.py [--images 100000] [--clicks 5]     (--images 0: the sample index itself)
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def prepare(images: int) -> str:
     if not AtlasFolder.named("bench", WORK).is_complete():
         build_atlas("sample", "bench", home=WORK, progress=False,
                     options=AtlasOptions(layer="mixed5a", grids=(10, 20), steps=64))
+    if not images:  # the sample index itself, placed on its own atlas
+        histogram("bench", "sample", home=WORK, level=LEVEL)
+        return "sample"
     name = f"big{images}"
     if not (WORK / name).exists():
         make_placed_index(WORK, name, "bench", SAMPLE_DATA, images=images)
@@ -105,7 +108,8 @@ def captions(page) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--images", type=int, default=100_000,
+                        help="images of the synthetic index (0: the 576-image sample index itself)")
     parser.add_argument("--clicks", type=int, default=5)
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright

@@ -24,6 +24,7 @@ the speed does not depend on the weights.
 
     python bench/atlas.py [--points 100000] [--fit-size 20000] [--icon-steps 16] [--skip-layout]
                           [--precision auto|fp32|bf16] [--device cpu|cuda] [--cpu-time]
+    python bench/atlas.py --cold-layout [--fit-size 20000]   (prints cold_layout_speedup=)
 
 Last lines: layout_speedup=, trustworthiness_ratio=, icon_fidelity_ratio=, icon_step_speedup=,
 icon_speedup=, icons_20x20_minutes=.
@@ -81,6 +82,36 @@ def bench_layout(points: int, dims: int, fit_size: int) -> dict:
     t_base, t_ours = trustworthiness_on(X, baseline, sample), trustworthiness_on(X, ours, sample)
     print(f"  trustworthiness k=15: baseline {t_base:.4f}, atlasq {t_ours:.4f}", flush=True)
     return {"layout_speedup": baseline_s / ours_s, "trustworthiness_ratio": t_ours / t_base}
+
+
+def cold_fit(search: str, points: int, dims: int) -> float:
+    """Seconds to fit atlasq's layout of ``points`` synthetic activations in this fresh process,
+    with UMAP's neighbours from FAISS (atlasq's way from 4,096 points) or from UMAP's own
+    approximate search (``search="umap"``), compile time included, as a first atlas build pays it."""
+    import umap  # noqa: F401  (imported before the clock starts, in both cases)
+
+    import atlasq.layout as layout_module
+
+    if search == "umap":
+        layout_module.UMAP_EXACT_BELOW = 1 << 62
+    X = synthetic_activations(points, dims)
+    clock = time.perf_counter()
+    layout_module.Layout(n_neighbors=50, min_dist=0.05, fit_size=points).fit(X)
+    return time.perf_counter() - clock
+
+
+def bench_cold_layout(points: int, dims: int) -> dict:
+    """Both ways of finding UMAP's neighbours, each in its own fresh process."""
+    import subprocess
+    import sys
+
+    seconds = {}
+    for search in ("umap", "faiss"):
+        done = subprocess.run([sys.executable, __file__, "--cold-fit", search, "--points", str(points),
+                               "--dims", str(dims)], capture_output=True, text=True, check=True)
+        seconds[search] = float(done.stdout.split("cold_fit_s=")[1].split()[0])
+        print(f"  cold layout fit of {points:,} × {dims}, neighbours from {search}: {seconds[search]:.1f} s", flush=True)
+    return {"cold_layout_speedup": seconds["umap"] / seconds["faiss"]}
 
 
 def plain_full_network_loop(network, layer_module: torch.nn.Module, directions: torch.Tensor, *, size: int,
@@ -262,6 +293,10 @@ def main() -> None:
     parser.add_argument("--icon-size", type=int, default=80)
     parser.add_argument("--check-steps", type=int, default=128, help="steps of the bf16-vs-fp32 check (0: skip it and the fidelity check)")
     parser.add_argument("--skip-layout", action="store_true")
+    parser.add_argument("--cold-layout", action="store_true",
+                        help="only time a first layout fit of --fit-size points (neighbours from UMAP vs FAISS), "
+                             "each in a fresh process")
+    parser.add_argument("--cold-fit", choices=("umap", "faiss"), help=argparse.SUPPRESS)
     parser.add_argument("--skip-icons", action="store_true")
     parser.add_argument("--precision", default="auto",
                         help="atlasq's icons in auto, fp32, bf16 (fp16 on CUDA); fp32 stands in for a CPU without bf16")
@@ -272,6 +307,12 @@ def main() -> None:
     if args.cpu_time:
         CLOCK = time.process_time
 
+    if args.cold_fit:
+        print(f"cold_fit_s={cold_fit(args.cold_fit, args.points, args.dims):.2f}")
+        return
+    if args.cold_layout:
+        print(f"cold_layout_speedup={bench_cold_layout(args.fit_size, args.dims)['cold_layout_speedup']:.3f}")
+        return
     results = {}
     if not args.skip_layout:
         results.update(bench_layout(args.points, args.dims, args.fit_size))

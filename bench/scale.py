@@ -19,9 +19,9 @@
    torch and loading the network), which every run pays once; ``ray_first_batch_s`` shows it, and
    ``*_steady_images_per_s`` the rates over the second half of the batches. Also
    printed: CPU seconds during the Ray run of the actors, Ray Data's helper actors, Ray's daemons
-   and the driver. The default of 960 images makes a run of about half a minute on 2 cores, so
-   that the pool's start-up weighs in it less than it does in a run of 160 images (a few seconds
-   of work), though still far more than in a reference build of hours.
+   and the driver. The default of 2,400 images makes a run of about 45 s on 2 cores, so that the
+   pool's start-up (about 9 s) weighs in it less than in shorter runs, though still far more than
+   in a reference build of hours.
 3. Compact placement index (``--part compact``). bench/histogram.py's data: a 100,000-activation
    synthetic reference (512-d) and ``--queries`` activations to place. Cells come from a real
    layout of the reference (atlasq's UMAP layout, gridded at 20, 40 and 80). Each activation's
@@ -31,7 +31,7 @@
    finest grid; all three are printed). ``compact_size_ratio`` = compact index bytes ÷ the raw
    float16 activations an atlas ships otherwise.
 
-    python bench/scale.py [--part writer,ray,compact] [--images 960] [--batch-size 32] [--local-images 48]
+    python bench/scale.py [--part writer,ray,compact] [--images 2400] [--batch-size 32] [--local-images 48]
 
 Last lines: writer_images_per_s=, local_attr_images_per_s=, writer_vs_local_ratio=,
 ray_vs_local_ratio= (with its breakdown above it), compact_size_ratio=, compact_cell_agreement=.
@@ -366,7 +366,7 @@ def compact_agreement(n_reference: int, n_queries: int, grids=(20, 40, 80)) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="writer,ray,compact")
-    parser.add_argument("--images", type=int, default=960, help="JPEGs for the Ray-against-local run")
+    parser.add_argument("--images", type=int, default=2400, help="JPEGs for the Ray-against-local run")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (per actor call) in that run")
     parser.add_argument("--local-images", type=int, default=48, help="JPEGs for the local baseline with attributions")
     parser.add_argument("--writer-images", type=int, default=4096)
