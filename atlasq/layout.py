@@ -105,10 +105,10 @@ class Layout:
             fitted = np.arange(len(X))
         n_neighbors = min(self.n_neighbors, len(fitted) - 1)
         # Under UMAP_EXACT_BELOW points UMAP measures every pair itself (exactly) and its layouts are
-        # left as they were; above, its approximate search (and its compile time) is replaced by
-        # FAISS's exact one.
+        # left as they were; above, up to FAISS_EXACT_UP_TO, its approximate search (and its compile
+        # time) is replaced by FAISS's exact one, whose cost grows with the square of the points.
         knn = ((*exact_neighbours(X[fitted], n_neighbors, self.metric), None)
-               if len(fitted) >= UMAP_EXACT_BELOW else (None, None, None))
+               if UMAP_EXACT_BELOW <= len(fitted) <= FAISS_EXACT_UP_TO else (None, None, None))
         reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors,
                             min_dist=self.min_dist, metric=self.metric, n_epochs=self.n_epochs,
                             random_state=self.random_state, init="spectral" if len(fitted) > 10 else "random",
@@ -157,6 +157,9 @@ class Layout:
 
 #: UMAP's own threshold: with fewer points it computes exact neighbours from all pairwise distances.
 UMAP_EXACT_BELOW = 4096
+#: Above this many fitted points (the default --fit-size is 20,000) UMAP's approximate search is
+#: kept: an exact search of every point against every other grows with their square.
+FAISS_EXACT_UP_TO = 50_000
 
 
 def exact_neighbours(X: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
