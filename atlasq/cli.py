@@ -959,9 +959,10 @@ def app_command(
     stderr.print(f"atlasq app on http://{address}:{port_text} (Ctrl-C stops it)", highlight=False)
     sys.stdout.flush()
     sys.stderr.flush()
+    env = serve.app_environment()
     if os.name == "posix":  # Streamlit takes this process's place, so Ctrl-C and signals reach it directly
-        os.execv(command[0], command)
-    raise typer.Exit(subprocess.call(command))
+        os.execve(command[0], command, env)
+    raise typer.Exit(subprocess.call(command, env=env))
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ traceback.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 from pathlib import Path
@@ -21,11 +22,27 @@ from pathlib import Path
 from .errors import BusyError, InvalidOptionError, NotFoundError
 from .home import check_name, default_home
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "PAGE", "streamlit_command"]
+__all__ = ["APP_THREADS", "DEFAULT_HOST", "DEFAULT_PORT", "PAGE", "app_environment", "streamlit_command"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
 PAGE = Path(__file__).resolve().parent / "webapp.py"
+
+
+#: Numeric libraries' thread pools in the app's process: one thread each. The app's numeric work
+#: is small (one image through the network, a query, a search), and with a pool of two the idle
+#: workers of torch's, FAISS's and BLAS's OpenMP spin between those small calls and take the cores
+#: from the server and the browser (measured with bench/app.py; README).
+APP_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def app_environment(base: dict | None = None) -> dict:
+    """The environment to serve the app in: ``base`` (default: this process's) with
+    :data:`APP_THREADS` where it does not set them itself."""
+    env = dict(os.environ if base is None else base)
+    for name, value in APP_THREADS.items():
+        env.setdefault(name, value)
+    return env
 
 
 def streamlit_command(home: Path | None = None, *, index: str | None = None, atlas: str | None = None,

@@ -2,7 +2,8 @@
 
 Builds (once, under bench/_work/app_home/) an index of sample_data/ with the demo network and an
 atlas of it, then a synthetic index of ``--images`` images placed on that atlas (see
-tests/bigindex.py). It serves `streamlit run app.py`, opens it in Debian's headless chromium
+tests/bigindex.py). It serves `streamlit run app.py` in the environment `atlasq app` serves it in
+(:func:`atlasq.serve.app_environment`), opens it in Debian's headless chromium
 with Playwright and
 
 - clicks the fullest cells on the map, timing each click until the cell's first 12 images are
@@ -24,7 +25,6 @@ Needs /usr/bin/chromium. Timings are printed, never compared with a limit.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
@@ -43,6 +43,7 @@ from atlasq.atlas import AtlasOptions, build_atlas  # noqa: E402
 from atlasq.atlasdir import AtlasFolder  # noqa: E402
 from atlasq.histogram import histogram  # noqa: E402
 from atlasq.indexer import IndexOptions, build_index  # noqa: E402
+from atlasq.serve import app_environment  # noqa: E402
 from atlasq.store import ImageFilter, IndexStore, index_folder  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "app_home"
@@ -123,7 +124,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
                                "--server.port", str(port), "--server.address", "127.0.0.1",
                                "--browser.gatherUsageStats", "false", "--", "--home", str(WORK), "--atlas", "bench"],
-                              cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=REPO, env=app_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     clicks, steps, reports = [], [], []
     try:
         for _ in range(240):

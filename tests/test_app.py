@@ -732,9 +732,20 @@ def test_atlasq_app_listens_on_this_machine_only_unless_told(tmp_path):
             _wait_healthy(f"http://127.0.0.1:{port}", app)
             if other:
                 assert _reachable(other, port) == (host == "0.0.0.0"), (host, other)
+            environ = Path(f"/proc/{app.pid}/environ")  # Streamlit took the command's process
+            if environ.exists():
+                values = dict(item.split("=", 1) for item in environ.read_bytes().decode(errors="replace").split("\0")
+                              if "=" in item)
+                assert values.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS", "1")
         finally:
             _, err = _stop(app)
         assert f"atlasq app on http://{host or '127.0.0.1'}:{port}" in err
+
+
+def test_the_app_is_served_with_one_thread_per_numeric_pool_unless_the_user_says_otherwise():
+    env = serve.app_environment({"PATH": "/bin"})
+    assert all(env[name] == "1" for name in serve.APP_THREADS) and env["PATH"] == "/bin"
+    assert serve.app_environment({"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
 
 
 def test_atlasq_app_fails_with_one_line_when_home_is_missing_or_port_is_busy(tmp_path):
