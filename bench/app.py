@@ -25,19 +25,16 @@ Needs /usr/bin/chromium. Timings are printed, never compared with a limit.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from bigindex import make_placed_index  # noqa: E402
-from browser import click_map_cell  # noqa: E402
+from browser import CHROMIUM, click_map_cell, headless_chromium, served  # noqa: E402
 
 from atlasq.atlas import AtlasOptions, build_atlas  # noqa: E402
 from atlasq.atlasdir import AtlasFolder  # noqa: E402
@@ -48,7 +45,6 @@ from atlasq.store import ImageFilter, IndexStore, index_folder  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "app_home"
 SAMPLE_DATA = REPO / "sample_data"
-CHROMIUM = "/usr/bin/chromium"
 LEVEL = 10
 
 
@@ -113,117 +109,97 @@ def main() -> None:
                         help="images of the synthetic index (0: the 576-image sample index itself)")
     parser.add_argument("--clicks", type=int, default=5)
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
+    if not CHROMIUM.is_file():
+        sys.exit(f"bench/app.py needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
     index = prepare(args.images)
     cells = sorted(histogram("bench", index, home=WORK, level=LEVEL, place=False).cells, key=lambda c: -c.images)
     cells = [(c.i, c.j) for c in cells if c.images]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
-                               "--server.port", str(port), "--server.address", "127.0.0.1",
-                               "--browser.gatherUsageStats", "false", "--", "--home", str(WORK), "--atlas", "bench"],
-                              cwd=REPO, env=app_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     clicks, steps, reports = [], [], []
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            runs = Runs(page)
-            page.goto(f"http://127.0.0.1:{port}/?index={index}&atlas=bench&level={LEVEL}")
-            page.wait_for_selector(f".aq-map[data-level='{LEVEL}']", timeout=300_000)
-            page.get_by_text("activations per cell").first.wait_for(timeout=300_000)
-            page.wait_for_timeout(2000)
+    with served(REPO / "app.py", "--home", str(WORK), "--atlas", "bench", env=app_environment()) as url, \
+            headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        runs = Runs(page)
+        page.goto(f"{url}/?index={index}&atlas=bench&level={LEVEL}")
+        page.wait_for_selector(f".aq-map[data-level='{LEVEL}']", timeout=300_000)
+        page.get_by_text("activations per cell").first.wait_for(timeout=300_000)
+        page.wait_for_timeout(2000)
 
-            def timed(name: str, action, done=None) -> float:
-                page.wait_for_timeout(500)  # the page idle before each action (not timed)
-                before = runs.finished
+        def timed(name: str, action, done=None) -> float:
+            page.wait_for_timeout(500)  # the page idle before each action (not timed)
+            before = runs.finished
+            started = time.perf_counter()
+            action()
+            try:
+                runs.wait_after(page, before, timeout=20)
+            except TimeoutError:  # the action was lost (the page was redrawing): do it once more
+                print(f"{name}: repeated", flush=True)
                 started = time.perf_counter()
                 action()
-                try:
-                    runs.wait_after(page, before, timeout=20)
-                except TimeoutError:  # the action was lost (the page was redrawing): do it once more
-                    print(f"{name}: repeated", flush=True)
-                    started = time.perf_counter()
-                    action()
-                    runs.wait_after(page, before)
-                if done is not None:
-                    page.wait_for_function(done[0], arg=done[1], timeout=60_000)
-                took = time.perf_counter() - started
-                print(f"{name}: {took:.2f} s", flush=True)
-                return took
-
-            shown = ("want => JSON.stringify([...document.querySelectorAll(\"[data-testid='stImageCaption']\")]"
-                     ".slice(0, want.length).map(e => e.innerText)) === JSON.stringify(want)")
-            for i, j in cells[:args.clicks]:
-                clicks.append(timed(f"click cell {i},{j}", lambda: click_map_cell(page, i, j),
-                                    (shown, first_page(index, [(i, j)]))))
-
-            a, b, c = cells[0], cells[1], cells[2]
-            sidebar = page.locator("[data-testid='stSidebar']")
-            script = [
-                ("click a cell", lambda: click_map_cell(page, *a), (shown, first_page(index, [a]))),
-                ("shift-click a second cell", lambda: click_map_cell(page, *b, shift=True), (shown, first_page(index, [a, b]))),
-                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
-                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
-                ("previous page", lambda: page.get_by_role("button", name="◀", exact=True).click(), None),
-                ("click another cell", lambda: click_map_cell(page, *c), (shown, first_page(index, [c]))),
-                ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
-                ("close the dialog", None, None),
-                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
-                ("path filter", lambda: (sidebar.get_by_text("Filters").click(),
-                                         sidebar.get_by_role("textbox", name="Path pattern").fill("stripes"),
-                                         sidebar.get_by_role("textbox", name="Path pattern").press("Enter")), None),
-                ("clear the path filter", lambda: (sidebar.get_by_role("textbox", name="Path pattern").fill(""),
-                                                   sidebar.get_by_role("textbox", name="Path pattern").press("Enter")), None),
-                ("class overlay", lambda: sidebar.get_by_text("class attribution").click(), None),
-                ("counts overlay", lambda: sidebar.get_by_text("dataset counts").click(), None),
-                ("exemplar tiles", lambda: sidebar.get_by_text("real exemplars").click(), None),
-                ("icon tiles", lambda: sidebar.get_by_text("feature visualizations").click(), None),
-                ("click a cell", lambda: click_map_cell(page, *a), (shown, first_page(index, [a]))),
-                ("shift-click a cell", lambda: click_map_cell(page, *c, shift=True), (shown, first_page(index, [a, c]))),
-                ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
-                ("heat layer", lambda: sidebar.get_by_text("heat layer").click(), None),
-                ("badges", lambda: sidebar.get_by_text("count badges (icons untouched)").click(), None),
-                ("click a cell", lambda: click_map_cell(page, *b), (shown, first_page(index, [b]))),
-                ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
-                ("close the dialog", None, None),
-            ]
-            for name, action, done in script:
-                if action is None:  # closing a dialog happens in the browser: no run to time
-                    page.keyboard.press("Escape")
-                    page.wait_for_timeout(300)
-                    continue
-                steps.append(timed(name, action, done))
-
-            # zoom and pan reach the URL: one run of the map's fragment once the view rests
-            from atlasq.streamlit.map_component import VIEW_REST_MS
-
-            page.locator(".aq-canvas").first.scroll_into_view_if_needed()
-            box = page.locator(".aq-canvas").first.bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
-            for step in (-120, -120, -120, 120, 120, 120):
-                page.wait_for_timeout(500)
-                before = runs.finished
-                started = time.perf_counter()
-                page.mouse.wheel(0, step)
                 runs.wait_after(page, before)
-                reports.append(time.perf_counter() - started - VIEW_REST_MS / 1000)
-                print(f"zoom {'in' if step < 0 else 'out'}: view reported, run done {reports[-1]:.2f} s after the "
-                      f"rest", flush=True)
-            browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+            if done is not None:
+                page.wait_for_function(done[0], arg=done[1], timeout=60_000)
+            took = time.perf_counter() - started
+            print(f"{name}: {took:.2f} s", flush=True)
+            return took
+
+        shown = ("want => JSON.stringify([...document.querySelectorAll(\"[data-testid='stImageCaption']\")]"
+                 ".slice(0, want.length).map(e => e.innerText)) === JSON.stringify(want)")
+        for i, j in cells[:args.clicks]:
+            clicks.append(timed(f"click cell {i},{j}", lambda: click_map_cell(page, i, j),
+                                (shown, first_page(index, [(i, j)]))))
+
+        a, b, c = cells[0], cells[1], cells[2]
+        sidebar = page.locator("[data-testid='stSidebar']")
+        script = [
+            ("click a cell", lambda: click_map_cell(page, *a), (shown, first_page(index, [a]))),
+            ("shift-click a second cell", lambda: click_map_cell(page, *b, shift=True), (shown, first_page(index, [a, b]))),
+            ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
+            ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
+            ("previous page", lambda: page.get_by_role("button", name="◀", exact=True).click(), None),
+            ("click another cell", lambda: click_map_cell(page, *c), (shown, first_page(index, [c]))),
+            ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
+            ("close the dialog", None, None),
+            ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
+            ("path filter", lambda: (sidebar.get_by_text("Filters").click(),
+                                     sidebar.get_by_role("textbox", name="Path pattern").fill("stripes"),
+                                     sidebar.get_by_role("textbox", name="Path pattern").press("Enter")), None),
+            ("clear the path filter", lambda: (sidebar.get_by_role("textbox", name="Path pattern").fill(""),
+                                               sidebar.get_by_role("textbox", name="Path pattern").press("Enter")), None),
+            ("class overlay", lambda: sidebar.get_by_text("class attribution").click(), None),
+            ("counts overlay", lambda: sidebar.get_by_text("dataset counts").click(), None),
+            ("exemplar tiles", lambda: sidebar.get_by_text("real exemplars").click(), None),
+            ("icon tiles", lambda: sidebar.get_by_text("feature visualizations").click(), None),
+            ("click a cell", lambda: click_map_cell(page, *a), (shown, first_page(index, [a]))),
+            ("shift-click a cell", lambda: click_map_cell(page, *c, shift=True), (shown, first_page(index, [a, c]))),
+            ("next page", lambda: page.get_by_role("button", name="▶", exact=True).click(), None),
+            ("heat layer", lambda: sidebar.get_by_text("heat layer").click(), None),
+            ("badges", lambda: sidebar.get_by_text("count badges (icons untouched)").click(), None),
+            ("click a cell", lambda: click_map_cell(page, *b), (shown, first_page(index, [b]))),
+            ("open an image", lambda: page.get_by_role("button", name="⤢").first.click(), None),
+            ("close the dialog", None, None),
+        ]
+        for name, action, done in script:
+            if action is None:  # closing a dialog happens in the browser: no run to time
+                page.keyboard.press("Escape")
+                page.wait_for_timeout(300)
+                continue
+            steps.append(timed(name, action, done))
+
+        # zoom and pan reach the URL: one run of the map's fragment once the view rests
+        from atlasq.streamlit.map_component import VIEW_REST_MS
+
+        page.locator(".aq-canvas").first.scroll_into_view_if_needed()
+        box = page.locator(".aq-canvas").first.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+        for step in (-120, -120, -120, 120, 120, 120):
+            page.wait_for_timeout(500)
+            before = runs.finished
+            started = time.perf_counter()
+            page.mouse.wheel(0, step)
+            runs.wait_after(page, before)
+            reports.append(time.perf_counter() - started - VIEW_REST_MS / 1000)
+            print(f"zoom {'in' if step < 0 else 'out'}: view reported, run done {reports[-1]:.2f} s after the "
+                  f"rest", flush=True)
     steps.sort()
     p95 = steps[min(len(steps) - 1, round(0.95 * (len(steps) - 1)))]
     print(f"interactions={len(steps)}")

@@ -16,20 +16,17 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from browser import CHROMIUM, click_map_cell, headless_chromium, need_browser
+from browser import CHROMIUM, click_map_cell, free_port, headless_chromium, need_browser, served, wait_healthy
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from atlasq import appdata, demo_model, serve
-from atlasq.atlas import AtlasOptions, build_atlas, load_atlas
+from atlasq.atlas import load_atlas
 from atlasq.histogram import cell_images, histogram
 from atlasq.indexer import IndexOptions, build_index
 from atlasq.api import search_index
@@ -380,47 +377,18 @@ def test_images_turned_into_links_out_of_the_root_or_loops_get_unavailable_tiles
 
 # ----------------------------------------------------------------------------- end to end, in a browser
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served_app(app_home):
     need_browser()
-    port = _free_port()
     # the checkout's entry, as the README gives it: streamlit run app.py -- --home H
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--", "--home", str(app_home), "--atlas", "app", "--index", "sample"],
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process)
+    with served(REPO / "app.py", "--home", str(app_home), "--atlas", "app", "--index", "sample") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _env(**extra) -> dict:
     """The environment without the test's own ATLASQ_HOME (each command names its home)."""
     env = {k: v for k, v in os.environ.items() if k != "ATLASQ_HOME"}
     return {**env, **extra}
-
-
-def _wait_healthy(url: str, process: subprocess.Popen) -> None:
-    for _ in range(240):
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited with {process.returncode}")
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return
-        except OSError:
-            time.sleep(0.25)
-    raise RuntimeError("streamlit did not start")
 
 
 def _start(command: list[str], **kwargs) -> subprocess.Popen:
@@ -714,22 +682,22 @@ def _reachable(address: str, port: int) -> bool:
 def test_atlasq_app_listens_on_this_machine_only_unless_told(tmp_path):
     """The app can write (Place it now), so by default it binds 127.0.0.1 and only --host exposes it;
     Streamlit's usage statistics and developer toolbar (Deploy) are off."""
-    command = serve.streamlit_command(tmp_path, port=_free_port())
+    command = serve.streamlit_command(tmp_path, port=free_port())
     flags = dict(zip(command[command.index("run") + 2:command.index("--")][::2],
                      command[command.index("run") + 2:command.index("--")][1::2]))
     assert flags["--server.address"] == "127.0.0.1"
     assert flags["--browser.gatherUsageStats"] == "false" and flags["--client.toolbarMode"] == "minimal"
     assert flags["--runner.postScriptGC"] == "false"
-    assert serve.streamlit_command(tmp_path, host="0.0.0.0", port=_free_port())[command.index("--server.address") + 1] \
+    assert serve.streamlit_command(tmp_path, host="0.0.0.0", port=free_port())[command.index("--server.address") + 1] \
         == "0.0.0.0"
 
     other = _other_local_address()
     for host in (None, "0.0.0.0") if other else (None,):
-        port = _free_port()
+        port = free_port()
         app = _start([sys.executable, "-m", "atlasq.cli", "app", "--home", str(tmp_path), "--port", str(port),
                       *(["--host", host] if host else [])], cwd=REPO, env=_env(ATLASQ_HOME="/nonexistent"))
         try:
-            _wait_healthy(f"http://127.0.0.1:{port}", app)
+            wait_healthy(f"http://127.0.0.1:{port}", app)
             if other:
                 assert _reachable(other, port) == (host == "0.0.0.0"), (host, other)
             environ = Path(f"/proc/{app.pid}/environ")  # Streamlit took the command's process
@@ -757,7 +725,7 @@ def test_atlasq_app_fails_with_one_line_when_home_is_missing_or_port_is_busy(tmp
             out, err = _stop(process)  # an app that started anyway is stopped, and the test fails below
         return process.returncode, out, err
 
-    code, out, err = run("--home", str(tmp_path / "missing"), "--port", str(_free_port()))
+    code, out, err = run("--home", str(tmp_path / "missing"), "--port", str(free_port()))
     assert code != 0 and "Traceback" not in err
     assert err.strip().splitlines() == [f"error: home folder {tmp_path / 'missing'} does not exist: build an index "
                                         f"there first (`atlasq index DIR --name NAME --home {tmp_path / 'missing'}`) "
@@ -813,12 +781,12 @@ def _serve_installed_wheel(app_home: Path, tmp_path: Path, browser) -> tuple[Pat
     env = {k: v for k, v in _env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     package, page = subprocess.run([str(python), "-c", "import atlasq.serve; print(atlasq.__file__); print(atlasq.serve.PAGE)"],
                                    cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
-    port = _free_port()
+    port = free_port()
     app = _start([str(venv / "bin" / "atlasq"), "app", "--home", str(app_home), "--atlas", "app", "--index", "sample",
                   "--port", str(port)], cwd=elsewhere, env={**env, "BROWSER": "none"})
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, app)
+        wait_healthy(url, app)
         if browser is not None:
             _assert_page_runs(browser, url)
         else:  # no browser here: the installed page script, run by the installed streamlit

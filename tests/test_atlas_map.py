@@ -15,17 +15,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import headless_chromium, need_browser
+from browser import headless_chromium, need_browser, served
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -117,36 +113,11 @@ def test_map_runs_in_apptest_and_refuses_unknown_styles(atlas_home, monkeypatch)
 
 # ----------------------------------------------------------------------------- in the browser
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def map_url(atlas_home):
     need_browser()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "ATLASQ_HOME"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--",
-         "--home", str(atlas_home), "--atlas", "app"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if process.poll() is not None:
-                raise RuntimeError(f"the test app exited with {process.returncode}")
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.25)
+    with served(APP, "--home", str(atlas_home), "--atlas", "app") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
