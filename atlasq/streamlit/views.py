@@ -124,7 +124,7 @@ def concept_histogram(atlas: Atlas, index: str | None = None, *, level: int | No
         "other classes": st.column_config.TextColumn("other classes (score)", help=SCORE_HELP, width="medium"),
     }
     if comparison is not None:
-        frame.rename(columns={"share": f"share {comparison.a}"}, inplace=True)
+        frame = frame.rename(columns={"share": f"share {comparison.a}"})
         frame.insert(3, f"share {comparison.b}", [r["share_b"] for r in ranked])
         frame.insert(4, "difference", [("★ " + r["direction"]) if r["significant"] else "" for r in ranked])
         top_share = max(top_share, max(frame[f"share {comparison.b}"]), 1e-9)

@@ -514,6 +514,7 @@ class AtlasMap {
         this.view.cx -= (now.x - this.pinch.x) / this.scale();
         this.view.cy -= (now.y - this.pinch.y) / this.scale();
         this.clampCentre();
+        this.draw();  // zoomAt published the view before this pan: publish it again
         this.pinch = now;
         this.drag.moved = true;
         return;
