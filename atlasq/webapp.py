@@ -442,20 +442,7 @@ with right:
 rows, totals = rows_by_level[level]
 labels = {f"{r['i']},{r['j']}": f"{r['i']},{r['j']} · {r['top_label']} ({r['activations']:,})" for r in rows}
 st.session_state["sel_cells"] = [c for c in st.session_state.get("sel_cells") or [] if c in labels]
-with right:
-    views.concept_histogram(
-        atlas, shown_index, level=level, rows=rows, comparison=comparisons[level][1] if other else None,
-        where=where, home=HOME, selected=_cells_of(st.session_state["sel_cells"]),
-        key=f"concept_histogram_{level}_{st.session_state.get('_hist_gen', 0)}", on_select=_take_histogram_choice,
-        height=520)
-    if other:
-        c = comparisons[level][1]
-        st.caption(f"**{c.b} vs {c.a}**: Jensen–Shannon divergence {c.jensen_shannon_bits:.4f} bits; "
-                   f"{c.significant_cells} of {c.cells} cells differ (q < {c.alpha}); filters do not apply here.")
-
-st.multiselect("Selected cells", list(labels), key="sel_cells", format_func=labels.get,
-               placeholder="click cells on the map (shift-click adds) or rows of the histogram",
-               on_change=_selection_changed_elsewhere)
+picked = st.container()  # the selection's widget, drawn (below) once the gallery is on its way
 
 
 # ----------------------------------------------------------------------------- images: the selection or a search
@@ -549,7 +536,24 @@ def _search_results(index: str, search: dict) -> views.GalleryChoice:
                                                  (f" · unavailable: {t.unavailable}" if t.unavailable else ""))
 
 
+# the gallery is drawn before the histogram beside the map, so that after a click its images reach
+# the browser first (the histogram, a table of icons, is the page's largest message)
 images_panel(shown_index, level, _cells_of(st.session_state["sel_cells"]), where)
+with right:
+    views.concept_histogram(
+        atlas, shown_index, level=level, rows=rows, comparison=comparisons[level][1] if other else None,
+        where=where, home=HOME, selected=_cells_of(st.session_state["sel_cells"]),
+        key=f"concept_histogram_{level}_{st.session_state.get('_hist_gen', 0)}", on_select=_take_histogram_choice,
+        height=520)
+    if other:
+        c = comparisons[level][1]
+        st.caption(f"**{c.b} vs {c.a}**: Jensen–Shannon divergence {c.jensen_shannon_bits:.4f} bits; "
+                   f"{c.significant_cells} of {c.cells} cells differ (q < {c.alpha}); filters do not apply here.")
+
+with picked:
+    st.multiselect("Selected cells", list(labels), key="sel_cells", format_func=labels.get,
+                   placeholder="click cells on the map (shift-click adds) or rows of the histogram",
+                   on_change=_selection_changed_elsewhere)
 if opened_off is not None and shown_index:
     image_dialog(opened_off, shown_index, level)
 
