@@ -70,6 +70,10 @@ def streamlit_command(home: Path | None = None, *, index: str | None = None, atl
                # Streamlit's full garbage collection after every run walked the loaded network's
                # objects (0.2-0.3 s a run, delaying the next); Python's own collector still runs
                "--runner.postScriptGC", "false",
+               # after any run that imported a module, Streamlit's source watcher looked up the file
+               # of every loaded module (thousands, with torch) to watch them for edits: about a
+               # second in which the server sent nothing; the installed page is not edited
+               "--server.fileWatcherType", "none",
                "--", "--home", str(home)]
     command += ["--index", index] if index else []
     command += ["--atlas", atlas] if atlas else []

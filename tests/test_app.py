@@ -687,7 +687,7 @@ def test_atlasq_app_listens_on_this_machine_only_unless_told(tmp_path):
                      command[command.index("run") + 2:command.index("--")][1::2]))
     assert flags["--server.address"] == "127.0.0.1"
     assert flags["--browser.gatherUsageStats"] == "false" and flags["--client.toolbarMode"] == "minimal"
-    assert flags["--runner.postScriptGC"] == "false"
+    assert flags["--runner.postScriptGC"] == "false" and flags["--server.fileWatcherType"] == "none"
     assert serve.streamlit_command(tmp_path, host="0.0.0.0", port=free_port())[command.index("--server.address") + 1] \
         == "0.0.0.0"
 
