@@ -28,12 +28,12 @@ from .errors import AtlasqError
 from .heatmap import colour_bar, paint_cells, scale
 from .histogram import CellImages, Comparison, cell_images, compare, histogram, placement_state
 from .home import RESERVED, check_name
-from .images import ImageDecodeError, open_rgb, real_path
+from .images import CropGeometry, ImageDecodeError, open_rgb, real_path
 from .store import DB_FILE, ImageFilter, IndexStore, default_home, index_folder
 
 __all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile",
-           "list_atlases", "CellOverlay", "overlay_counts", "overlay_class", "overlay_compare", "overlay_search",
-           "atlas_picture", "cell_page", "safe_image_path", "index_root", "index_source", "index_stamp", "thumbnail",
+           "outline_geometry", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class", "overlay_compare",
+           "overlay_search", "atlas_picture", "cell_page", "safe_image_path", "index_root", "index_source", "index_stamp", "thumbnail",
            "image_details", "search_upload", "search_indexed", "placement_state", "overlay_legend",
            "ImageFilter", "SCORE_HELP", "ZIP_CAP_BYTES", "compatibility", "index_layers", "atlas_layers", "cell_rows",
            "overlay_of_rows", "SelectionPage", "selection_page", "selection_files", "selection_csv", "zip_refusal",
@@ -314,11 +314,22 @@ class ImageTile:
     unavailable: str | None = None
 
 
+def outline_geometry(atlas: Atlas, model=None):
+    """How to find a layer position's patch in an image of ``atlas``'s index: the preprocessing the
+    atlas recorded (no network needed), else ``model``'s own (atlases built before atlasq recorded
+    it); None when neither is at hand."""
+    recorded = CropGeometry.from_dict(atlas.manifest.get("preprocess"))
+    if recorded is not None:
+        return recorded
+    return model.transform if model is not None else None
+
+
 def image_tile(atlas: Atlas, root: Path, path: str, positions: list[dict], *, side: int = 192,
                model=None) -> ImageTile:
     """The image at ``path`` under ``root`` (see :func:`index_root`) with the sampled positions
-    outlined; a grey "unavailable" tile with the reason when the file is gone, unreadable, a
-    symlink out of ``root`` or a symlink loop (files change after they are indexed)."""
+    outlined (where :func:`outline_geometry` knows how); a grey "unavailable" tile with the reason
+    when the file is gone, unreadable, a symlink out of ``root`` or a symlink loop (files change
+    after they are indexed)."""
     try:
         image = open_rgb(safe_image_path(root, path))
     except (AtlasqError, ImageDecodeError, OSError) as exc:
@@ -326,13 +337,14 @@ def image_tile(atlas: Atlas, root: Path, path: str, positions: list[dict], *, si
         tile = Image.new("RGB", (side, side), (220, 220, 220))
         ImageDraw.Draw(tile).text((6, side // 2), "unavailable", fill="black")
         return ImageTile(tile, reason)
-    if model is not None and positions:
+    geometry = outline_geometry(atlas, model)
+    if geometry is not None and positions:
         layer_hw = tuple(atlas.manifest["layer_shape"])
         stride = atlas.manifest["input_size"] / layer_hw[1]  # the patch of input one position stands for
         draw = ImageDraw.Draw(image)
         width = max(2, round(max(image.size) / 160))
         for p in positions:
-            box = position_box(model, image.width, image.height, int(p["y"]), int(p["x"]), layer_hw, stride)
+            box = position_box(geometry, image.width, image.height, int(p["y"]), int(p["x"]), layer_hw, stride)
             draw.rectangle(box, outline=(255, 0, 80), width=width)
     image.thumbnail((side, side))
     return ImageTile(image)

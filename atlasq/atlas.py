@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from . import __version__
 from .atlasdir import AtlasError, AtlasFolder, AtlasOptionError
-from .errors import AtlasqError, IncompatibleError, InvalidOptionError
+from .errors import IncompatibleError, InvalidOptionError
 from .home import atlas_folder
-from .images import ImageDecodeError, open_rgb, real_path
+from .images import CropGeometry, ImageDecodeError, open_rgb, real_path
 from .layout import Grid, Layout, unit_rows
 from .progress import progress_bar, stderr
 from .store import IndexStore, index_folder
@@ -588,8 +587,9 @@ def write_exemplars(plan: BuildPlan, cells: AtlasCells, *, progress: bool = Fals
                 ex = []
                 for rank, (ref, cos) in enumerate(zip(level.exemplars[c], level.exemplar_cosines[c])):
                     image = plan.images[int(reference["image_id"][ref])]
-                    box = position_box(plan.model, image["width"], image["height"], int(reference["y"][ref]),
-                                       int(reference["x"][ref]), plan.layer_hw, plan.icon_size)
+                    box = position_box(plan.model.transform, image["width"], image["height"],
+                                       int(reference["y"][ref]), int(reference["x"][ref]), plan.layer_hw,
+                                       plan.icon_size)
                     ex.append({"image_id": int(reference["image_id"][ref]), "path": image["path"],
                                "y": int(reference["y"][ref]), "x": int(reference["x"][ref]),
                                "cosine": float(cos), "box": [round(v, 1) for v in box]})
@@ -667,6 +667,7 @@ def write_manifest(plan: BuildPlan, summary: AtlasSummary) -> dict:
         "index_seed": m.get("seed", 0),
         "categories": plan.categories, "input_size": plan.model.input_size, "layer": plan.options.layer,
         "layer_shape": list(plan.layer_hw), "channels": int(plan.samples["activations"].shape[1]),
+        "preprocess": plan.model.transform.geometry.to_dict(),
         "options": plan.options.to_dict(), "icon_size": plan.icon_size,
         "icon_precision": plan.precision, "activations": summary.activations,
         "index_activations": plan.index_activations, "levels": summary.levels,
@@ -720,11 +721,13 @@ def build_atlas(index: str, name: str, *, home: Path | None = None, options: Atl
     return summary
 
 
-def position_box(model: LoadedModel, width: int, height: int, y: int, x: int, layer_hw: tuple[int, int],
-              side: float) -> tuple[float, float, float, float]:
+def position_box(geometry: CropGeometry, width: int, height: int, y: int, x: int, layer_hw: tuple[int, int],
+                 side: float) -> tuple[float, float, float, float]:
     """The region of the original image (pixels) that layer position (y, x) sees: a square of
-    ``side`` network-input pixels centred on the position, mapped back through the preprocessing."""
-    (crop_w, crop_h), (bx0, by0, bx1, by1) = model.transform.source_box(width, height)
+    ``side`` network-input pixels centred on the position, mapped back through the preprocessing
+    (``geometry``: a :class:`~atlasq.images.CropGeometry` or a network's transform, anything with
+    its ``source_box``)."""
+    (crop_w, crop_h), (bx0, by0, bx1, by1) = geometry.source_box(width, height)
     sx, sy = (bx1 - bx0) / crop_w, (by1 - by0) / crop_h
     cy = (y + 0.5) * crop_h / layer_hw[0]
     cx = (x + 0.5) * crop_w / layer_hw[1]

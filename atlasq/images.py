@@ -437,3 +437,35 @@ def content_hash(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a classification preset's input comes from in an image: the shorter side resized to
+    ``resize_size[0]``, then a centred crop of ``crop_size``. Only arithmetic, so the app can
+    outline an activation's patch on an image without loading the network (an atlas records its
+    network's geometry in its manifest)."""
+
+    resize_size: tuple[int, ...]
+    crop_size: tuple[int, ...]
+
+    def source_box(self, width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+        """Output size (crop width, height) and the box of the ``width`` × ``height`` image that the
+        resize-then-crop reads."""
+        short, long = sorted((width, height))
+        new_short = self.resize_size[0]
+        new_long = int(new_short * long / short)  # torchvision's rounding of the long side
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        crop_h, crop_w = (list(self.crop_size) * 2)[:2]
+        top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        return (crop_w, crop_h), (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+
+    def to_dict(self) -> dict:
+        return {"resize_size": list(self.resize_size), "crop_size": list(self.crop_size)}
+
+    @classmethod
+    def from_dict(cls, value: dict | None) -> "CropGeometry | None":
+        if not value:
+            return None
+        return cls(tuple(int(v) for v in value["resize_size"]), tuple(int(v) for v in value["crop_size"]))

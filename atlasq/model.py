@@ -38,6 +38,7 @@ from torchvision.models.googlenet import BasicConv2d, Inception
 from torchvision.transforms._presets import ImageClassification
 
 from .errors import AtlasqError, InvalidOptionError
+from .images import CropGeometry
 
 __all__ = [
     "layer_shapes",
@@ -424,16 +425,14 @@ class Preprocess:
     def __repr__(self) -> str:
         return f"Preprocess({self.preset!r})"
 
+    @property
+    def geometry(self) -> CropGeometry:
+        """The resize-then-crop alone (no torch), as an atlas records it."""
+        return CropGeometry(tuple(self.resize_size), tuple(self.crop_size))
+
     def source_box(self, width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
         """Output size and the source box that the preset's resize-then-crop reads."""
-        short, long = sorted((width, height))
-        new_short = self.resize_size[0]
-        new_long = int(new_short * long / short)  # torchvision's rounding of the long side
-        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-        crop_h, crop_w = (self.crop_size * 2)[:2]
-        top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
-        sx, sy = width / new_w, height / new_h
-        return (crop_w, crop_h), (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+        return self.geometry.source_box(width, height)
 
     def __call__(self, image) -> torch.Tensor:
         crop_h, crop_w = (self.crop_size * 2)[:2]

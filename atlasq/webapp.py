@@ -136,6 +136,12 @@ def model_of(index: str):
         return appdata.index_network(index, HOME)
 
 
+def outline_model(index: str):
+    """What the gallery and the dialog outline positions with: nothing when the atlas recorded its
+    network's preprocessing (the usual case: no wait for the network), else the network."""
+    return None if appdata.outline_geometry(atlas) is not None else model_of(index)
+
+
 @st.cache_data(show_spinner=False)
 def cached_compatibility(atlas_name: str, atlas_stamp: float, index: str, stamp: int) -> str | None:
     return appdata.compatibility(atlas_by_name(atlas_name), index, HOME)
@@ -450,7 +456,7 @@ picked = st.container()  # the selection's widget, drawn (below) once the galler
 def image_dialog(image_id: int, index: str, level: int) -> None:
     details = appdata.image_details(atlas, index, image_id, home=HOME)
     root = appdata.index_root(index, HOME)
-    model = model_of(index)
+    model = outline_model(index)
     # only the part shown is computed (tabs would compute all three; Inspect takes seconds)
     part = st.segmented_control("Show", ["Image", "Inspect", "Layers"], default="Image", key=f"dialog_part_{image_id}",
                                 label_visibility="collapsed") or "Image"
@@ -505,7 +511,7 @@ def images_panel(index: str | None, level: int, cells: list[tuple[int, int]], wh
         choice = _search_results(index, search)
     else:
         choice = views.cell_gallery(atlas, index, [(level, i, j) for i, j in cells], where=where, home=HOME,
-                                    per_page=PER_PAGE, key="gallery", model=model_of(index))
+                                    per_page=PER_PAGE, key="gallery", model=outline_model(index))
     if choice.opened is not None:
         st.session_state["image"] = choice.opened
         image_dialog(choice.opened, index, level)

@@ -8,6 +8,7 @@ ATLASQ_REQUIRE_BROWSER=1 (set by .ci/run), when a missing browser is a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -20,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from browser import CHROMIUM, click_map_cell, free_port, headless_chromium, need_browser, served, wait_healthy
 from PIL import Image
@@ -168,6 +170,26 @@ def test_selected_cells_show_the_union_of_their_images_page_by_page(app_home, mo
     # the histogram marks the selected cells
     marked = [c for c in at.dataframe[0].value["cell"] if c.startswith("● ")]
     assert sorted(marked) == sorted(f"● {c.i},{c.j}" for c in cells)
+
+
+def test_positions_are_outlined_from_the_atlas_without_the_network(app_home):
+    """The atlas records its network's preprocessing, so the gallery outlines an image's positions
+    without loading the network, pixel for pixel as the network's own transform draws them; an
+    atlas from before it was recorded outlines them only when given the network."""
+    atlas = load_atlas("app", app_home)
+    model = appdata.index_network("sample", app_home)
+    assert atlas.manifest["preprocess"] == model.transform.geometry.to_dict()
+    older = dataclasses.replace(atlas, manifest={k: v for k, v in atlas.manifest.items() if k != "preprocess"})
+    root = appdata.index_root("sample", app_home)
+    with IndexStore(index_folder("sample", app_home)) as store:
+        paths = [row["path"] for row in store.images()[::150]]
+    positions = [{"y": 0, "x": 0}, {"y": 2, "x": 1}]
+    for path in paths:  # images of other shapes: the boxes map back through resize and crop
+        pixels = {name: np.asarray(appdata.image_tile(a, root, path, positions, model=m).image)
+                  for name, a, m in (("atlas", atlas, None), ("network", older, model), ("none", older, None))}
+        assert np.array_equal(pixels["atlas"], pixels["network"])
+        assert not np.array_equal(pixels["atlas"], pixels["none"])  # outlines drawn, not a bare thumbnail
+    assert appdata.outline_geometry(older) is None and appdata.outline_geometry(older, model) is model.transform
 
 
 def _map_click(at: AppTest, level: int, cells: list, seq: int) -> AppTest:

@@ -231,7 +231,9 @@ def cell_gallery(atlas: Atlas, index: str, selected: Iterable[tuple[int, int, in
                  columns: int = 4, key: str = "gallery", model=None, export: bool = True) -> GalleryChoice:
     """The images of ``index`` in the union of the ``selected`` cells ((level, i, j), of one
     level), most typical first, a page at a time (the page lives in ``st.session_state[key +
-    "_page"]``), with CSV and zip export of the whole selection. Returns the image opened (⤢) or
+    "_page"]``), with CSV and zip export of the whole selection. The sampled positions are outlined
+    on each image from the preprocessing the atlas recorded, or, for an atlas from before atlasq
+    recorded it, with ``model`` (the index's network) when given. Returns the image opened (⤢) or
     searched from (≈), if any."""
     selected = list(selected)
     if not selected:
