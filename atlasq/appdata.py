@@ -33,7 +33,8 @@ from .store import DB_FILE, ImageFilter, IndexStore, default_home, index_folder
 
 __all__ = ["AppError", "list_indexes", "index_problems", "scan_indexes", "scan_stamp", "ImageTile", "image_tile",
            "outline_geometry", "list_atlases", "CellOverlay", "overlay_counts", "overlay_class", "overlay_compare",
-           "overlay_search", "atlas_picture", "cell_page", "safe_image_path", "index_root", "index_source", "index_stamp", "thumbnail",
+           "overlay_search", "atlas_picture", "cell_page", "safe_image_path", "index_root", "index_source",
+           "index_stamp", "thumbnail",
            "image_details", "search_upload", "search_indexed", "placement_state", "overlay_legend",
            "ImageFilter", "SCORE_HELP", "ZIP_CAP_BYTES", "compatibility", "index_layers", "atlas_layers", "cell_rows",
            "overlay_of_rows", "SelectionPage", "selection_page", "selection_files", "selection_csv", "zip_refusal",
