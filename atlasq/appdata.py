@@ -675,8 +675,9 @@ def index_network(index: str, home: Path | None = None):
 def warm_up(atlas: Atlas, index: str | None, home: Path | None = None, *,
             freeze: bool = True) -> threading.Thread | None:
     """Load, in a background thread, what the first interactions with ``index`` on ``atlas`` would
-    otherwise wait for: the index's network (the gallery outlines positions with it; the image
-    dialog predicts with it) and every cell's image count at each level (a first click). Then,
+    otherwise wait for: the index's network (a search by an uploaded image, the image dialog's
+    Inspect and Layers views, and outlining positions on an atlas that does not record its
+    preprocessing) and every cell's image count at each level (a first click). Then,
     with ``freeze``, move everything loaded so far out of the garbage collector's way
     (``gc.freeze``): the full collection Streamlit runs after every run of a page took 0.2–0.3 s
     once the network was loaded, walking its objects, and delayed the next run by as much. Once per
