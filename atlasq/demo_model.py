@@ -46,6 +46,10 @@ RESIZE_SIZE = 144
 CATEGORIES: tuple[str, ...] = tuple(sampledata.CLASSES)
 RECIPE = {"epochs": 30, "batch_size": 32, "lr": 3e-3, "weight_decay": 5e-4,
           "label_smoothing": 0.1, "min_crop_scale": 0.35, "seed": 0, "version": 2}
+#: Recipes may also ask for CutMix (``bench/demo_recipe.py`` compares them): ``cutmix``, the chance
+#: that a batch of the first ``cutmix_epochs`` has a box of each image replaced by the same box of
+#: another, the labels mixed by area. The shipped recipe has none; the README's Building Blocks
+#: section says what it changes.
 #: How the training arithmetic is pinned. Floating-point sums give different bits in a different
 #: order, and torch picks the order by the thread count and by the widest vector instructions the
 #: CPU has (ATen's own kernels, oneDNN's convolutions, MKL's matrix products each choose). So the
@@ -191,10 +195,15 @@ def _train_here(root: Path, out: Path, recipe: dict, progress: bool) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=recipe["lr"], total_steps=recipe["epochs"] * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    cutmix = v2.CutMix(num_classes=len(CATEGORIES))
     for epoch in range(recipe["epochs"]):
         net.train()
         total = 0.0
         for x, y in _batches(train_images, train_labels, recipe["batch_size"], generator, True, recipe):
+            # drawn only for recipes with CutMix, so that the shipped recipe's random stream is unchanged
+            if (recipe.get("cutmix", 0) > 0 and float(torch.rand(1, generator=generator)) < recipe["cutmix"]
+                    and epoch < recipe.get("cutmix_epochs", recipe["epochs"])):
+                x, y = cutmix(x, y)  # y becomes class probabilities, which the loss accepts
             optimiser.zero_grad()
             loss = loss_fn(net(x), y)
             loss.backward()

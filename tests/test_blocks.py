@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -159,44 +160,55 @@ def _per_position(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask.reshape(height, mask.shape[0] // height, width, mask.shape[1] // width).mean(axis=(1, 3))
 
 
-def _shape_shares(demo, held_out, layer: str, network) -> tuple[float, float, int, float]:
-    """Mean share of the top class's positive attribution at ``layer`` that lies on the shapes (each
-    position's attribution spread evenly over its patch of the input), the shapes' mean share of
-    the input, the number of images, and the best mean share a map proportional to the shapes'
-    coverage of each position would get (the measure's ceiling at this resolution): over the
-    held-out images of the shape classes."""
-    shares, areas, ceilings = [], [], []
+class ShapeShares(NamedTuple):
+    """Where the top class's positive attribution at a layer lies, against the shapes (means over
+    the held-out images of the shape classes)."""
+    images: int
+    on_shapes: float  # share at positions whose patch of the input holds any of the shapes
+    touched: float  # share of the positions whose patch holds any of the shapes
+    spread: float  # share on the shapes with each position's attribution spread over its patch
+    spread_ceiling: float  # the best ``spread`` a map can get at this resolution
+    area: float  # share of the input the shapes cover
+
+
+def _shape_shares(demo, held_out, layer: str) -> ShapeShares:
+    rows = []
     for path, _ in held_out:
         if path.split("/")[0] not in SHAPE_CLASSES:
             continue
         _, h = _activations(demo, path, layer)
         with torch.no_grad():
             top = int(demo.network.forward_from(layer, h).argmax())
-        spatial = attribution_maps(network, layer, h, [top])[0][0]
-        on = _per_position(_mask_at_input(demo, sampledata.shape_mask(*sampledata.parse_name(path))), *spatial.shape)
+        spatial = attribution_maps(demo.network, layer, h, [top])[0][0]
+        cover = _per_position(_mask_at_input(demo, sampledata.shape_mask(*sampledata.parse_name(path))), *spatial.shape)
         positive = np.maximum(spatial, 0)
-        shares.append(float((positive * on).sum() / max(positive.sum(), 1e-12)))
-        areas.append(float(on.mean()))
-        ceilings.append(float((on * on).sum() / max(on.sum(), 1e-12)))
-    return float(np.mean(shares)), float(np.mean(areas)), len(shares), float(np.mean(ceilings))
+        total = max(positive.sum(), 1e-12)
+        rows.append([positive[cover > 0].sum() / total, (cover > 0).mean(), (positive * cover).sum() / total,
+                     (cover * cover).sum() / max(cover.sum(), 1e-12), cover.mean()])
+    return ShapeShares(len(rows), *(float(m) for m in np.mean(rows, axis=0)))
 
 
 def test_top_class_attribution_lies_on_the_shapes(demo, held_out):
-    """Where the top class's positive attribution lies, against where the generator drew the shapes.
+    """Where the top class's positive attribution lies, with the network's own gradient: at
+    positions whose patch of the input holds any of the shapes, against the share of such positions
+    (what a map unrelated to the shapes scores), at mixed3a (the earliest layer, 16x16), mixed4c (the
+    Activation Atlas article's layer) and mixed4d (the interface's default), both 8x8.
 
-    Measured at mixed4d (the interface's layer) and at mixed3a (the earliest, 16x16) with the
-    network's own gradient. On the demo network the issue's bar (0.6) is not reached: at mixed4d
-    every position's receptive field spans the whole 128-px input and the attribution is spread
-    over the image at about the shapes' own share of it (the README gives the figures). At
-    mixed3a the attribution concentrates on the shapes; this test asserts that it does so at
-    well over twice what a spread-out map would give, which a map unrelated to the shapes fails."""
-    early, area, n, early_ceiling = _shape_shares(demo, held_out, "mixed3a", demo.network)
-    deep, _, _, deep_ceiling = _shape_shares(demo, held_out, "mixed4d", demo.network)
-    print(f"top class's positive attribution on the shapes over {n} held-out images: mixed3a {early:.3f} "
-          f"(a map following the shapes: {early_ceiling:.3f}), mixed4d {deep:.3f} ({deep_ceiling:.3f}); "
-          f"the shapes cover {area:.3f} of the input")
-    assert n >= 30
-    assert early > 2.5 * area
+    The issue's bar, 0.6, is not met by the shipped demo network (the README gives the figures, and
+    ``bench/demo_recipe.py`` recipes that meet it at the cost of the atlas's own meaning tests). The
+    test asserts what holds: at mixed3a the attribution concentrates on the shapes, at over twice
+    the share of positions they touch and, spread over each position's patch, at over 2.5 times the
+    shapes' area. The spread measure is printed with its ceiling (what a map exactly following the
+    shapes would get at that grid)."""
+    for layer in ("mixed3a", "mixed4c", "mixed4d"):
+        s = _shape_shares(demo, held_out, layer)
+        print(f"{layer}: {s.on_shapes:.3f} of the top class's positive attribution at positions on the shapes "
+              f"({s.touched:.3f} of the positions), over {s.images} held-out images; spread over the patches "
+              f"{s.spread:.3f} (ceiling {s.spread_ceiling:.3f}, shapes' area {s.area:.3f})")
+        assert s.images >= 30
+        if layer == "mixed3a":
+            assert s.on_shapes > 2 * s.touched
+            assert s.spread > 2.5 * s.area
 
 
 @pytest.fixture(scope="module")
