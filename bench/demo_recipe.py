@@ -83,7 +83,7 @@ def main() -> None:
     for changes in [{}] + [json.loads(c) for c in args.changes]:
         path, report = _weights(changes)
         net.load_state_dict(torch.load(path, map_location="cpu"))
-        figures = {"accuracy": report["held_out_accuracy"], "train_seconds": report["seconds"]}
+        figures = {"accuracy": report["held_out_accuracy"]}
         for layer in ("mixed3a", "mixed4c", "mixed4d"):
             figures[f"on_shapes_{layer}"] = _shape_shares(model, shape_held, layer).on_shapes
         figures.update(_class_agreement(net, held, x, labels))
