@@ -235,7 +235,7 @@ def test_activation_grid_lands_in_cells_of_the_image_class(demo, held_out, inspe
         else:
             on = np.ones((height, width), bool)
         labels = np.array(result.grid_labels, object)
-        interior = np.zeros((height, width), bool)
+        interior = np.zeros((height, width), bool)  # the positions atlasq.embed.sample_positions draws from
         interior[1:-1, 1:-1] = True
         for region, where in (("border", on & ~interior), ("interior", on & interior)):
             counts[region]["hits"] += int((labels[where] == demo.categories[label]).sum())
