@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.ndimage import binary_dilation
 from typer.testing import CliRunner
 
 from atlasq import blocks, sampledata
@@ -166,6 +167,8 @@ class ShapeShares(NamedTuple):
     images: int
     on_shapes: float  # share at positions whose patch of the input holds any of the shapes
     touched: float  # share of the positions whose patch holds any of the shapes
+    beside: float  # share at the positions next to those (8-neighbours), whose views hold the shapes' edges
+    beside_positions: float  # share of the positions that are next to them
     spread: float  # share on the shapes with each position's attribution spread over its patch
     spread_ceiling: float  # the best ``spread`` a map can get at this resolution
     area: float  # share of the input the shapes cover
@@ -183,7 +186,9 @@ def _shape_shares(demo, held_out, layer: str) -> ShapeShares:
         cover = _per_position(_mask_at_input(demo, sampledata.shape_mask(*sampledata.parse_name(path))), *spatial.shape)
         positive = np.maximum(spatial, 0)
         total = max(positive.sum(), 1e-12)
-        rows.append([positive[cover > 0].sum() / total, (cover > 0).mean(), (positive * cover).sum() / total,
+        ring = binary_dilation(cover > 0, structure=np.ones((3, 3), bool)) & ~(cover > 0)
+        rows.append([positive[cover > 0].sum() / total, (cover > 0).mean(), positive[ring].sum() / total, ring.mean(),
+                     (positive * cover).sum() / total,
                      (cover * cover).sum() / max(cover.sum(), 1e-12), cover.mean()])
     return ShapeShares(len(rows), *(float(m) for m in np.mean(rows, axis=0)))
 
@@ -203,7 +208,8 @@ def test_top_class_attribution_lies_on_the_shapes(demo, held_out):
     for layer in ("mixed3a", "mixed4c", "mixed4d"):
         s = _shape_shares(demo, held_out, layer)
         print(f"{layer}: {s.on_shapes:.3f} of the top class's positive attribution at positions on the shapes "
-              f"({s.touched:.3f} of the positions), over {s.images} held-out images; spread over the patches "
+              f"({s.touched:.3f} of the positions) and {s.beside:.3f} at the positions next to them ({s.beside_positions:.3f} "
+              f"of the positions), over {s.images} held-out images; spread over the patches "
               f"{s.spread:.3f} (ceiling {s.spread_ceiling:.3f}, shapes' area {s.area:.3f})")
         assert s.images >= 30
         if layer == "mixed3a":
