@@ -186,8 +186,9 @@ def _shape_shares(demo, held_out, layer: str) -> ShapeShares:
         cover = _per_position(_mask_at_input(demo, sampledata.shape_mask(*sampledata.parse_name(path))), *spatial.shape)
         positive = np.maximum(spatial, 0)
         total = max(positive.sum(), 1e-12)
-        ring = binary_dilation(cover > 0, structure=np.ones((3, 3), bool)) & ~(cover > 0)
-        rows.append([positive[cover > 0].sum() / total, (cover > 0).mean(), positive[ring].sum() / total, ring.mean(),
+        on = cover > 0
+        beside = binary_dilation(on, structure=np.ones((3, 3), bool)) & ~on
+        rows.append([positive[on].sum() / total, on.mean(), positive[beside].sum() / total, beside.mean(),
                      (positive * cover).sum() / total,
                      (cover * cover).sum() / max(cover.sum(), 1e-12), cover.mean()])
     return ShapeShares(len(rows), *(float(m) for m in np.mean(rows, axis=0)))
