@@ -417,6 +417,8 @@ class Preprocess:
         self.preset = preset
         self.resize_size = list(preset.resize_size)
         self.crop_size = list(preset.crop_size)
+        #: The resize-then-crop alone (no torch), as an atlas records it.
+        self.geometry = CropGeometry(tuple(self.resize_size), tuple(self.crop_size))
         self.filter = self._FILTERS.get(preset.interpolation.value)
         # On 0–255 values: (x/255 - mean)/std == (x - 255·mean)/(255·std), one pass fewer.
         self.mean255 = torch.tensor(preset.mean).view(3, 1, 1) * 255
@@ -424,11 +426,6 @@ class Preprocess:
 
     def __repr__(self) -> str:
         return f"Preprocess({self.preset!r})"
-
-    @property
-    def geometry(self) -> CropGeometry:
-        """The resize-then-crop alone (no torch), as an atlas records it."""
-        return CropGeometry(tuple(self.resize_size), tuple(self.crop_size))
 
     def source_box(self, width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
         """Output size and the source box that the preset's resize-then-crop reads."""
